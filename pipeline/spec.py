@@ -1,0 +1,376 @@
+"""JobSpec: the validated form of a job YAML.
+
+One pydantic model per YAML section, `extra="forbid"` everywhere and a description on
+every field, so `wham-batch validate` can name the YAML path of any mistake. `load_spec`
+reads the YAML, applies `--set a.b=c` overrides and turns every problem into one
+`UserError` that lists each bad field by its dotted path; callers never see a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import string
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from pipeline.errors import UserError
+
+_RUN_ID_FIELDS = {"date", "name"}
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NUM_ACTIONS = 16
+NUM_BUTTONS = 12
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _today_utc() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+class RunSection(_Section):
+    name: str = Field(description="Human name of the job; used in the run id template.")
+    run_id: str = Field(
+        default="{name}-{date}",
+        description="Run id template; placeholders {date} (run_date, YYYY-MM-DD) and {name}. "
+        "The rendered id names the output partition; rerunning the same id resumes it.",
+    )
+    run_date: dt.date = Field(
+        default_factory=_today_utc,
+        description="Partition date of the run (YYYY-MM-DD); defaults to today in UTC.",
+    )
+    seed: int = Field(default=0, ge=0, description="Master seed; every rollout's rng seed "
+                      "derives from it, the seed id and the rollout index.")
+    max_failed_fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Largest fraction of failed rollouts for which the run still exits 0.",
+    )
+
+    @model_validator(mode="after")
+    def _render_run_id(self) -> RunSection:
+        fields = {f for _, f, _, _ in string.Formatter().parse(self.run_id) if f is not None}
+        unknown = fields - _RUN_ID_FIELDS
+        if unknown:
+            raise ValueError(f"run_id template uses unknown placeholder(s) {sorted(unknown)}; "
+                             f"allowed: {{date}} {{name}}")
+        rendered = self.run_id.format(date=self.run_date.isoformat(), name=self.name)
+        if not _SAFE_ID.match(rendered):
+            raise ValueError(f"run_id {rendered!r} must start with a letter or digit and use "
+                             "only letters, digits, '.', '_' and '-' (at most 128 characters)")
+        self.run_id = rendered
+        return self
+
+
+class ModelSection(_Section):
+    checkpoint: str | None = Field(
+        default=None,
+        description="Local path or s3:// URI of a native model folder or an official .ckpt.",
+    )
+    preset: str | None = Field(
+        default=None, description="Named preset with random weights (tests, demos, benchmarks)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where each actor runs its replica; auto picks cuda if present."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights and compute dtype; auto: bfloat16 on cuda, else float32.",
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint for an s3:// checkpoint (default: AWS or env)."
+    )
+    region: str | None = Field(default=None, description="S3 region for an s3:// checkpoint.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSection:
+        if (self.checkpoint is None) == (self.preset is None):
+            raise ValueError("set exactly one of model.checkpoint and model.preset")
+        return self
+
+
+class SeedsSection(_Section):
+    source: str = Field(description="Local folder or s3:// prefix holding the seeds.")
+    format: Literal["images", "wham-npz", "manifest"] = Field(
+        default="images",
+        description="images: one picture per seed; wham-npz: recorded clips (frames + actions); "
+        "manifest: a CSV/Parquet listing seed files.",
+    )
+    glob: str | None = Field(
+        default=None, description="Pattern that selects seed files (default depends on format)."
+    )
+    limit: int | None = Field(default=None, gt=0, description="Use at most this many seeds.")
+    context_steps: int = Field(
+        default=1, ge=1, le=10, description="Steps of context taken from each seed (1..10)."
+    )
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint for an s3:// source.")
+    region: str | None = Field(default=None, description="S3 region for an s3:// source.")
+
+
+class ActionsSpec(_Section):
+    kind: Literal["random", "constant", "file", "replay"] = Field(
+        default="random",
+        description="random: sampled per step from the rollout's rng; constant: `value` every "
+        "step; file: a scripted CSV/Parquet (`path`); replay: the actions recorded in the seed.",
+    )
+    value: list[float] | None = Field(
+        default=None,
+        description="For constant: 16 numbers, 12 buttons (0/1) then 4 sticks in [-1, 1].",
+    )
+    path: str | None = Field(
+        default=None,
+        description="For file: local path or s3:// URI of a CSV/Parquet, one column per action.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        # `actions: random` is the common case; accept the bare kind as a string.
+        return {"kind": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> ActionsSpec:
+        if self.kind == "constant":
+            if self.value is None or len(self.value) != NUM_ACTIONS:
+                raise ValueError("kind constant needs `value`: 16 numbers (12 buttons, 4 sticks)")
+            if any(v not in (0, 1) for v in self.value[:NUM_BUTTONS]):
+                raise ValueError("constant value: the first 12 numbers (buttons) must be 0 or 1")
+            if any(not -1.0 <= v <= 1.0 for v in self.value[NUM_BUTTONS:]):
+                raise ValueError("constant value: the last 4 numbers (sticks) must be in [-1, 1]")
+        elif self.value is not None:
+            raise ValueError(f"`value` is only used with kind constant, not {self.kind}")
+        if (self.kind == "file") != (self.path is not None):
+            raise ValueError("`path` is required for kind file and only used there")
+        return self
+
+
+class SamplingSpec(_Section):
+    temperature: float = Field(default=0.9, ge=0.1, le=10.0, description="Softmax temperature.")
+    top_k: int | None = Field(default=None, ge=1, description="Keep only the k likeliest tokens.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    greedy: bool = Field(default=False, description="Always take the likeliest token.")
+
+
+class RolloutsSection(_Section):
+    per_seed: int = Field(default=1, gt=0, description="Rollouts generated from each seed.")
+    steps: int = Field(gt=0, le=10_000, description="Generated steps per rollout.")
+    mode: Literal["world_model", "policy", "full"] = Field(
+        default="world_model",
+        description="world_model: frames from given actions; policy: actions from recorded "
+        "frames; full: the model predicts both.",
+    )
+    actions: ActionsSpec = Field(
+        default_factory=ActionsSpec, description="Where given actions come from (world_model)."
+    )
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Token sampling.")
+
+
+class ResourcesSection(_Section):
+    actors: int = Field(default=1, ge=1, le=4096, description="Ray actors, one replica each.")
+    gpus_per_actor: float = Field(
+        default=0.0, ge=0.0, description="GPUs per actor; fractions share a GPU between actors."
+    )
+    cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs reserved per actor.")
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        default="auto",
+        description="Rollouts decoded together per actor; auto sizes it from free accelerator "
+        "memory (on the CPU a fixed default).",
+    )
+    rollouts_per_unit: PositiveInt | Literal["auto"] = Field(
+        default="auto",
+        description="Rollouts per work unit (the unit of retry and commit); auto: batch_size, "
+        "or 16 when batch_size is auto.",
+    )
+    units_in_flight: int = Field(
+        default=2, ge=1, le=64,
+        description="Units queued per actor; >1 lets the next unit start while one is written.",
+    )
+    max_unit_attempts: int = Field(
+        default=3, ge=1, le=20, description="Tries per unit when actors die under it."
+    )
+    max_restarts: int = Field(
+        default=3, ge=0, le=100, description="Times Ray restarts a dead actor."
+    )
+    unit_timeout_s: float = Field(
+        default=3600.0, gt=0.0,
+        description="A unit running longer than this is treated as lost and resubmitted.",
+    )
+
+    def unit_size(self) -> int:
+        if self.rollouts_per_unit != "auto":
+            return self.rollouts_per_unit
+        return self.batch_size if self.batch_size != "auto" else 16
+
+
+class OutputSection(_Section):
+    root: str = Field(description="Output root: a local folder or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint for an s3:// root.")
+    region: str | None = Field(default=None, description="S3 region for an s3:// root.")
+    frames: bool = Field(default=True, description="Write every frame as a PNG.")
+    previews: bool = Field(default=False, description="Write one animated GIF per rollout.")
+    preview_scale: int = Field(default=1, ge=1, le=8, description="Lanczos upscale of previews.")
+    image_tokens: bool = Field(default=True, description="Store image tokens in the steps table.")
+    watermark: bool = Field(
+        default=True, description="Draw 'Generated by WHAM' on generated frames (model card)."
+    )
+    writer_threads: int = Field(default=4, ge=1, le=64, description="Threads per actor's writer.")
+
+
+class JobSpec(_Section):
+    run: RunSection = Field(description="Identity of the run.")
+    model: ModelSection = Field(description="Which WHAM model each actor loads.")
+    seeds: SeedsSection = Field(description="Seed frames the rollouts start from.")
+    rollouts: RolloutsSection = Field(description="What to generate from each seed.")
+    resources: ResourcesSection = Field(
+        default_factory=ResourcesSection, description="Actors and batching."
+    )
+    output: OutputSection = Field(description="Where outputs go.")
+
+    @model_validator(mode="after")
+    def _mode_needs_recordings(self) -> JobSpec:
+        needs_recording = self.rollouts.mode == "policy" or self.rollouts.actions.kind == "replay"
+        if needs_recording and self.seeds.format == "images":
+            raise ValueError("rollouts.mode policy and rollouts.actions replay need recorded "
+                             "clips: set seeds.format to wham-npz or manifest")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The spec as plain data with credentials stripped from every URL (for manifests)."""
+        return _redact(self.model_dump(mode="json"))
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        netloc = host + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return value
+
+
+def _field_path(loc: Iterable[Any], err_type: str) -> str:
+    """Dotted YAML path of a pydantic error location, without union-member tags."""
+    loc = list(loc)
+    model: type[BaseModel] | None = JobSpec
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out[-1:] = [f"{out[-1]}[{part}]"] if out else [f"[{part}]"]
+        elif model is not None and part in model.model_fields:
+            out.append(part)
+            model = _submodel(model.model_fields[part].annotation)
+        elif err_type == "extra_forbidden" and i == len(loc) - 1:
+            out.append(str(part))
+    return ".".join(out) or "(top level)"
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per bad field: `path: message`; alternatives of a union are merged."""
+    by_path: dict[str, list[str]] = {}
+    for err in exc.errors():
+        path = _field_path(err["loc"], err["type"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `wham-batch validate` for the schema)"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        if msg not in by_path.setdefault(path, []):
+            by_path[path].append(msg)
+    return [f"{path}: {' or '.join(msgs)}" for path, msgs in by_path.items()]
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=c` strings -> (["a", "b"], value) with the value parsed as a YAML scalar."""
+    import yaml
+
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. rollouts.steps=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw  # e.g. `run.run_id={name}-x`: not YAML, meant literally
+        if isinstance(value, dict) and all(v is None for v in value.values()):
+            value = raw  # `{date}` reads as a YAML set; a template placeholder was meant
+        parsed.append(([p.strip() for p in parts], value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for parts, value in parse_overrides(overrides):
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise UserError(f"--set {'.'.join(parts)}: {where} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def spec_from_data(data: Any, *, source: str = "job spec") -> JobSpec:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of sections (run, model, seeds, ...)")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = format_validation_error(exc)
+        raise UserError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
+    """Read a job YAML, apply `--set` overrides and validate it (UserError on any problem)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read job spec {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
+    data = {} if data is None else data
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides)
+    return spec_from_data(data, source=str(path))
+
+
+def dump_spec(spec: JobSpec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
