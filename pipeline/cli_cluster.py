@@ -1,0 +1,315 @@
+"""`wham-batch submit | status | logs | stop | runs`: jobs on a Ray cluster and their runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+EXIT_JOB_FAILED = 1
+EXIT_TIMEOUT = 124
+_LOG_TAIL_LINES = 40
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None, metavar="URL",
+        help="Ray dashboard / Jobs API address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS). "
+        "For token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH).")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from pipeline.cli_run import add_spec_arguments
+
+    submit = subparsers.add_parser(
+        "submit", help="validate a job YAML and submit it to a Ray cluster",
+        description="Validate the job YAML locally, then submit `python -m jobs.run CONFIG` "
+        "to a Ray cluster through the Jobs API and print the job id. Credentials are never "
+        "sent with the job: the cluster uses its own environment or role.")
+    add_spec_arguments(submit)
+    _add_address(submit)
+    code = submit.add_mutually_exclusive_group()
+    code.add_argument("--working-dir", default=None, metavar="DIR",
+                      help="project folder to upload with the job (default: the wham-batch "
+                      "project containing the current directory)")
+    code.add_argument("--image-has-package", action="store_true",
+                      help="the cluster's image has wham-batch installed: upload only the config")
+    submit.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                        help="extra non-secret environment variable for the job (repeatable)")
+    submit.add_argument("--submission-id", default=None, help="job id to use (default: Ray's)")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the job to finish; exit 1 if it fails")
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the job's logs until it finishes (implies --wait)")
+    submit.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                        help="give up waiting after S seconds (exit 124; the job keeps running)")
+    submit.set_defaults(func=cmd_submit)
+
+    status = subparsers.add_parser("status", help="status of a job (or list jobs)",
+                                   description="Show one job's status, or all jobs without an id.")
+    status.add_argument("job_id", nargs="?", help="submission id (omit to list jobs)")
+    _add_address(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+
+    logs = subparsers.add_parser("logs", help="print a job's logs",
+                                 description="Print a job's driver logs.")
+    logs.add_argument("job_id", help="submission id")
+    _add_address(logs)
+    logs.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+    logs.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                      help="stop following after S seconds")
+    logs.set_defaults(func=cmd_logs)
+
+    stop = subparsers.add_parser("stop", help="stop a running job",
+                                 description="Ask the cluster to stop a job.")
+    stop.add_argument("job_id", help="submission id")
+    _add_address(stop)
+    stop.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    stop.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                      help="how long --wait waits")
+    stop.set_defaults(func=cmd_stop)
+
+    runs = subparsers.add_parser(
+        "runs", help="list the runs under an output root with their status",
+        description="List runs under ROOT/_runs: complete (has _SUCCESS) or partial, with "
+        "committed/planned units, rollout and frame counts and throughput.")
+    runs.add_argument("root", help="output root: a folder or s3://bucket/prefix")
+    runs.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS or env)")
+    runs.add_argument("--region", default=None, help="S3 region")
+    runs.add_argument("--run-date", default=None, help="only runs of this date (YYYY-MM-DD)")
+    runs.add_argument("--json", action="store_true", help="print JSON lines")
+    runs.set_defaults(func=cmd_runs)
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def _print_failure_tail(client: Any, job_id: str) -> None:
+    try:
+        info = client.get_job_info(job_id)
+        lines = client.get_job_logs(job_id).splitlines()[-_LOG_TAIL_LINES:]
+    except Exception as exc:  # the failure itself is already reported; logs are a bonus
+        print(f"(could not fetch logs: {exc})", file=sys.stderr)
+        return
+    if info.message:
+        print(f"cluster says: {info.message}", file=sys.stderr)
+    if lines:
+        print(f"last {len(lines)} log lines:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in lines), file=sys.stderr)
+
+
+def _finish(client: Any, job_id: str, status: str | None, timeout_s: float) -> int:
+    if status is None:
+        print(f"job {job_id} still running after {timeout_s:g}s; it keeps running on the "
+              f"cluster (`wham-batch stop {job_id}` stops it)", file=sys.stderr)
+        return EXIT_TIMEOUT
+    print(f"job {job_id} {status}")
+    if status != "SUCCEEDED":
+        _print_failure_tail(client, job_id)
+        return EXIT_JOB_FAILED
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import submit as sub
+
+    # Validation and packaging happen before any connection: a bad spec never reaches
+    # the cluster.
+    submission = sub.build_submission(
+        args.config, overrides=args.overrides, working_dir=args.working_dir,
+        image_has_package=args.image_has_package, env=args.env)
+    print(f"spec ok: run {submission.run_id}", file=sys.stderr)
+    try:
+        client = sub.connect(args.address)
+        job_id = sub.submit(client, submission, submission_id=args.submission_id)
+    finally:
+        submission.remove_staging()
+    print(job_id)
+    print(f"submitted {job_id} to {client.get_address()}: {submission.entrypoint}",
+          file=sys.stderr)
+    if not (args.wait or args.follow):
+        return 0
+    started = time.monotonic()
+    if args.follow and not sub.follow_logs(client, job_id, timeout_s=args.timeout):
+        return _finish(client, job_id, None, args.timeout)
+    remaining = max(args.timeout - (time.monotonic() - started), 1.0)
+    status = sub.wait_for_job(
+        client, job_id, timeout_s=remaining,
+        on_change=lambda s: print(f"job {job_id}: {s}", file=sys.stderr))
+    return _finish(client, job_id, status, args.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import submit as sub
+
+    client = sub.connect(args.address)
+    with sub._cluster_errors(client.get_address()):
+        if args.job_id is None:
+            jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+            rows = [_job_row(job) for job in jobs]
+        else:
+            sub.job_status(client, args.job_id)  # UserError for an unknown id
+            rows = [_job_row(client.get_job_info(args.job_id))]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if args.job_id is None:
+        for row in rows:
+            print(f"{row['job_id'] or '-':<28} {row['status']:<10} {row['entrypoint']}")
+        return 0
+    for key, value in rows[0].items():
+        print(f"{key:<11} {value}")
+    return 0
+
+
+def _job_row(info: Any) -> dict[str, Any]:
+    def when(ms: int | None) -> str | None:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else None
+
+    return {
+        "job_id": info.submission_id,
+        "status": str(info.status.value),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": when(info.start_time),
+        "end_time": when(info.end_time),
+        "metadata": dict(info.metadata or {}),
+    }
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipeline import submit as sub
+
+    client = sub.connect(args.address)
+    sub.job_status(client, args.job_id)  # UserError for an unknown id
+    if args.follow:
+        return 0 if sub.follow_logs(client, args.job_id, timeout_s=args.timeout) else EXIT_TIMEOUT
+    with sub._cluster_errors(client.get_address()):
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pipeline import submit as sub
+
+    client = sub.connect(args.address)
+    status = sub.job_status(client, args.job_id)
+    if status in sub.TERMINAL_STATUSES:
+        print(f"job {args.job_id} already {status}")
+        return 0
+    with sub._cluster_errors(client.get_address()):
+        client.stop_job(args.job_id)
+    print(f"stop requested for {args.job_id}")
+    if args.wait:
+        final = sub.wait_for_job(client, args.job_id, timeout_s=args.timeout)
+        if final is None:
+            print(f"job {args.job_id} has not stopped after {args.timeout:g}s", file=sys.stderr)
+            return EXIT_TIMEOUT
+        print(f"job {args.job_id} {final}")
+    return 0
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass
+class RunInfo:
+    run_date: str
+    run_id: str
+    status: str  # complete | partial
+    units_committed: int
+    units_planned: int | None
+    rollouts_ok: int
+    rollouts_failed: int
+    frames: int
+    wall_seconds: float | None
+    frames_per_second: float | None
+    started_at: str | None
+
+
+def _read_json(storage: Any, key: str) -> dict[str, Any]:
+    try:
+        data = json.loads(storage.get_bytes(key))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError):
+        return {}  # a torn or foreign manifest: report the run from its markers instead
+    return data if isinstance(data, dict) else {}
+
+
+def list_runs(storage: Any, *, run_date: str | None = None) -> list[RunInfo]:
+    """Every run under the storage root's `_runs/`, from one listing plus small reads.
+
+    A run is complete when `_SUCCESS` exists; its counts come from the manifest. A partial
+    run's counts are summed from its commit markers (the manifest may predate them).
+    """
+    from pipeline.layout import RUNS_DIR, manifest_key, run_date_str
+
+    prefix = f"{RUNS_DIR}/"
+    if run_date is not None:
+        prefix += f"run_date={run_date_str(run_date)}/"
+    runs: dict[tuple[str, str], dict[str, Any]] = {}
+    for key in storage.list_keys(prefix):
+        parts = key.split("/")
+        if len(parts) < 4 or not parts[1].startswith("run_date=") or not parts[2].startswith(
+                "run_id="):
+            continue
+        ident = (parts[1].removeprefix("run_date="), parts[2].removeprefix("run_id="))
+        entry = runs.setdefault(ident, {"success": False, "commits": []})
+        rest = "/".join(parts[3:])
+        if rest == "_SUCCESS":
+            entry["success"] = True
+        elif rest.startswith("commits/") and rest.endswith(".json"):
+            entry["commits"].append(key)
+    out = []
+    for (date, run_id), entry in sorted(runs.items()):
+        manifest = _read_json(storage, manifest_key(date, run_id))
+        counts = manifest.get("counts") or {}
+        complete = entry["success"]
+        if complete:
+            ok, failed, frames = (int(counts.get(k, 0)) for k in
+                                  ("rollouts_ok", "rollouts_failed", "frames"))
+        else:
+            markers = [_read_json(storage, key) for key in entry["commits"]]
+            ok, failed, frames = (sum(int(m.get(k, 0)) for m in markers) for k in
+                                  ("ok", "failed", "frames"))
+        planned = counts.get("units_total")
+        out.append(RunInfo(
+            run_date=date, run_id=run_id, status="complete" if complete else "partial",
+            units_committed=len(entry["commits"]),
+            units_planned=int(planned) if planned is not None else None,
+            rollouts_ok=ok, rollouts_failed=failed, frames=frames,
+            wall_seconds=manifest.get("wall_seconds") if complete else None,
+            frames_per_second=manifest.get("frames_per_second") if complete else None,
+            started_at=manifest.get("started_at"),
+        ))
+    return out
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pipeline.storage import open_storage
+
+    storage = open_storage(args.root, endpoint_url=args.endpoint_url, region=args.region)
+    runs = list_runs(storage, run_date=args.run_date)
+    if args.json:
+        for run in runs:
+            print(json.dumps(asdict(run)))
+        return 0
+    if not runs:
+        print(f"no runs under {storage.uri}", file=sys.stderr)
+        return 0
+    header = (f"{'RUN_DATE':<10}  {'RUN_ID':<28} {'STATUS':<8} {'UNITS':>9} {'OK':>7} "
+              f"{'FAILED':>6} {'FRAMES':>8} {'FRAMES/S':>9}")
+    print(header)
+    for r in runs:
+        units = f"{r.units_committed}/{r.units_planned if r.units_planned is not None else '?'}"
+        fps = f"{r.frames_per_second:.1f}" if r.frames_per_second is not None else "-"
+        print(f"{r.run_date:<10}  {r.run_id:<28} {r.status:<8} {units:>9} {r.rollouts_ok:>7} "
+              f"{r.rollouts_failed:>6} {r.frames:>8} {fps:>9}")
+    return 0

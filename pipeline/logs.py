@@ -1,0 +1,154 @@
+"""Structured log lines that carry the run id and work unit.
+
+Every line is one record: ``2026-11-30T02:00:01Z INFO pipeline.driver run_id=nightly-2026-11-30
+unit=u000003 committed unit`` (or one JSON object per line with ``WHAM_LOG_FORMAT=json``), so
+logs from the driver and from every actor can be grepped or shipped to a log store and joined
+on ``run_id`` and ``unit``.
+
+Secrets never reach a log line: both formatters replace the values of credential environment
+variables (AWS keys, session tokens, the Ray auth token) wherever they appear in a line,
+tracebacks included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+# Record attributes rendered as key=value fields, in this order, when present.
+CONTEXT_FIELDS = ("run_id", "unit", "rollout_id", "worker")
+LOG_FORMAT_ENV = "WHAM_LOG_FORMAT"
+LOG_LEVEL_ENV = "WHAM_LOG_LEVEL"
+# Environment variables whose values are credentials; their values are masked in logs.
+SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "RAY_AUTH_TOKEN",
+)
+REDACTED = "***"
+# Values shorter than this are not masked: replacing a 1-3 character "secret" everywhere
+# would mangle ordinary text and protects nothing.
+_MIN_SECRET_LEN = 4
+_HANDLER_MARK = "_wham_batch_handler"
+
+
+def _secret_values() -> list[str]:
+    values = (os.environ.get(name, "") for name in SECRET_ENV_VARS)
+    return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every credential environment variable replaced by ***."""
+    for value in _secret_values():
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def _utc_timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text)
+    return text
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``<utc time> <LEVEL> <logger> run_id=.. unit=.. <message>`` (logfmt-style fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = [
+            f"{name}={_quote(getattr(record, name))}"
+            for name in CONTEXT_FIELDS
+            if getattr(record, name, None) is not None
+        ]
+        head = " ".join(
+            [_utc_timestamp(record.created), record.levelname, record.name, *fields]
+        )
+        line = f"{head} {record.getMessage()}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return redact(line)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the context fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "time": _utc_timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONTEXT_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                payload[name] = value
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(payload, ensure_ascii=False))
+
+
+class RunLogger(logging.LoggerAdapter):
+    """A logger that stamps every record with its run id (and unit, rollout, worker).
+
+    Context given per call (``log.info("...", extra={"unit": "u000004"})``) wins over the
+    adapter's own, so one adapter per run can still tag lines with the unit they concern.
+    """
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+    def bind(self, **context: str | None) -> RunLogger:
+        """A child adapter with extra context fields, e.g. ``log.bind(unit="u000007")``."""
+        return RunLogger(self.logger, {**(self.extra or {}), **context})
+
+
+def get_logger(
+    name: str,
+    *,
+    run_id: str | None = None,
+    unit: str | None = None,
+    **context: str | None,
+) -> RunLogger:
+    """A `RunLogger` for module `name` stamped with the given context fields."""
+    unknown = set(context) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log context fields {sorted(unknown)}; use {CONTEXT_FIELDS}")
+    extra: Mapping[str, str | None] = {"run_id": run_id, "unit": unit, **context}
+    return RunLogger(logging.getLogger(name), dict(extra))
+
+
+def setup_logging(*, level: str | int | None = None, fmt: str | None = None) -> None:
+    """Send `pipeline`, `workers` and `jobs` loggers to stderr as structured lines.
+
+    `fmt` is "text" (key=value, the default) or "json"; both default from the environment
+    (WHAM_LOG_FORMAT, WHAM_LOG_LEVEL) so Ray workers pick up the same settings as the driver.
+    Calling it again replaces the handler instead of adding a second one.
+    """
+    fmt = (fmt or os.environ.get(LOG_FORMAT_ENV) or "text").lower()
+    if fmt not in ("text", "json"):
+        raise ValueError(f"{LOG_FORMAT_ENV} must be 'text' or 'json', got {fmt!r}")
+    level = level if level is not None else os.environ.get(LOG_LEVEL_ENV, "INFO")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    setattr(handler, _HANDLER_MARK, True)
+    for name in ("pipeline", "workers", "jobs"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if getattr(h, _HANDLER_MARK, False)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level.upper() if isinstance(level, str) else level)
+        logger.propagate = False
