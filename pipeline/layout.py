@@ -1,0 +1,212 @@
+"""The output layout and table schemas, schema version 1 (a public contract).
+
+```
+steps/run_date=YYYY-MM-DD/run_id=<run_id>/part-<unit>.parquet     one row per step
+rollouts/run_date=YYYY-MM-DD/run_id=<run_id>/part-<unit>.parquet  one row per rollout
+frames/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>/<step:06d>.png
+previews/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>.gif
+_runs/run_date=YYYY-MM-DD/run_id=<run_id>/manifest.json
+_runs/run_date=YYYY-MM-DD/run_id=<run_id>/commits/<unit>.json
+_runs/run_date=YYYY-MM-DD/run_id=<run_id>/_SUCCESS
+```
+
+The writer and the query side both use this module, so the two never disagree. Schemas
+here leave out the partition columns `run_date` and `run_id`: they live in the hive paths
+and the query side adds them back (`query_schema`). Changing anything here means bumping
+SCHEMA_VERSION.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pyarrow as pa
+
+from pipeline.errors import UserError
+from workers.wham.actions import ACTION_DIM, BUTTON_NAMES, STICK_NAMES
+
+SCHEMA_VERSION = 1
+STEPS_TABLE = "steps"
+ROLLOUTS_TABLE = "rollouts"
+TABLES = (STEPS_TABLE, ROLLOUTS_TABLE)
+FRAMES_DIR = "frames"
+PREVIEWS_DIR = "previews"
+RUNS_DIR = "_runs"
+PARTITION_COLUMNS = ("run_date", "run_id")
+#: Steps per second of game time (WHAM models 10 Hz); timestamp_s = step / STEP_RATE_HZ.
+STEP_RATE_HZ = 10.0
+ACTION_SOURCES = ("seed", "model", "given")
+ROLLOUT_STATUSES = ("ok", "failed")
+#: Key of the schema metadata entry holding SCHEMA_VERSION.
+SCHEMA_VERSION_KEY = b"wham_batch.schema_version"
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_UNIT_ID = re.compile(r"^u\d{6,}$")
+_ROLLOUT_ID = re.compile(r"^[\w.-]{1,200}$")
+
+
+def _with_version(schema: pa.Schema, table: str) -> pa.Schema:
+    return schema.with_metadata(
+        {SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode(), b"wham_batch.table": table.encode()}
+    )
+
+
+def image_tokens_type(tokens_per_image: int | None) -> pa.DataType:
+    """fixed_size_list<uint16>[n] (codebooks are at most 65536 entries), or a plain list."""
+    if tokens_per_image is None:
+        return pa.list_(pa.uint16())
+    return pa.list_(pa.uint16(), int(tokens_per_image))
+
+
+def steps_schema(tokens_per_image: int | None) -> pa.Schema:
+    """Schema of a steps part; `tokens_per_image=None` when tokens are not stored."""
+    fields = [
+        pa.field("rollout_id", pa.string(), nullable=False),
+        pa.field("step", pa.int32(), nullable=False),
+        pa.field("generated", pa.bool_(), nullable=False),
+        *(pa.field(name, pa.bool_(), nullable=False) for name in BUTTON_NAMES),
+        *(pa.field(name, pa.float32(), nullable=False) for name in STICK_NAMES),
+        pa.field("action_bins", pa.list_(pa.uint8(), ACTION_DIM), nullable=False),
+        pa.field("action_source", pa.string(), nullable=False),
+        pa.field("image_tokens", image_tokens_type(tokens_per_image), nullable=True),
+        pa.field("frame_key", pa.string(), nullable=True),
+        pa.field("timestamp_s", pa.float64(), nullable=False),
+    ]
+    return _with_version(pa.schema(fields), STEPS_TABLE)
+
+
+#: The contract's name for `steps_schema`.
+STEPS_SCHEMA = steps_schema
+
+_TIMESTAMP = pa.timestamp("ms", tz="UTC")
+ROLLOUTS_SCHEMA = _with_version(
+    pa.schema(
+        [
+            pa.field("rollout_id", pa.string(), nullable=False),
+            pa.field("unit_id", pa.string(), nullable=False),
+            pa.field("seed_id", pa.string(), nullable=False),
+            pa.field("seed_uri", pa.string(), nullable=False),
+            pa.field("rollout_index", pa.int32(), nullable=False),
+            pa.field("mode", pa.string(), nullable=False),
+            pa.field("action_policy", pa.string(), nullable=False),
+            pa.field("context_steps", pa.int32(), nullable=False),
+            pa.field("generated_steps", pa.int32(), nullable=False),
+            pa.field("temperature", pa.float32(), nullable=False),
+            pa.field("top_k", pa.int32(), nullable=True),
+            pa.field("top_p", pa.float32(), nullable=False),
+            pa.field("rng_seed", pa.int64(), nullable=False),
+            pa.field("model_id", pa.string(), nullable=False),
+            pa.field("model_sha256", pa.string(), nullable=False),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("error", pa.string(), nullable=True),
+            pa.field("worker", pa.string(), nullable=False),
+            pa.field("started_at", _TIMESTAMP, nullable=False),
+            pa.field("finished_at", _TIMESTAMP, nullable=False),
+            pa.field("generate_seconds", pa.float64(), nullable=False),
+        ]
+    ),
+    ROLLOUTS_TABLE,
+)
+
+
+def query_schema(table: str) -> pa.Schema:
+    """The schema the query side reads a table with, across runs: partition columns first,
+    and `image_tokens` as a variable-size list so runs of different models unify."""
+    if table == STEPS_TABLE:
+        base = steps_schema(None)
+    elif table == ROLLOUTS_TABLE:
+        base = ROLLOUTS_SCHEMA
+    else:
+        raise UserError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
+    partitions = [pa.field("run_date", pa.string()), pa.field("run_id", pa.string())]
+    return pa.schema(partitions + list(base), metadata=base.metadata)
+
+
+def run_date_str(run_date: str | dt.date) -> str:
+    """Normalise a run date to 'YYYY-MM-DD'; UserError if it is not a real date."""
+    if isinstance(run_date, dt.datetime):
+        run_date = run_date.date()
+    if isinstance(run_date, dt.date):
+        return run_date.isoformat()
+    try:
+        return dt.date.fromisoformat(str(run_date)).isoformat()
+    except ValueError:
+        raise UserError(f"run_date {run_date!r} is not a date of the form YYYY-MM-DD") from None
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise UserError(
+            f"run_id {run_id!r} must start with a letter or digit and use only letters, "
+            "digits, '.', '_' and '-' (at most 128 characters)"
+        )
+    return run_id
+
+
+def _check(value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value) or value.startswith("."):
+        raise UserError(f"{what} {value!r} is not a valid {what}")
+    return value
+
+
+def unit_id_for(index: int) -> str:
+    """'u000012' for unit index 12."""
+    if index < 0:
+        raise ValueError(f"unit index must be >= 0, got {index}")
+    return f"u{index:06d}"
+
+
+def rollout_id_for(safe_seed_id: str, rollout_index: int) -> str:
+    """'{seed}-r003': the seed id must already be a safe segment (`storage.safe_segment`)."""
+    return f"{safe_seed_id}-r{rollout_index:03d}"
+
+
+def _run_part(run_date: str | dt.date, run_id: str) -> str:
+    return f"run_date={run_date_str(run_date)}/run_id={check_run_id(run_id)}"
+
+
+def run_prefix(table: str, run_date: str | dt.date, run_id: str) -> str:
+    """'steps/run_date=2026-11-30/run_id=nightly' (for any top-level folder of the layout)."""
+    if table not in (*TABLES, FRAMES_DIR, PREVIEWS_DIR, RUNS_DIR):
+        raise UserError(f"unknown layout folder {table!r}")
+    return f"{table}/{_run_part(run_date, run_id)}"
+
+
+def steps_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+    unit = _check(unit_id, _UNIT_ID, "unit id")
+    return f"{run_prefix(STEPS_TABLE, run_date, run_id)}/part-{unit}.parquet"
+
+
+def rollouts_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+    unit = _check(unit_id, _UNIT_ID, "unit id")
+    return f"{run_prefix(ROLLOUTS_TABLE, run_date, run_id)}/part-{unit}.parquet"
+
+
+def frame_key(run_date: str | dt.date, run_id: str, rollout_id: str, step: int) -> str:
+    rollout = _check(rollout_id, _ROLLOUT_ID, "rollout id")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"{run_prefix(FRAMES_DIR, run_date, run_id)}/{rollout}/{step:06d}.png"
+
+
+def preview_key(run_date: str | dt.date, run_id: str, rollout_id: str) -> str:
+    rollout = _check(rollout_id, _ROLLOUT_ID, "rollout id")
+    return f"{run_prefix(PREVIEWS_DIR, run_date, run_id)}/{rollout}.gif"
+
+
+def manifest_key(run_date: str | dt.date, run_id: str) -> str:
+    return f"{run_prefix(RUNS_DIR, run_date, run_id)}/manifest.json"
+
+
+def commits_prefix(run_date: str | dt.date, run_id: str) -> str:
+    return f"{run_prefix(RUNS_DIR, run_date, run_id)}/commits/"
+
+
+def commit_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+    unit = _check(unit_id, _UNIT_ID, "unit id")
+    return f"{commits_prefix(run_date, run_id)}{unit}.json"
+
+
+def success_key(run_date: str | dt.date, run_id: str) -> str:
+    return f"{run_prefix(RUNS_DIR, run_date, run_id)}/_SUCCESS"
