@@ -1,0 +1,53 @@
+"""Checks and reshapes shared by the two image tokenizers (taming VQ-GAN and ViT-VQGAN)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+
+def as_image_batch(
+    images: torch.Tensor | np.ndarray, *, image_size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Validate uint8 images (B, T, 3, H, W) and return them as a uint8 tensor on ``device``.
+
+    Raises InputError naming the expected and the received shape or dtype.
+    """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise InputError(f"images: expected a uint8 tensor or array, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise InputError(f"images: expected dtype uint8, got {images.dtype}")
+    height, width = image_size
+    if images.ndim != 5 or tuple(images.shape[2:]) != (3, height, width):
+        raise InputError(
+            f"images: expected shape (B, T, 3, {height}, {width}) for this model "
+            f"(H={height}, W={width}), got {tuple(images.shape)}"
+        )
+    return images.to(device)
+
+
+def as_token_batch(
+    tokens: torch.Tensor | np.ndarray, *, tokens_per_image: int, vocab_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Validate image tokens (B, T, n) with values in [0, vocab_size) and return int64 on device."""
+    if isinstance(tokens, np.ndarray):
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+    is_tensor = isinstance(tokens, torch.Tensor)
+    if not is_tensor or tokens.dtype.is_floating_point or tokens.is_complex():
+        raise InputError("image tokens: expected an integer tensor or array (B, T, n)")
+    if tokens.ndim != 3 or tokens.shape[2] != tokens_per_image:
+        raise InputError(
+            f"image tokens: expected shape (B, T, {tokens_per_image}), got {tuple(tokens.shape)}"
+        )
+    tokens = tokens.to(device=device, dtype=torch.long)
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise InputError(
+            f"image tokens: values must lie in [0, {vocab_size}), got "
+            f"[{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    return tokens
