@@ -1,0 +1,93 @@
+"""Nightly entrypoint: `python -m jobs.nightly [--config CONFIG] [--date YYYY-MM-DD] [--set ...]`.
+
+The date (UTC today unless given) becomes `run.run_date`, and with the shipped template
+`nightly-{date}` the run id, so:
+
+- running again for the same date resumes that night's run (committed units are skipped;
+  a night that already finished prints "nothing left to do" and exits 0);
+- a new date writes a new `run_date=` partition.
+
+The exit status is the run's: 0 when complete within the failure budget, 1 when units
+could not be committed or too many rollouts failed, 2 for a bad config or environment.
+Schedulers (the KubeRay CronJob in infra/, cron, Airflow) pass the date they were
+scheduled for, so a run that starts late still lands in the right partition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from typing import TYPE_CHECKING
+
+from pipeline.errors import UserError
+from workers.wham.errors import WHAMError
+
+if TYPE_CHECKING:
+    from pipeline.spec import JobSpec
+
+DEFAULT_CONFIG = "configs/nightly.yaml"
+
+
+def resolve_date(value: str | None, *, today: dt.date | None = None) -> dt.date:
+    """The run date: `value` (YYYY-MM-DD) or today's date in UTC."""
+    if value is None:
+        return today or dt.datetime.now(dt.UTC).date()
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise UserError(f"--date {value!r}: expected a date like 2026-11-30") from None
+
+
+def nightly_overrides(run_date: dt.date, overrides: list[str]) -> list[str]:
+    """`overrides` with run.run_date pinned; a conflicting --set run.run_date is an error."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "run.run_date" and value.strip() != run_date.isoformat():
+            raise UserError(f"--set {item}: the nightly date comes from --date "
+                            f"({run_date.isoformat()}); drop the --set or pass --date")
+    return [*overrides, f"run.run_date={run_date.isoformat()}"]
+
+
+def already_complete(spec: JobSpec) -> bool:
+    """True if this run id has its _SUCCESS marker (every unit committed)."""
+    from pipeline.layout import success_key
+    from pipeline.storage import open_storage
+
+    storage = open_storage(spec.output.root, endpoint_url=spec.output.endpoint_url,
+                           region=spec.output.region)
+    return storage.exists(success_key(spec.run.run_date, spec.run.run_id))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help=f"job YAML (default {DEFAULT_CONFIG})")
+    parser.add_argument("--date", default=None, metavar="YYYY-MM-DD",
+                        help="run date (default: today in UTC)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a field (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    from pipeline.cli_run import run_and_report
+    from pipeline.logs import setup_logging
+    from pipeline.spec import load_spec
+
+    try:
+        run_date = resolve_date(args.date)
+        spec = load_spec(args.config, nightly_overrides(run_date, args.overrides))
+        setup_logging()
+        if already_complete(spec):
+            print(f"run {spec.run.run_id} (run_date={run_date}) is complete: "
+                  "nothing left to do")
+            return 0
+        print(f"nightly run {spec.run.run_id} (run_date={run_date})", flush=True)
+        return run_and_report(spec, quiet=args.quiet)
+    except (UserError, WHAMError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
