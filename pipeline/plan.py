@@ -1,0 +1,122 @@
+"""Deterministic work units: which rollouts run together, with which rng seeds and names.
+
+The same seeds and the same spec always give the same units with the same ids, so a rerun
+of a run id can skip what is already committed and a retried unit overwrites its own files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from pipeline.layout import commits_prefix, rollout_id_for, unit_id_for
+
+if TYPE_CHECKING:
+    from pipeline.seeds import SeedRef
+    from pipeline.spec import JobSpec
+    from pipeline.storage import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutItem:
+    seed_id: str
+    seed_uri: str
+    rollout_index: int
+    rollout_id: str
+    rng_seed: int
+    seed_root: str | None = None  # folder/prefix the seed must stay inside (SeedRef.root)
+
+    def seed_ref(self) -> SeedRef:
+        from pipeline.seeds import SeedRef
+
+        return SeedRef(seed_id=self.seed_id, uri=self.seed_uri, root=self.seed_root)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkUnit:
+    unit_id: str
+    index: int
+    items: tuple[RolloutItem, ...]
+
+    @property
+    def num_rollouts(self) -> int:
+        return len(self.items)
+
+
+@dataclass(slots=True)
+class UnitReceipt:
+    """What an actor reports for one unit; the frames themselves went to storage."""
+
+    unit_id: str
+    ok: int
+    failed: int
+    frames: int
+    tokens: int
+    generate_seconds: float
+    write_seconds: float
+    worker: str
+    errors: list[str] = field(default_factory=list)
+
+
+def rng_seed_for(run_seed: int, seed_id: str, rollout_index: int) -> int:
+    """A 63-bit seed that depends only on the run seed, the seed id and the rollout index."""
+    digest = hashlib.blake2b(
+        f"{run_seed}\0{seed_id}\0{rollout_index}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def make_plan(
+    seeds: Iterable[SeedRef], *, run_seed: int, per_seed: int, unit_size: int
+) -> list[WorkUnit]:
+    """Units of up to `unit_size` rollouts over the seeds, seed-major.
+
+    Seeds are sorted first so discovery order (S3 listing, filesystem) cannot change the
+    plan; a seed's rollouts stay next to each other so a unit loads each seed once.
+    """
+    from pipeline.storage import safe_segment
+
+    if per_seed < 1 or unit_size < 1:
+        raise ValueError("per_seed and unit_size must be positive")
+    items: list[RolloutItem] = []
+    for seed in sorted(seeds, key=lambda s: (s.seed_id, s.uri)):
+        safe = safe_segment(seed.seed_id)
+        for r in range(per_seed):
+            items.append(RolloutItem(
+                seed_id=seed.seed_id, seed_uri=seed.uri, rollout_index=r,
+                rollout_id=rollout_id_for(safe, r),
+                rng_seed=rng_seed_for(run_seed, seed.seed_id, r), seed_root=seed.root,
+            ))
+    return [
+        WorkUnit(unit_id=unit_id_for(i), index=i, items=tuple(items[start:start + unit_size]))
+        for i, start in enumerate(range(0, len(items), unit_size))
+    ]
+
+
+def plan_for_spec(spec: JobSpec, seeds: Iterable[SeedRef]) -> list[WorkUnit]:
+    return make_plan(
+        seeds, run_seed=spec.run.seed, per_seed=spec.rollouts.per_seed,
+        unit_size=spec.resources.unit_size(),
+    )
+
+
+def plan_fingerprint(units: Sequence[WorkUnit]) -> str:
+    """Hash of every unit's contents: a resumed run must have planned the same units."""
+    h = hashlib.sha256()
+    for unit in units:
+        h.update(json.dumps([unit.unit_id, [asdict(i) for i in unit.items]]).encode())
+    return h.hexdigest()
+
+
+def committed_unit_ids(storage: Storage, *, run_date: str, run_id: str) -> set[str]:
+    """Unit ids whose commit marker exists, from one listing (not one request per unit)."""
+    prefix = commits_prefix(run_date, run_id)
+    names = (key.removeprefix(prefix) for key in storage.list_keys(prefix))
+    return {n.removesuffix(".json") for n in names if n.endswith(".json") and "/" not in n}
+
+
+def pending_units(units: Sequence[WorkUnit], committed: set[str]) -> list[WorkUnit]:
+    return [u for u in units if u.unit_id not in committed]
