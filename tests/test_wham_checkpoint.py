@@ -107,3 +107,293 @@ def test_native_detects_changed_weights(tmp_path):
     save_file(state, str(folder / WEIGHTS_FILE))
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_model(folder)
+
+
+# --- official Lightning checkpoints -------------------------------------------------------
+
+FAKE_MODULE = '''
+import os
+
+
+def _mark(what):
+    path = os.environ.get("WHAM_TEST_MARKER")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(what + "\\n")
+
+
+_mark("imported")
+
+
+class AttributeDict(dict):
+    def __setstate__(self, state):
+        _mark("AttributeDict.__setstate__")
+        self.__dict__.update(state)
+
+
+class LightningModuleCreationArgs:
+    def __init__(self, pl_class, **pl_kwargs):
+        self.pl_class = pl_class
+        self.pl_kwargs = pl_kwargs
+
+    def __setstate__(self, state):
+        _mark("LightningModuleCreationArgs.__setstate__")
+        self.__dict__.update(state)
+
+
+class GPTTokenPredictor:
+    pass
+
+
+class TamingVQModel:
+    pass
+
+
+class VQGANModel:
+    pass
+'''
+
+
+@pytest.fixture
+def fake_reference_code(tmp_path, monkeypatch):
+    """`humanmodelling.fake_module` on disk: imported for saving, importable during loads.
+
+    Importing it, or restoring its objects, appends to the file named by WHAM_TEST_MARKER.
+    """
+    import importlib
+    import sys
+
+    root = tmp_path / "fake_pkg"
+    (root / "humanmodelling").mkdir(parents=True)
+    (root / "humanmodelling" / "__init__.py").write_text("")
+    (root / "humanmodelling" / "fake_module.py").write_text(FAKE_MODULE)
+    monkeypatch.delenv("WHAM_TEST_MARKER", raising=False)
+    monkeypatch.syspath_prepend(str(root))
+    yield importlib.import_module("humanmodelling.fake_module")
+    for name in ("humanmodelling.fake_module", "humanmodelling"):
+        sys.modules.pop(name, None)
+
+
+def _forget_reference_code(monkeypatch, marker) -> None:
+    """End the save phase: unload the fake module and arm its marker."""
+    import sys
+
+    for name in ("humanmodelling.fake_module", "humanmodelling"):
+        sys.modules.pop(name, None)
+    monkeypatch.setenv("WHAM_TEST_MARKER", str(marker))
+
+
+def _hparams(fake, model, *, gpt_spec=True, tok_spec=True):
+    cfg = model.config
+    predictor = {"model_size": cfg.gpt_size, "seq_len": cfg.seq_len, "nanogpt_version": 1,
+                 "bias": True}
+    tok = cfg.tokenizer
+    if tok.kind == "taming":
+        spec = {
+            "taming_n_embed": tok.n_embed, "taming_embed_dim": tok.embed_dim,
+            "taming_num_indices_per_axis": tok.latent_size[0],
+            "taming_ddconfig": {
+                "double_z": tok.double_z, "z_channels": tok.z_channels,
+                "resolution": tok.resolution, "in_channels": 3, "out_ch": 3, "ch": tok.ch,
+                "ch_mult": list(tok.ch_mult), "num_res_blocks": tok.num_res_blocks,
+                "attn_resolutions": list(tok.attn_resolutions), "dropout": 0.0,
+            },
+        }
+        tok_class = fake.TamingVQModel
+    else:
+        spec = {
+            "image_size_per_x_axis": tok.image_size[1], "image_size_per_y_axis": tok.image_size[0],
+            "patch_size": tok.patch_size, "transf_dim": tok.transf_dim,
+            "embedding_dim": tok.embedding_dim, "num_layers": tok.num_layers,
+            "head_size": tok.head_size, "vocab_size": tok.vocab_size,
+        }
+        tok_class = fake.VQGANModel
+    hp = fake.AttributeDict()
+    hp["predictor_args"] = fake.LightningModuleCreationArgs(
+        fake.GPTTokenPredictor, model_spec=predictor if gpt_spec else {"seq_len": 10})
+    hp["context_encoder_args"] = {
+        "images": fake.LightningModuleCreationArgs(
+            tok_class, model_spec=spec if tok_spec else {}, ckpt_path=None),
+    }
+    hp["variant"] = {"model_spec": {"bc_loss_only": False}}
+    return hp
+
+
+def _official_state(model) -> dict:
+    state = {f"predictor.gpt_model.{k}": v for k, v in model.gpt.state_dict().items()}
+    n = model.config.gpt.block_size
+    state["predictor.gpt_model.transformer.h.0.attn.bias"] = torch.ones(1, 1, n, n).tril()
+    for key, value in model.tokenizer.state_dict().items():
+        state[f"context_encoders.images.{key}"] = value
+    if model.config.tokenizer.kind == "vit":
+        n = model.tokens_per_image
+        state["context_encoders.images.encoder.vit.0.attn.attn_mask"] = torch.ones(
+            1, 1, n, n, dtype=torch.bool)
+    return state
+
+
+def _write_official(path, model, hparams, *, state=None) -> None:
+    ckpt = {
+        "epoch": 3,
+        "global_step": 1000,
+        "pytorch-lightning_version": "2.1.0",
+        "state_dict": _official_state(model) if state is None else state,
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(7)}}}],
+        "hyper_parameters": hparams,
+    }
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-vit"])
+def test_official_checkpoint_loads_without_importing_reference_code(
+    tmp_path, monkeypatch, fake_reference_code, preset
+):
+    import importlib
+    import sys
+
+    model = random_model(preset, seed=5)
+    ckpt = tmp_path / "WHAM_test.ckpt"
+    _write_official(ckpt, model, _hparams(fake_reference_code, model))
+    marker = tmp_path / "marker.txt"
+    _forget_reference_code(monkeypatch, marker)
+    loaded = load_model(ckpt)
+    assert "humanmodelling" not in sys.modules
+    assert "humanmodelling.fake_module" not in sys.modules
+    assert not marker.exists()
+    # the marker is live: the module is still importable and importing it fires the marker
+    importlib.import_module("humanmodelling.fake_module")
+    assert "imported" in marker.read_text()
+    assert loaded.model_id == "WHAM_test"
+    assert loaded.config == model.config
+    assert loaded.sha256 == model.sha256
+    _assert_same_weights(model, loaded)
+    images = _images(model)
+    assert torch.equal(loaded.encode_images(images), model.encode_images(images))
+
+
+def test_convert_writes_a_native_folder(tmp_path, fake_reference_code):
+    from workers.wham import convert_checkpoint
+
+    model = random_model("tiny", seed=2)
+    ckpt = tmp_path / "WHAM_small.ckpt"
+    _write_official(ckpt, model, _hparams(fake_reference_code, model))
+    out = convert_checkpoint(ckpt, tmp_path / "native")
+    assert (out / CONFIG_FILE).is_file() and (out / WEIGHTS_FILE).is_file()
+    native = load_model(out)
+    assert native.sha256 == model.sha256 and native.model_id == "WHAM_small"
+    _assert_same_weights(model, native)
+
+
+def test_head_count_falls_back_to_the_size_table(tmp_path, fake_reference_code):
+    model = random_model("tiny", seed=2)
+    ckpt = tmp_path / "x.ckpt"
+    _write_official(ckpt, model, _hparams(fake_reference_code, model, gpt_spec=False))
+    loaded = load_model(ckpt)
+    assert loaded.config.gpt.n_head == 2 and loaded.config.gpt_size == "tiny"
+
+
+def test_taming_shape_inferred_from_weights_when_ddconfig_missing(tmp_path, fake_reference_code):
+    model = random_model("tiny", seed=2)
+    hp = _hparams(fake_reference_code, model)
+    del hp["context_encoder_args"]["images"].pl_kwargs["model_spec"]["taming_ddconfig"]
+    ckpt = tmp_path / "x.ckpt"
+    _write_official(ckpt, model, hp)
+    loaded = load_model(ckpt)
+    assert loaded.config.tokenizer == model.config.tokenizer
+    _assert_same_weights(model, loaded)
+
+
+@pytest.mark.parametrize("preset,missing", [("tiny", "taming_num_indices_per_axis"),
+                                            ("tiny-vit", "image_size_per_y_axis")])
+def test_missing_hyperparameters_are_named(tmp_path, fake_reference_code, preset, missing):
+    model = random_model(preset)
+    ckpt = tmp_path / "x.ckpt"
+    _write_official(ckpt, model, _hparams(fake_reference_code, model, tok_spec=False))
+    with pytest.raises(CheckpointError, match=f"x.ckpt: cannot tell .*'{missing}'"):
+        load_model(ckpt)
+
+
+def test_missing_or_misshapen_weights_are_named(tmp_path, fake_reference_code):
+    model = random_model("tiny")
+    hp = _hparams(fake_reference_code, model)
+    state = _official_state(model)
+    del state["predictor.gpt_model.transformer.h.1.mlp.c_fc.weight"]
+    _write_official(tmp_path / "a.ckpt", model, hp, state=state)
+    with pytest.raises(CheckpointError, match=r"a.ckpt: .*missing.*h\.1\.mlp\.c_fc\.weight"):
+        load_model(tmp_path / "a.ckpt")
+
+    state = _official_state(model)
+    key = "context_encoders.images.vq_model.post_quant_conv.weight"
+    state[key] = torch.zeros(16, 4, 1, 1)
+    _write_official(tmp_path / "b.ckpt", model, hp, state=state)
+    with pytest.raises(CheckpointError, match=r"b.ckpt: weight .*post_quant_conv.weight has shape"):
+        load_model(tmp_path / "b.ckpt")
+
+    state = {k: v for k, v in _official_state(model).items() if k.startswith("predictor.")}
+    _write_official(tmp_path / "c.ckpt", model, hp, state=state)
+    with pytest.raises(CheckpointError, match="c.ckpt: no image tokenizer weights"):
+        load_model(tmp_path / "c.ckpt")
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _CallsEval:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("payload", [_RunsShell, _CallsEval])
+def test_code_executing_pickle_is_rejected(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    model = random_model("tiny")
+    ckpt = tmp_path / "evil.ckpt"
+    _write_official(ckpt, model, {"evil": payload(marker)})
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="evil.ckpt: refusing to load"):
+        load_model(ckpt)
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(tmp_path, fake_reference_code):
+    import zipfile
+
+    model = random_model("tiny")
+    good = tmp_path / "good.ckpt"
+    _write_official(good, model, _hparams(fake_reference_code, model))
+    data = good.read_bytes()
+
+    (tmp_path / "half.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="half.ckpt: not a readable PyTorch zip"):
+        load_model(tmp_path / "half.ckpt")
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.ckpt"):
+        load_model(tmp_path / "empty.ckpt")
+
+    with zipfile.ZipFile(tmp_path / "random.ckpt", "w") as zf:
+        zf.writestr("hello.txt", "not a checkpoint")
+    with pytest.raises(CheckpointError, match="random.ckpt: zip file without a torch data.pkl"):
+        load_model(tmp_path / "random.ckpt")
+
+    (tmp_path / "config.ckpt").write_text(json.dumps({"state_dict": {}}))
+    with pytest.raises(CheckpointError, match="config.ckpt: not a readable PyTorch zip"):
+        load_model(tmp_path / "config.ckpt")
+
+    folder = save_native(model, tmp_path / "native")
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable PyTorch zip"):
+        load_model(folder / WEIGHTS_FILE)
+
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="plain.pt: not a Lightning checkpoint"):
+        load_model(tmp_path / "plain.pt")

@@ -7,8 +7,9 @@ name>``; ``gpt.lm_head.weight`` is not stored because it is tied to ``gpt.transf
 
 ``sha256`` is a canonical fingerprint of the weights: SHA-256 over the tensors sorted by
 native key, each contributing its key, dtype, shape and raw little-endian bytes, computed on
-the weights as loaded from the source (before any ``dtype`` cast). A converted checkpoint
-and the native folder written from it therefore share a fingerprint.
+the weights as loaded from the source (floating tensors hashed as float32, before any
+``dtype`` cast). A converted checkpoint and the native folder written from it therefore share
+a fingerprint.
 """
 
 from __future__ import annotations
@@ -136,13 +137,22 @@ def _build_tokenizer(cfg: TokenizerConfig) -> nn.Module:
 
 
 def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """Canonical SHA-256 over (key, dtype, shape, bytes) of every tensor, sorted by key."""
+    """Canonical SHA-256 over (key, dtype, shape, bytes) of every tensor, sorted by key.
+
+    Floating tensors are hashed as float32, so the fingerprint does not depend on the dtype
+    the weights were stored in, only on their values.
+    """
     digest = hashlib.sha256()
     for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
+        t = state[key].detach().to("cpu")
+        t = (t.float() if t.is_floating_point() else t).contiguous()
         digest.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _materialize(value) -> torch.Tensor:
+    return value.materialize() if hasattr(value, "materialize") else value
 
 
 class WHAMModel(nn.Module):
@@ -199,8 +209,13 @@ class WHAMModel(nn.Module):
         state.update({f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()})
         return state
 
-    def load_native_state_dict(self, state: dict[str, torch.Tensor], *, source: str) -> None:
-        """Copy weights in (shapes checked); raises CheckpointError naming what is wrong."""
+    def load_native_state_dict(self, state: dict, *, source: str) -> None:
+        """Copy weights in (shapes checked); raises CheckpointError naming what is wrong.
+
+        Values are tensors or lazy tensors (with ``.shape`` and ``materialize()``), so a large
+        checkpoint is read one tensor at a time. A stored ``gpt.lm_head.weight`` must equal the
+        embedding it is tied to.
+        """
         own = self.native_state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own) - {TIED_KEY})
@@ -211,16 +226,23 @@ class WHAMModel(nn.Module):
                 f"{' ...' if len(unexpected) > 5 else ''}"
             )
         for key, target in own.items():
-            value = state[key]
-            if tuple(value.shape) != tuple(target.shape):
+            if tuple(state[key].shape) != tuple(target.shape):
                 raise CheckpointError(
-                    f"{source}: weight {key} has shape {tuple(value.shape)}, "
+                    f"{source}: weight {key} has shape {tuple(state[key].shape)}, "
                     f"the config needs {tuple(target.shape)}"
                 )
         with torch.no_grad():
             for key, target in own.items():
-                target.copy_(state[key])
-        self.sha256 = weights_fingerprint(state)
+                target.copy_(_materialize(state[key]))
+            if TIED_KEY in state and not torch.equal(
+                _materialize(state[TIED_KEY]).to(self.gpt.lm_head.weight.dtype),
+                self.gpt.lm_head.weight,
+            ):
+                raise CheckpointError(
+                    f"{source}: lm_head.weight differs from transformer.wte.weight; only "
+                    "tied heads are supported"
+                )
+        self.sha256 = weights_fingerprint(self.native_state_dict())
 
     def place(self, *, device: torch.device | str, dtype: torch.dtype | None) -> WHAMModel:
         """Move to ``device``; cast the GPT (only) to ``dtype`` when given."""
