@@ -45,11 +45,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False) -> int:
     """Run the driver, print the summary and where to look; exit status for the CLI."""
-    import logging
-
     from pipeline.driver import run_job
+    from pipeline.logs import setup_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging()
     summary = run_job(spec, fresh=fresh, progress=not quiet)
     print(summary.line())
     print(f"outputs: {summary.output_uri}  (run_date={summary.run_date}, run_id={summary.run_id})")
