@@ -1,0 +1,160 @@
+"""The driver loop on real local Ray with a stub actor (no model): fan-out, resume, retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from pipeline.driver import actor_name, run_job
+from pipeline.errors import UserError
+from pipeline.layout import commit_key, manifest_key, success_key
+from pipeline.plan import UnitReceipt, WorkUnit
+from pipeline.spec import JobSpec, spec_from_data
+from pipeline.storage import open_storage
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+class StubActor:
+    """Commits each unit like the real actor would, after an optional delay or crash."""
+
+    def __init__(self, spec: JobSpec, *, worker: str, script=None) -> None:  # noqa: ANN001
+        self.spec, self.worker = spec, worker
+        self.storage = open_storage(spec.output.root)
+
+    def ready(self) -> dict:
+        return {"model_id": "stub", "sha256": "0" * 64, "batch_size": 4, "pid": os.getpid()}
+
+    def run_unit(self, unit: WorkUnit) -> UnitReceipt:
+        delay_file = Path(self.spec.output.root) / "delay"
+        delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
+        time.sleep(delay)
+        crash_flag = Path(self.spec.output.root) / f"crash-{unit.unit_id}"
+        if crash_flag.exists():
+            crash_flag.unlink()  # crash once: the retry must succeed
+            os._exit(1)
+        run_date = self.spec.run.run_date.isoformat()
+        n = unit.num_rollouts
+        marker = {"unit_id": unit.unit_id, "ok": n, "failed": 0, "frames": n * 2}
+        self.storage.put_bytes(commit_key(run_date, self.spec.run.run_id, unit.unit_id),
+                               json.dumps(marker).encode())
+        log = Path(self.spec.output.root) / "ran.log"
+        with open(log, "a") as f:
+            f.write(unit.unit_id + "\n")
+        return UnitReceipt(unit_id=unit.unit_id, ok=n, failed=0, frames=n * 2, tokens=0,
+                           generate_seconds=delay, write_seconds=0.0, worker=self.worker)
+
+
+def make_spec(tmp_path: Path, *, seeds: int = 10, **resources: object) -> JobSpec:
+    seed_dir = tmp_path / "seeds"
+    seed_dir.mkdir(exist_ok=True)
+    src = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo" / "scene_00.png"
+    for i in range(seeds):
+        (seed_dir / f"s{i:02d}.png").write_bytes(src.read_bytes())
+    return spec_from_data({
+        "run": {"name": "t", "run_id": "drv", "run_date": "2026-01-02"},
+        "model": {"preset": "tiny"},
+        "seeds": {"source": str(seed_dir)},
+        "rollouts": {"steps": 2, "per_seed": 2},
+        "resources": {"actors": 2, "cpus_per_actor": 0.1, "rollouts_per_unit": 3, **resources},
+        "output": {"root": str(tmp_path / "out")},
+    })
+
+
+def ran_units(spec: JobSpec) -> list[str]:
+    log = Path(spec.output.root) / "ran.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_fan_out_commits_every_unit(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    events = []
+    summary = run_job(spec, actor_cls=StubActor, progress=False, on_event=events.append)
+    assert summary.complete and summary.ok
+    assert summary.units_total == 7 and summary.rollouts_ok == 20 and summary.frames == 40
+    assert sorted(ran_units(spec)) == [f"u{i:06d}" for i in range(7)]
+    storage = open_storage(spec.output.root)
+    assert storage.exists(success_key("2026-01-02", "drv"))
+    manifest = json.loads(storage.get_bytes(manifest_key("2026-01-02", "drv")))
+    assert manifest["status"] == "complete" and manifest["counts"]["rollouts_ok"] == 20
+    assert manifest["model"]["model_id"] == "stub" and manifest["schema_version"] == 1
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert kinds.count("unit_committed") == 7
+
+
+def test_resume_skips_committed_units(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    storage = open_storage(spec.output.root)
+    for uid in ("u000000", "u000004"):
+        marker = {"ok": 3, "failed": 0, "frames": 6}
+        storage.put_bytes(commit_key("2026-01-02", "drv", uid), json.dumps(marker).encode())
+    summary = run_job(spec, actor_cls=StubActor, progress=False)
+    assert summary.units_skipped == 2 and summary.complete
+    assert sorted(ran_units(spec)) == ["u000001", "u000002", "u000003", "u000005", "u000006"]
+    assert summary.rollouts_ok == 20  # counts include the units committed earlier
+    # a second rerun has nothing to do and does not start actors
+    again = run_job(spec, actor_cls=StubActor, progress=False)
+    assert again.units_skipped == 7 and len(ran_units(spec)) == 5
+
+
+def test_changed_plan_refuses_to_resume_and_fresh_replaces(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    run_job(spec, actor_cls=StubActor, progress=False)
+    changed = spec.model_copy(update={"rollouts": spec.rollouts.model_copy(update={"per_seed": 3})})
+    with pytest.raises(UserError, match="different plan"):
+        run_job(changed, actor_cls=StubActor, progress=False)
+    summary = run_job(changed, actor_cls=StubActor, fresh=True, progress=False)
+    assert summary.complete and summary.units_skipped == 0 and summary.rollouts_ok == 30
+
+
+def test_dead_actor_units_are_retried(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1, max_restarts=2)
+    (Path(spec.output.root)).mkdir(parents=True)
+    (Path(spec.output.root) / "crash-u000002").touch()
+    summary = run_job(spec, actor_cls=StubActor, progress=False)
+    assert summary.complete and summary.rollouts_ok == 20
+    assert sorted(set(ran_units(spec))) == [f"u{i:06d}" for i in range(7)]
+
+
+def test_units_lost_after_attempts_make_the_run_incomplete(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1, max_restarts=0, max_unit_attempts=1)
+    Path(spec.output.root).mkdir(parents=True)
+    (Path(spec.output.root) / "crash-u000000").touch()
+    with pytest.raises(UserError, match="every actor failed"):
+        run_job(spec, actor_cls=StubActor, progress=False)
+    storage = open_storage(spec.output.root)
+    assert not storage.exists(success_key("2026-01-02", "drv"))
+
+
+def test_killed_actor_is_restarted_and_run_completes(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1, max_restarts=2)
+    Path(spec.output.root).mkdir(parents=True)
+    (Path(spec.output.root) / "delay").write_text("0.3")
+    result: dict = {}
+    events: list = []
+    thread = threading.Thread(target=lambda: result.update(
+        s=run_job(spec, actor_cls=StubActor, progress=False, on_event=events.append)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not ran_units(spec) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(actor_name("drv", 0)), no_restart=False)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert result["s"].complete and result["s"].rollouts_ok == 20
+    assert any(e.kind == "unit_retried" for e in events)  # the kill did interrupt a unit
+
+
+def test_not_enough_gpus_fails_before_actors(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, gpus_per_actor=1)
+    with pytest.raises(UserError, match="GPU"):
+        run_job(spec, actor_cls=StubActor, progress=False)
