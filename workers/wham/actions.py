@@ -61,7 +61,7 @@ def sticks_to_bins(values: np.ndarray) -> np.ndarray:
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         raise InputError(
-            f"stick value {arr[index]!r} at index {index} is outside "
+            f"stick value {float(arr[index])} at index {index} is outside "
             f"[{STICK_BIN_EDGES[0]}, {STICK_BIN_EDGES[-1]}] (sticks are floats in [-1, 1])"
         )
     bins = np.digitize(arr, STICK_BIN_EDGES) - 1
@@ -106,7 +106,7 @@ def validate_actions(actions: np.ndarray, *, name: str = "actions") -> np.ndarra
         if bad.any():
             index = tuple(int(i) for i in np.argwhere(bad)[0])
             raise InputError(
-                f"{name}: {ACTION_NAMES[index[-1]]} at index {index[:-1]} is {arr[index]!r}, "
+                f"{name}: {ACTION_NAMES[index[-1]]} at index {index[:-1]} is {float(arr[index])}, "
                 "expected a finite integer"
             )
     elif arr.dtype.kind not in "iu":

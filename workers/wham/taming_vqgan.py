@@ -285,7 +285,7 @@ class TamingVQGAN(nn.Module):
     def _device(self) -> torch.device:
         return self.vq_model.quant_conv.weight.device
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         imgs = as_image_batch(images, image_size=self.image_size, device=self._device())
         b, t = imgs.shape[:2]
@@ -294,7 +294,7 @@ class TamingVQGAN(nn.Module):
         z = self.vq_model.quant_conv(self.vq_model.encoder(x))
         return self.vq_model.quantize.indices(z).reshape(b, t, -1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Tokens (B, T, n) -> uint8 tensor (B, T, 3, H, W) on the tokenizer's device."""
         idx = as_token_batch(tokens, tokens_per_image=self.tokens_per_image,

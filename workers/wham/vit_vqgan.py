@@ -188,7 +188,7 @@ class ViTVQGAN(nn.Module):
         x = patches.reshape(patches.shape[0], rows, cols, 3, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(patches.shape[0], 3, rows * p, cols * p)[:, :, :h, :w]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         imgs = as_image_batch(images, image_size=self.image_size, device=self._device())
         b, t = imgs.shape[:2]
@@ -201,7 +201,7 @@ class ViTVQGAN(nn.Module):
         dist = z.pow(2).sum(-1, keepdim=True) + codes.pow(2).sum(-1) - 2 * z @ codes.t()
         return dist.argmin(dim=-1).reshape(b, t, -1)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Tokens (B, T, n) -> uint8 tensor (B, T, 3, H, W) on the tokenizer's device."""
         idx = as_token_batch(tokens, tokens_per_image=self.tokens_per_image,
