@@ -4,9 +4,10 @@ A ``.ckpt`` is a torch zip archive: ``<name>/data.pkl`` (a pickle) plus one raw 
 storage under ``<name>/data/``. The pickle names classes of the reference code
 (``humanmodelling.*`` / ``wham.*``) and Lightning; unpickling it normally would import and run
 them. Here a restricted unpickler resolves every global itself: a few known-safe builtins and
-tensor rebuild functions are real, everything from the modules a WHAM checkpoint uses becomes an
-inert stand-in object that only records its arguments, and any other module (``os``,
-``subprocess``, ``builtins.eval``, ...) makes the load fail. Nothing is ever imported.
+tensor rebuild functions are real; every other class or function (the reference code's,
+Lightning's, numpy's, ...) becomes an inert stand-in that only records its arguments; names
+from modules that only an attack would use (``os``, ``subprocess``, ``builtins.eval``, ...)
+make the load fail with a clear error. Nothing is ever imported or called.
 
 Tensors stay lazy (storage key, dtype, offset, size, stride) until the weights are copied
 into the model, so optimizer state in the file is never read. The state dict is the source of
@@ -16,6 +17,7 @@ transformer's head count, the images' size, the ViT head size).
 
 from __future__ import annotations
 
+import _compat_pickle
 import logging
 import os
 import pickle
@@ -39,13 +41,16 @@ log = logging.getLogger(__name__)
 
 GPT_PREFIX = "predictor.gpt_model."
 TOKENIZER_PREFIX = "context_encoders.images."
-# Modules whose classes may appear in a WHAM checkpoint's hyperparameters; they load as inert
-# stand-ins. Anything else is refused.
-INERT_MODULE_PREFIXES = (
-    "humanmodelling", "wham", "pytorch_lightning", "lightning", "lightning_fabric", "torch",
-    "numpy", "tensordict", "omegaconf", "pathlib", "functools", "enum", "datetime", "argparse",
-    "_codecs", "copyreg", "collections", "typing", "types",
-)
+# Modules whose names only appear in a pickle that wants to run code; a checkpoint naming one
+# is refused outright. Every other unknown name loads as an inert stand-in, which is what keeps
+# loading safe (this list only turns an attack into a clear error).
+REFUSED_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
+    "code", "codeop", "ctypes", "multiprocessing", "pickle", "_pickle", "marshal", "webbrowser",
+    "operator", "pdb", "bdb", "timeit", "platform", "asyncio", "threading", "signal", "urllib",
+    "http", "ftplib", "smtplib", "tempfile", "glob", "zipimport", "pkgutil", "inspect", "io",
+    "_io", "pathlib_abc", "shelve", "dbm", "sqlite3", "ssl", "select", "selectors", "resource",
+})
 SAFE_BUILTINS = {
     "set": set, "frozenset": frozenset, "slice": slice, "range": range, "complex": complex,
     "bytearray": bytearray, "bytes": bytes, "int": int, "float": float, "str": str,
@@ -138,6 +143,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.inert_classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # torch.save writes protocol 2, which spells Python 3 modules the Python 2 way
+        # (``__builtin__.eval``); map them back as the standard unpickler would.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
@@ -151,7 +160,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             if name in SAFE_BUILTINS:
                 return SAFE_BUILTINS[name]
             raise CheckpointError(f"{self.source}: refusing to load: the pickle calls {full}")
-        if not any(module == p or module.startswith(p + ".") for p in INERT_MODULE_PREFIXES):
+        if module.split(".")[0] in REFUSED_MODULES:
             raise CheckpointError(
                 f"{self.source}: refusing to load: the pickle references {full}, which no WHAM "
                 "checkpoint uses (it could run code)"
