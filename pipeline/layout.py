@@ -54,9 +54,11 @@ def _with_version(schema: pa.Schema, table: str) -> pa.Schema:
 
 def image_tokens_type(tokens_per_image: int | None) -> pa.DataType:
     """fixed_size_list<uint16>[n] (codebooks are at most 65536 entries), or a plain list."""
+    # Child fields are named "element", as Parquet names them, so schemas survive a round trip.
+    item = pa.field("element", pa.uint16())
     if tokens_per_image is None:
-        return pa.list_(pa.uint16())
-    return pa.list_(pa.uint16(), int(tokens_per_image))
+        return pa.list_(item)
+    return pa.list_(item, int(tokens_per_image))
 
 
 def steps_schema(tokens_per_image: int | None) -> pa.Schema:
@@ -67,7 +69,9 @@ def steps_schema(tokens_per_image: int | None) -> pa.Schema:
         pa.field("generated", pa.bool_(), nullable=False),
         *(pa.field(name, pa.bool_(), nullable=False) for name in BUTTON_NAMES),
         *(pa.field(name, pa.float32(), nullable=False) for name in STICK_NAMES),
-        pa.field("action_bins", pa.list_(pa.uint8(), ACTION_DIM), nullable=False),
+        pa.field(
+            "action_bins", pa.list_(pa.field("element", pa.uint8()), ACTION_DIM), nullable=False
+        ),
         pa.field("action_source", pa.string(), nullable=False),
         pa.field("image_tokens", image_tokens_type(tokens_per_image), nullable=True),
         pa.field("frame_key", pa.string(), nullable=True),

@@ -1,0 +1,395 @@
+"""The actor's background output writer: PNG frames, GIF previews, Parquet parts, commit markers.
+
+The actor hands over each step as soon as the engine yields it (`add_step`) and goes on
+computing; PNG encoding and uploads run on a small thread pool (Pillow's encoder and boto3
+release the GIL). A bounded number of pending uploads keeps memory bounded: `add_step`
+blocks when the pool falls behind.
+
+Per work unit, in this order (DESIGN.md section 3):
+1. frames (and previews) are uploaded while the unit runs;
+2. `finish_unit` waits for them, then writes the unit's steps and rollouts Parquet parts;
+3. the commit marker goes last. A failed upload fails the whole unit (WriteError), so the
+   driver retries it; names are deterministic, so the retry overwrites.
+
+Steps of failed rollouts are not written (their rollouts row says why); frames they already
+uploaded stay and are overwritten by a retry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline import layout
+from pipeline.storage import Storage
+from workers.watermark import encode_gif, encode_png
+from workers.wham.actions import (
+    ACTION_DIM,
+    BUTTON_NAMES,
+    NUM_BUTTONS,
+    STICK_NAMES,
+    bins_to_sticks,
+    validate_actions,
+)
+
+#: Longest wait for one unit's uploads (and for a free upload slot) before the unit fails.
+FLUSH_TIMEOUT_S = 600.0
+_REQUIRED_ROLLOUT_KEYS = tuple(
+    f.name for f in layout.ROLLOUTS_SCHEMA if not f.nullable and f.name != "unit_id"
+)
+
+
+class WriteError(RuntimeError):
+    """Outputs of a unit could not be written; the unit has to be retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnitWriteResult:
+    unit_id: str
+    rollouts: int
+    ok: int
+    failed: int
+    steps: int
+    frames: int
+    previews: int
+    write_seconds: float  # time finish_unit spent waiting for uploads and writing parts
+    committed: bool  # False if an earlier attempt had already written the marker
+
+
+@dataclass(slots=True)
+class _Step:
+    step: int
+    generated: bool
+    action: np.ndarray  # int64 (16,)
+    source: str
+    tokens: np.ndarray | None  # (n,)
+    frame_key: str | None
+
+
+@dataclass
+class _Unit:
+    steps: dict[str, dict[int, _Step]] = field(default_factory=dict)
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preview_frames: dict[str, list[tuple[np.ndarray, bool]]] = field(default_factory=dict)
+    futures: list[Future[Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    error: BaseException | None = None
+    frames: int = 0
+    previews: int = 0
+
+
+class OutputWriter:
+    """Writes one actor's outputs for one run; thread-safe across units."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        run_date: str | dt.date,
+        run_id: str,
+        frames: bool = True,
+        previews: bool = False,
+        preview_scale: int = 1,
+        image_tokens: bool = True,
+        watermark: bool = True,
+        model_id: str,
+        threads: int = 4,
+        tokens_per_image: int | None = None,
+        max_pending: int | None = None,
+    ) -> None:
+        if preview_scale < 1 or threads < 1:
+            raise ValueError("preview_scale and threads must be >= 1")
+        self.storage = storage
+        self.run_date = layout.run_date_str(run_date)
+        self.run_id = layout.check_run_id(run_id)
+        self.frames = frames
+        self.previews = previews
+        self.preview_scale = preview_scale
+        self.image_tokens = image_tokens
+        self.watermark = watermark
+        self.model_id = model_id
+        self.tokens_per_image = tokens_per_image if image_tokens else None
+        self.steps_schema = layout.steps_schema(self.tokens_per_image)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="wham-writer")
+        self._slots = threading.BoundedSemaphore(max_pending or 8 * threads)
+        self._units: dict[str, _Unit] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ intake
+
+    def _unit(self, unit_id: str) -> _Unit:
+        with self._lock:
+            return self._units.setdefault(unit_id, _Unit())
+
+    def _submit(self, unit: _Unit, fn: Any, *args: Any) -> None:
+        if not self._slots.acquire(timeout=FLUSH_TIMEOUT_S):
+            raise WriteError(f"no upload finished within {FLUSH_TIMEOUT_S:.0f} s")
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+
+        def done(f: Future[Any]) -> None:
+            self._slots.release()
+            if f.exception() is not None:
+                with unit.lock:
+                    unit.error = unit.error or f.exception()
+
+        future.add_done_callback(done)
+        with unit.lock:
+            unit.futures.append(future)
+
+    def add_step(
+        self,
+        unit_id: str,
+        rollout_id: str,
+        *,
+        step: int,
+        image: np.ndarray | None,
+        action: np.ndarray,
+        generated: bool,
+        action_source: str,
+        image_tokens: np.ndarray | None = None,
+    ) -> None:
+        """Record one step of one rollout and queue its frame upload.
+
+        `image` uint8 (3,H,W) (copied, so the caller may reuse its buffer); `action` model
+        form (16,); `image_tokens` (n,) or None. Blocks only when too many uploads are
+        pending; raises WriteError if an earlier upload of this unit failed.
+        """
+        unit = self._unit(unit_id)
+        if unit.error is not None:
+            raise WriteError(f"unit {unit_id}: an upload failed: {unit.error}") from unit.error
+        if action_source not in layout.ACTION_SOURCES:
+            raise ValueError(f"action_source must be one of {layout.ACTION_SOURCES}")
+        action = validate_actions(np.asarray(action).reshape(ACTION_DIM), name="action")
+        tokens = None
+        if self.image_tokens and image_tokens is not None:
+            tokens = np.asarray(image_tokens).reshape(-1)
+            if self.tokens_per_image is not None and tokens.size != self.tokens_per_image:
+                raise ValueError(
+                    f"expected {self.tokens_per_image} image tokens, got {tokens.size}"
+                )
+            if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+                raise ValueError("image tokens must fit in uint16")
+        key = None
+        if image is not None:
+            image = np.array(image, dtype=np.uint8, copy=True)
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"image must be uint8 (3,H,W), got shape {image.shape}")
+            if self.frames:
+                key = layout.frame_key(self.run_date, self.run_id, rollout_id, step)
+                self._submit(unit, self._write_frame, unit, key, image, rollout_id, step, generated)
+            if self.previews:
+                unit.preview_frames.setdefault(rollout_id, []).append((image, generated))
+        unit.steps.setdefault(rollout_id, {})[step] = _Step(
+            step=step,
+            generated=generated,
+            action=action,
+            source=action_source,
+            tokens=tokens,
+            frame_key=key,
+        )
+
+    def finish_rollout(self, unit_id: str, row: Mapping[str, Any]) -> None:
+        """Record a rollout's row (rollouts columns except unit_id); queues its preview."""
+        missing = [k for k in _REQUIRED_ROLLOUT_KEYS if row.get(k) is None]
+        if missing:
+            raise ValueError(f"rollout row is missing {', '.join(missing)}")
+        if row["status"] not in layout.ROLLOUT_STATUSES:
+            raise ValueError(f"rollout status must be one of {layout.ROLLOUT_STATUSES}")
+        unit = self._unit(unit_id)
+        rollout_id = row["rollout_id"]
+        unit.rollouts[rollout_id] = {**row, "unit_id": unit_id}
+        frames = unit.preview_frames.pop(rollout_id, None)
+        if row["status"] == "ok" and frames:
+            key = layout.preview_key(self.run_date, self.run_id, rollout_id)
+            self._submit(unit, self._write_preview, unit, key, frames, rollout_id)
+
+    # ------------------------------------------------------------------ workers
+
+    def _provenance(self, rollout_id: str, step: int | None) -> dict[str, str]:
+        text = {
+            "Software": "wham-batch",
+            "generator": "WHAM world model (wham-batch)",
+            "model_id": self.model_id,
+            "run_id": self.run_id,
+            "rollout_id": rollout_id,
+        }
+        if step is not None:
+            text["step"] = str(step)
+        return text
+
+    def _write_frame(
+        self, unit: _Unit, key: str, image: np.ndarray, rollout_id: str, step: int, generated: bool
+    ) -> None:
+        text = self._provenance(rollout_id, step)
+        text["generated"] = "true" if generated else "false"
+        data = encode_png(image, text=text, watermark=self.watermark and generated)
+        self.storage.put_bytes(key, data, content_type="image/png")
+        with unit.lock:
+            unit.frames += 1
+
+    def _write_preview(
+        self, unit: _Unit, key: str, frames: list[tuple[np.ndarray, bool]], rollout_id: str
+    ) -> None:
+        comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id, None).items())
+        data = encode_gif(
+            frames, scale=self.preview_scale, watermark=self.watermark, comment=comment
+        )
+        self.storage.put_bytes(key, data, content_type="image/gif")
+        with unit.lock:
+            unit.previews += 1
+
+    # ------------------------------------------------------------------ commit
+
+    def _wait(self, unit_id: str, unit: _Unit) -> None:
+        with unit.lock:
+            futures = list(unit.futures)
+        _, pending = wait(futures, timeout=FLUSH_TIMEOUT_S)
+        if pending:
+            raise WriteError(
+                f"unit {unit_id}: {len(pending)} uploads still running after "
+                f"{FLUSH_TIMEOUT_S:.0f} s"
+            )
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise WriteError(
+                f"unit {unit_id}: {len(errors)} of {len(futures)} uploads failed; "
+                f"first: {errors[0]}"
+            ) from errors[0]
+
+    def _steps_table(self, unit: _Unit) -> Any:
+        import pyarrow as pa
+
+        rows = [
+            (rollout_id, s)
+            for rollout_id in sorted(unit.steps)
+            if unit.rollouts[rollout_id]["status"] == "ok"
+            for s in (unit.steps[rollout_id][k] for k in sorted(unit.steps[rollout_id]))
+        ]
+        n = len(rows)
+        actions = np.stack([s.action for _, s in rows]) if n else np.zeros((0, ACTION_DIM), int)
+        steps = np.array([s.step for _, s in rows], dtype=np.int32)
+        columns: dict[str, Any] = {
+            "rollout_id": pa.array([r for r, _ in rows], pa.string()),
+            "step": steps,
+            "generated": pa.array([s.generated for _, s in rows], pa.bool_()),
+        }
+        for i, name in enumerate(BUTTON_NAMES):
+            columns[name] = actions[:, i].astype(bool)
+        sticks = bins_to_sticks(actions[:, NUM_BUTTONS:])  # (n,4) float32 bin centres
+        for i, name in enumerate(STICK_NAMES):
+            columns[name] = sticks[:, i]
+        flat_bins = pa.array(actions.astype(np.uint8).reshape(-1), pa.uint8())
+        columns["action_bins"] = pa.FixedSizeListArray.from_arrays(flat_bins, ACTION_DIM)
+        columns["action_source"] = pa.array([s.source for _, s in rows], pa.string())
+        columns["image_tokens"] = self._tokens_column([s.tokens for _, s in rows])
+        columns["frame_key"] = pa.array([s.frame_key for _, s in rows], pa.string())
+        columns["timestamp_s"] = steps.astype(np.float64) / layout.STEP_RATE_HZ
+        return pa.Table.from_arrays(
+            [pa.array(columns[f.name], f.type) for f in self.steps_schema],
+            schema=self.steps_schema,
+        )
+
+    def _tokens_column(self, tokens: list[np.ndarray | None]) -> Any:
+        import pyarrow as pa
+
+        if self.tokens_per_image is None:
+            return pa.nulls(len(tokens), layout.image_tokens_type(None))
+        width = self.tokens_per_image
+        present = np.array([t is not None for t in tokens], dtype=bool)
+        values = np.zeros((len(tokens), width), dtype=np.uint16)  # (n,tokens_per_image)
+        for i, t in enumerate(tokens):
+            if t is not None:
+                values[i] = t
+        return pa.FixedSizeListArray.from_arrays(
+            pa.array(values.reshape(-1), pa.uint16()), width, mask=pa.array(~present)
+        )
+
+    def _rollouts_table(self, unit: _Unit) -> Any:
+        import pyarrow as pa
+
+        rows = [unit.rollouts[k] for k in sorted(unit.rollouts)]
+        names = layout.ROLLOUTS_SCHEMA.names
+        return pa.Table.from_pylist(
+            [{k: row.get(k) for k in names} for row in rows], schema=layout.ROLLOUTS_SCHEMA
+        )
+
+    def _put_parquet(self, key: str, table: Any) -> None:
+        import pyarrow.parquet as pq
+
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        self.storage.put_bytes(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
+
+    def finish_unit(self, unit_id: str) -> UnitWriteResult:
+        """Wait for the unit's uploads, write its Parquet parts, then its commit marker.
+
+        Raises WriteError if any upload failed (the unit is then not committed) and
+        ValueError if a rollout has steps but no `finish_rollout` row.
+        """
+        t0 = time.perf_counter()
+        with self._lock:
+            unit = self._units.pop(unit_id, _Unit())
+        self._wait(unit_id, unit)
+        orphans = sorted(set(unit.steps) - set(unit.rollouts))
+        if orphans:
+            raise ValueError(f"unit {unit_id}: rollouts {orphans[:3]} have steps but no row")
+        steps = self._steps_table(unit)
+        rollouts = self._rollouts_table(unit)
+        self._put_parquet(layout.steps_part_key(self.run_date, self.run_id, unit_id), steps)
+        self._put_parquet(layout.rollouts_part_key(self.run_date, self.run_id, unit_id), rollouts)
+        ok = sum(r["status"] == "ok" for r in unit.rollouts.values())
+        result = {
+            "unit_id": unit_id,
+            "rollouts": len(unit.rollouts),
+            "ok": ok,
+            "failed": len(unit.rollouts) - ok,
+            "steps": steps.num_rows,
+            "frames": unit.frames,
+            "previews": unit.previews,
+        }
+        marker = {
+            "schema_version": layout.SCHEMA_VERSION,
+            "run_date": self.run_date,
+            "run_id": self.run_id,
+            **result,
+            "committed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        committed = self.storage.create_if_absent(
+            layout.commit_key(self.run_date, self.run_id, unit_id),
+            json.dumps(marker, sort_keys=True).encode(),
+        )
+        return UnitWriteResult(
+            **result, write_seconds=time.perf_counter() - t0, committed=committed
+        )
+
+    def abort_unit(self, unit_id: str) -> None:
+        """Forget a unit's buffered rows; waits (bounded) for its uploads, ignoring errors."""
+        with self._lock:
+            unit = self._units.pop(unit_id, None)
+        if unit is not None:
+            with unit.lock:
+                futures = list(unit.futures)
+            wait(futures, timeout=FLUSH_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Finish queued uploads and stop the threads (unfinished units are not committed)."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
