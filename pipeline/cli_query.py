@@ -1,0 +1,132 @@
+"""`wham-batch query`: read the steps or rollouts table of an output root."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+FORMATS = ("table", "csv", "json", "parquet")
+#: Rows the text table shows when no --limit is given.
+TABLE_DEFAULT_ROWS = 50
+_CELL_CHARS = 40
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "query",
+        help="query the steps or rollouts table of an output root",
+        description="Read an output table across runs with Apache Arrow. Filters on run_id "
+        "and run_date only open that run's files. --where takes clauses such as "
+        '"step >= 10 and action_source = model", "status in (ok, failed)" or '
+        '"error is not null", joined with and/or.',
+    )
+    p.add_argument("root", metavar="ROOT", help="output root: a local folder or s3://bucket/prefix")
+    p.add_argument("--table", choices=("steps", "rollouts"), default="steps")
+    p.add_argument("--run-id", help="only this run")
+    p.add_argument(
+        "--where", metavar="EXPR", help='row filter, e.g. "generated = true and step < 5"'
+    )
+    p.add_argument("--columns", metavar="A,B", help="comma-separated columns to keep")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N rows")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
+    p.add_argument(
+        "--committed-only",
+        action="store_true",
+        help="only parts of committed units (default: everything on storage)",
+    )
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS or AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--region", help="S3 region")
+    p.set_defaults(func=run_query)
+
+
+def _cell(value: Any) -> str:
+    text = (
+        ""
+        if value is None
+        else json.dumps(value, default=str)
+        if isinstance(value, list)
+        else str(value)
+    )
+    return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 3] + "..."
+
+
+def format_table(table: Any, *, more: bool) -> str:
+    """A plain aligned text table (long cells shortened)."""
+    names = table.column_names
+    rows = [[_cell(v) for v in row.values()] for row in table.to_pylist()]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    footer = f"({table.num_rows} rows{'; more not shown, use --limit' if more else ''})"
+    return "\n".join([*lines, footer]) + "\n"
+
+
+def _flatten_lists(table: Any) -> Any:
+    """CSV cannot hold list columns: write them as JSON text."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type):
+            text = [None if v is None else json.dumps(v) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.name, pa.array(text, pa.string()))
+    return table
+
+
+def _encode(table: Any, fmt: str) -> bytes:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if fmt == "json":
+        lines = [json.dumps(row, default=str, ensure_ascii=False) for row in table.to_pylist()]
+        return ("\n".join(lines) + ("\n" if lines else "")).encode()
+    sink = pa.BufferOutputStream()
+    if fmt == "csv":
+        pacsv.write_csv(_flatten_lists(table), sink)
+    else:
+        pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def run_query(args: argparse.Namespace) -> int:
+    from pipeline.query import query
+
+    if args.format == "parquet" and not args.out:
+        raise UserError("--format parquet writes binary data: pass --out FILE")
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    limit = args.limit
+    if args.format == "table" and limit is None:
+        limit = TABLE_DEFAULT_ROWS + 1  # one extra row tells whether more exist
+    table = query(
+        args.root,
+        table=args.table,
+        run_id=args.run_id,
+        where=args.where,
+        columns=columns,
+        limit=limit,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        committed_only=args.committed_only,
+    )
+    if args.format == "table":
+        more = args.limit is None and table.num_rows > TABLE_DEFAULT_ROWS
+        data = format_table(
+            table.slice(0, TABLE_DEFAULT_ROWS) if more else table, more=more
+        ).encode()
+    else:
+        data = _encode(table, args.format)
+    if args.out:
+        try:
+            Path(args.out).write_bytes(data)
+        except OSError as exc:
+            raise UserError(f"--out: cannot write {args.out} ({exc.strerror or exc})") from None
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
