@@ -77,6 +77,19 @@ def test_engine_equals_naive_full_recompute(model, mode: str, sampling) -> None:
     assert fast[0].action_source == ("given" if mode == "world_model" else "model")
 
 
+def test_context_tokens_replace_images_and_pixel_decoding_is_optional(model) -> None:
+    kw = _inputs(model, batch=2, context=3, steps=2, mode="full")
+    engine = RolloutEngine(model, max_batch=2)
+    from_images = list(engine.rollout(**kw, sampling=WARM))
+    tokens = model.encode_images(kw.pop("context_images"))
+    from_tokens = list(engine.rollout(**kw, context_tokens=tokens, sampling=WARM,
+                                      decode_images=False))
+    for a, b in zip(from_images, from_tokens, strict=True):
+        assert torch.equal(a.image_tokens, b.image_tokens) and b.images is None
+    with pytest.raises(InputError, match=r"context_tokens: image tokens must lie in \[0, 64\)"):
+        engine.rollout(**kw, context_tokens=tokens + 64)
+
+
 def test_world_model_uses_the_given_actions(model) -> None:
     kw = _inputs(model, batch=2, context=2, steps=2, mode="world_model")
     out = list(RolloutEngine(model, max_batch=2).rollout(**kw))

@@ -43,7 +43,7 @@ MODES = ("world_model", "policy", "full")
 class StepOutput:
     index: int  # 0-based among generated steps
     image_tokens: torch.Tensor  # [B, n] int64, CPU
-    images: np.ndarray  # [B, 3, H, W] uint8
+    images: np.ndarray | None  # [B, 3, H, W] uint8 (None only with decode_images=False)
     actions: torch.Tensor  # [B, 16] int64, CPU, model form (buttons 0/1, stick bins)
     action_source: str  # "model" | "given"
 
@@ -60,6 +60,7 @@ class _Rollout:
     steps: int
     mode: str
     max_context: int
+    decode_images: bool = True
 
 
 def image_vocab_size(model) -> int:
@@ -105,10 +106,40 @@ def _action_tokens(x, *, name: str, batch: int, steps: int, v_img: int, device) 
     return torch.from_numpy(tokens).to(device)
 
 
+def _context_tokens(model, *, context_images, context_tokens, max_batch, max_context):
+    """Context frames as image tokens [B, T, n]: encoded from uint8 images, or given."""
+    if (context_images is None) == (context_tokens is None):
+        raise InputError("context_images: pass exactly one of context_images / context_tokens")
+    name = "context_images" if context_tokens is None else "context_tokens"
+    value = context_images if context_tokens is None else context_tokens
+    batch = len(value) if hasattr(value, "__len__") else 0
+    if batch < 1 or (max_batch is not None and batch > max_batch):
+        limit = "" if max_batch is None else f" and at most max_batch={max_batch}"
+        raise InputError(f"{name}: batch must be at least 1{limit}, got {batch}")
+    if context_tokens is None:
+        images = _as_uint8_images(context_images, name=name, batch=batch, steps=None,
+                                  size=tuple(model.image_size))
+        tokens = model.encode_images(images) if 1 <= images.shape[1] <= max_context else None
+        t = images.shape[1]
+    else:
+        tokens = torch.as_tensor(context_tokens)
+        n, v_img = model.tokens_per_image, image_vocab_size(model)
+        if tokens.ndim != 3 or tokens.shape[2] != n or tokens.dtype.is_floating_point:
+            raise InputError(f"{name}: expected integers of shape (B, T, {n}), "
+                             f"got {tokens.dtype} {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= v_img):
+            raise InputError(f"{name}: image tokens must lie in [0, {v_img})")
+        t = tokens.shape[1]
+    if not 1 <= t <= max_context:
+        raise InputError(f"{name}: expected 1..{max_context} context steps, got {t}")
+    return tokens.to(device=model.device, dtype=torch.long)
+
+
 def prepare_rollout(
     model,
     *,
-    context_images,
+    context_images=None,
+    context_tokens=None,
     context_actions,
     steps: int,
     mode: str,
@@ -129,16 +160,10 @@ def prepare_rollout(
         raise InputError(f"max_context: expected an integer, got {max_context!r}")
     if not 1 <= max_context <= seq_len:
         raise InputError(f"max_context: must be between 1 and {seq_len}, got {max_context}")
-    batch = len(context_images) if hasattr(context_images, "__len__") else 0
-    if batch < 1 or (max_batch is not None and batch > max_batch):
-        limit = "" if max_batch is None else f" and at most max_batch={max_batch}"
-        raise InputError(f"context_images: batch must be at least 1{limit}, got {batch}")
-    size = tuple(model.image_size)
-    images = _as_uint8_images(context_images, name="context_images", batch=batch, steps=None,
-                              size=size)
-    t = images.shape[1]
-    if not 1 <= t <= max_context:
-        raise InputError(f"context_images: expected 1..{max_context} context steps, got {t}")
+    ctx_tokens = _context_tokens(model, context_images=context_images,
+                                 context_tokens=context_tokens, max_batch=max_batch,
+                                 max_context=max_context)  # [B, T, n]
+    batch, t = ctx_tokens.shape[:2]
     v_img = image_vocab_size(model)
     device = model.device
     ctx_actions = _action_tokens(context_actions, name="context_actions", batch=batch, steps=t,
@@ -155,12 +180,11 @@ def prepare_rollout(
         if observations is None:
             raise InputError("observations: policy mode needs the frame of every step")
         obs = _as_uint8_images(observations, name="observations", batch=batch, steps=steps,
-                               size=size)
+                               size=tuple(model.image_size))
         obs_images = obs.cpu().numpy()
         obs_tokens = model.encode_images(obs).to(device) if steps else None
     elif observations is not None:
         raise InputError(f"observations: only used in policy mode, not {mode}")
-    ctx_tokens = model.encode_images(images).to(device)  # [B, T, n]
     return _Rollout(
         history=torch.cat([ctx_tokens, ctx_actions], dim=2),
         given_actions=given,
@@ -193,8 +217,10 @@ def _finish_step(model, r: _Rollout, *, index: int, generated: torch.Tensor) -> 
     ranges = step_token_ranges(image_vocab_size=v_img, tokens_per_image=n)[n:, 0]
     if r.mode == "policy":
         images = r.observation_images[:, index]
-    else:
+    elif r.decode_images:
         images = model.decode_tokens(step[:, None, :n])[:, 0]
+    else:
+        images = None
     out = StepOutput(
         index=index,
         image_tokens=image_tokens,
@@ -304,7 +330,7 @@ class RolloutEngine:
     def rollout(
         self,
         *,
-        context_images,
+        context_images=None,
         context_actions,
         steps: int,
         mode: str,
@@ -313,13 +339,22 @@ class RolloutEngine:
         sampling: SamplingParams | None = None,
         seeds,
         max_context: int | None = None,
+        decode_images: bool = True,
+        context_tokens=None,
     ) -> Iterator[StepOutput]:
-        """Yield one StepOutput per generated step (see the module docstring)."""
+        """Yield one StepOutput per generated step (see the module docstring).
+
+        max_context (default: the model's 10 steps) caps the history like the reference
+        server's max_context_length; decode_images=False skips the pixel decoder (token-only
+        benchmarks) and leaves StepOutput.images None; context_tokens (B, T, n) may replace
+        context_images with already-encoded frames (the reference server accepts both)."""
         sampling = sampling or SamplingParams()
         r = prepare_rollout(self.model, context_images=context_images,
-                            context_actions=context_actions, steps=steps, mode=mode,
-                            actions=actions, observations=observations, seeds=seeds,
-                            max_context=max_context, max_batch=self.max_batch)
+                            context_tokens=context_tokens, context_actions=context_actions,
+                            steps=steps, mode=mode, actions=actions,
+                            observations=observations, seeds=seeds, max_context=max_context,
+                            max_batch=self.max_batch)
+        r.decode_images = decode_images
         return self._run(r, sampling)
 
     def _run(self, r: _Rollout, sampling: SamplingParams) -> Iterator[StepOutput]:
@@ -364,7 +399,7 @@ class RolloutEngine:
 def naive_rollout(
     model,
     *,
-    context_images,
+    context_images=None,
     context_actions,
     steps: int,
     mode: str,
@@ -373,11 +408,13 @@ def naive_rollout(
     sampling: SamplingParams | None = None,
     seeds,
     max_context: int | None = None,
+    context_tokens=None,
 ) -> list[StepOutput]:
     """The slow reference: every token recomputes the whole window from position 0 with
     `GPT.forward`; same window rule and same sampler. For tests and the speed benchmark."""
     sampling = sampling or SamplingParams()
-    r = prepare_rollout(model, context_images=context_images, context_actions=context_actions,
+    r = prepare_rollout(model, context_images=context_images, context_tokens=context_tokens,
+                        context_actions=context_actions,
                         steps=steps, mode=mode, actions=actions, observations=observations,
                         seeds=seeds, max_context=max_context)
     n, tps = model.tokens_per_image, model.tokens_per_step
