@@ -208,16 +208,17 @@ def delete_run(storage: Any, *, run_date: str, run_id: str) -> int:
     return sum(storage.delete_prefix(run_prefix(t, run_date, run_id)) for t in OUTPUT_TABLES)
 
 
-def _totals_from_markers(storage: Any, *, run_date: str, run_id: str,
+def _totals_from_markers(storage: Any, *, run_date: str, run_id: str, steps: int,
                          unit_ids: Sequence[str], totals: Totals) -> None:
     """Counts of units committed by earlier attempts of this run (their commit markers)."""
     from pipeline.layout import commit_key
 
     for uid in unit_ids:
         marker = _read_json(storage, commit_key(run_date, run_id, uid)) or {}
-        totals.rollouts_ok += int(marker.get("ok", 0))
+        ok = int(marker.get("ok", 0))
+        totals.rollouts_ok += ok
         totals.rollouts_failed += int(marker.get("failed", 0))
-        totals.frames += int(marker.get("frames", 0))
+        totals.frames += ok * steps  # generated frames, as in receipts
 
 
 # ---------------------------------------------------------------- the run
@@ -253,6 +254,7 @@ def run_job(spec: JobSpec, *, fresh: bool = False, actor_cls: type | None = None
     totals = Totals(rollouts_total=sum(u.num_rollouts for u in units), units_total=len(units),
                     units_skipped=len(units) - len(todo))
     _totals_from_markers(storage, run_date=run_date, run_id=run_id, totals=totals,
+                         steps=spec.rollouts.steps,
                          unit_ids=[u.unit_id for u in units if u.unit_id in committed])
     prog = Progress(run_id=run_id, totals=totals, show=progress,
                     hooks=[on_event] if on_event else [])

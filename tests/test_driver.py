@@ -95,7 +95,7 @@ def test_resume_skips_committed_units(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     storage = open_storage(spec.output.root)
     for uid in ("u000000", "u000004"):
-        marker = {"ok": 3, "failed": 0, "frames": 6}
+        marker = {"ok": 3, "failed": 0}
         storage.put_bytes(commit_key("2026-01-02", "drv", uid), json.dumps(marker).encode())
     summary = run_job(spec, actor_cls=StubActor, progress=False)
     assert summary.units_skipped == 2 and summary.complete

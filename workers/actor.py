@@ -1,0 +1,291 @@
+"""RolloutActor: one WHAM replica that turns work units into committed outputs.
+
+A plain class: tests call it directly; the driver wraps it with `ray.remote(...)`. The actor
+is threaded (two calls at once) but only one unit computes at a time: while unit k waits
+for its uploads and commit marker, unit k+1 already runs on the engine.
+
+A seed that cannot be loaded or a batch whose rollout raises becomes `failed` rollout rows
+with the error; the actor itself never dies of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.plan import RolloutItem, UnitReceipt, WorkUnit
+from pipeline.spec import JobSpec
+
+log = logging.getLogger("workers.actor")
+CPU_BATCH = 8  # batch_size auto on the CPU: decode is compute-bound there, bigger gains little
+MEMORY_HEADROOM = 0.85  # share of free accelerator memory the KV cache may take
+MAX_ERROR_CHARS = 500
+
+
+@dataclass
+class _Ready:
+    """One rollout with its inputs loaded, waiting to be batched."""
+
+    item: RolloutItem
+    context_images: np.ndarray  # (T,3,H,W) uint8
+    context_actions: np.ndarray  # (T,16) int64
+    actions: np.ndarray | None  # (steps,16) int64 for world_model
+    observations: np.ndarray | None  # (steps,3,H,W) uint8 for policy
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return device, getattr(torch, dtype)
+
+
+def fetch_checkpoint(uri: str, *, endpoint_url: str | None, region: str | None) -> str:
+    """A local path for `uri`; s3:// objects or folders are streamed into a cache folder."""
+    if not uri.startswith("s3://"):
+        return uri
+    import pyarrow.fs as pafs
+
+    from pipeline.storage import open_storage
+
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    fs, base = open_storage(parent, endpoint_url=endpoint_url, region=region).arrow_fs()
+    cache = os.environ.get("WHAM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "wham-cache")
+    dest = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16], name)
+    if not os.path.exists(dest):
+        tmp = f"{dest}.partial-{os.getpid()}"
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        pafs.copy_files(f"{base}/{name}", tmp, source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, dest)
+    return dest
+
+
+class RolloutActor:
+    def __init__(self, spec: JobSpec, *, worker: str = "local", script: np.ndarray | None = None,
+                 model: Any = None) -> None:
+        """Load the replica and open the writer. `model` skips loading (tests, benchmarks)."""
+        from pipeline.storage import open_storage
+        from workers.wham import RolloutEngine, SamplingParams
+        from workers.writer import OutputWriter
+
+        self.spec = spec
+        self.worker = worker
+        self.script = script
+        self.model = model if model is not None else self._load_model(spec)
+        self.batch_size = self._batch_size()
+        self.engine = RolloutEngine(self.model, max_batch=self.batch_size)
+        s = spec.rollouts.sampling
+        self.sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                       greedy=s.greedy)
+        o = spec.output
+        self.storage = open_storage(o.root, endpoint_url=o.endpoint_url, region=o.region)
+        self.writer = OutputWriter(
+            self.storage, run_date=spec.run.run_date.isoformat(), run_id=spec.run.run_id,
+            frames=o.frames, previews=o.previews, preview_scale=o.preview_scale,
+            image_tokens=o.image_tokens, watermark=o.watermark, model_id=self.model.model_id,
+            threads=o.writer_threads,
+            tokens_per_image=self.model.tokens_per_image if o.image_tokens else None)
+        self._compute = threading.Lock()
+
+    @staticmethod
+    def _load_model(spec: JobSpec) -> Any:
+        from workers.wham import load_model, random_model
+
+        device, dtype = resolve_device(spec.model.device, spec.model.dtype)
+        if device == "cpu":
+            import torch
+
+            # Use the CPUs this actor reserved; more threads than cores thrash.
+            torch.set_num_threads(max(1, int(spec.resources.cpus_per_actor)))
+        if spec.model.preset is not None:
+            return random_model(spec.model.preset, seed=spec.run.seed, device=device, dtype=dtype)
+        path = fetch_checkpoint(spec.model.checkpoint, endpoint_url=spec.model.endpoint_url,
+                                region=spec.model.region)
+        return load_model(path, device=device, dtype=dtype)
+
+    def _batch_size(self) -> int:
+        requested = self.spec.resources.batch_size
+        if requested != "auto":
+            return requested
+        import torch
+
+        from workers.wham import max_batch_for_memory
+
+        if self.model.device.type != "cuda":
+            return CPU_BATCH
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        return max(1, max_batch_for_memory(self.model, int(free * MEMORY_HEADROOM)))
+
+    def ready(self) -> dict[str, Any]:
+        """Small facts for the driver and the run manifest (also a liveness probe)."""
+        return {"worker": self.worker, "pid": os.getpid(), "model_id": self.model.model_id,
+                "sha256": self.model.sha256, "batch_size": self.batch_size,
+                "device": str(self.model.device), "dtype": str(self.model.dtype).split(".")[-1]}
+
+    # ------------------------------------------------------------------ one unit
+
+    def run_unit(self, unit: WorkUnit) -> UnitReceipt:
+        t0 = time.perf_counter()
+        try:
+            with self._compute:
+                ok, failed, errors = self._generate(unit)
+            generate_s = time.perf_counter() - t0
+            result = self.writer.finish_unit(unit.unit_id)
+        except BaseException:
+            # Not committed: drop what was buffered so a retry starts clean.
+            self.writer.abort_unit(unit.unit_id)
+            raise
+        steps = self.spec.rollouts.steps
+        return UnitReceipt(
+            unit_id=unit.unit_id, ok=ok, failed=failed, frames=ok * steps,
+            tokens=ok * steps * self.model.tokens_per_step, generate_seconds=generate_s,
+            write_seconds=result.write_seconds, worker=self.worker,
+            errors=errors)
+
+    def _generate(self, unit: WorkUnit) -> tuple[int, int, list[str]]:
+        ready: list[_Ready] = []
+        errors: list[str] = []
+        failed = 0
+        by_seed: dict[str, list[RolloutItem]] = defaultdict(list)
+        for item in unit.items:
+            by_seed[item.seed_uri].append(item)
+        for items in by_seed.values():
+            started = _now()
+            try:
+                ready.extend(self._prepare(items))
+            except Exception as exc:
+                failed += self._fail(unit, items, exc, started=started, errors=errors)
+        # Rows of one batch must share a context length; seeds may differ in it.
+        by_len: dict[int, list[_Ready]] = defaultdict(list)
+        for r in ready:
+            by_len[len(r.context_images)].append(r)
+        ok = 0
+        for group in by_len.values():
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start:start + self.batch_size]
+                started = _now()
+                t = time.perf_counter()
+                try:
+                    self._run_batch(unit, batch)
+                except Exception as exc:
+                    log.exception("unit %s: batch failed", unit.unit_id)
+                    failed += self._fail(unit, [r.item for r in batch], exc, started=started,
+                                         errors=errors)
+                    continue
+                seconds = time.perf_counter() - t
+                for r in batch:
+                    self.writer.finish_rollout(unit.unit_id, self._row(
+                        r.item, status="ok", error=None, started=started,
+                        context_steps=len(r.context_images), seconds=seconds))
+                ok += len(batch)
+        return ok, failed, errors
+
+    def _prepare(self, items: list[RolloutItem]) -> list[_Ready]:
+        """Load one seed and build the given actions/observations of its rollouts."""
+        from pipeline.action_sources import NEUTRAL_ACTION, constant_action, make_actions
+        from pipeline.seeds import load_seed
+
+        spec = self.spec
+        steps, mode, kind = spec.rollouts.steps, spec.rollouts.mode, spec.rollouts.actions.kind
+        needs_future = mode == "policy" or (mode == "world_model" and kind == "replay")
+        seed = load_seed(items[0].seed_ref(), image_size=tuple(self.model.image_size),
+                         context_steps=spec.seeds.context_steps,
+                         future_steps=steps if needs_future else 0,
+                         endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region)
+        ctx_images = np.asarray(seed.context_images, dtype=np.uint8)
+        ctx_actions = (np.asarray(seed.context_actions, dtype=np.int64)
+                       if seed.context_actions is not None
+                       else np.tile(NEUTRAL_ACTION, (len(ctx_images), 1)))
+        observations = None
+        if mode == "policy":
+            if seed.future_images is None or len(seed.future_images) < steps:
+                have = 0 if seed.future_images is None else len(seed.future_images)
+                raise ValueError(f"seed {seed.seed_id}: policy mode needs {steps} recorded "
+                                 f"frames after the context, the clip has {have}")
+            observations = np.asarray(seed.future_images[:steps], dtype=np.uint8)
+        constant = (constant_action(spec.rollouts.actions.value) if kind == "constant" else None)
+        out = []
+        for item in items:
+            actions = None
+            if mode == "world_model":
+                actions = make_actions(kind, steps=steps, rng_seed=item.rng_seed,
+                                       constant=constant, script=self.script, seed=seed)
+            out.append(_Ready(item=item, context_images=ctx_images, context_actions=ctx_actions,
+                              actions=actions, observations=observations))
+        return out
+
+    def _run_batch(self, unit: WorkUnit, batch: list[_Ready]) -> None:
+        ctx_images = np.stack([r.context_images for r in batch])  # (B,T,3,H,W)
+        ctx_actions = np.stack([r.context_actions for r in batch])  # (B,T,16)
+        mode = self.spec.rollouts.mode
+        actions = np.stack([r.actions for r in batch]) if mode == "world_model" else None
+        observations = np.stack([r.observations for r in batch]) if mode == "policy" else None
+        t_ctx = ctx_images.shape[1]
+        for r in batch:  # context steps are rows too, so every rollout is complete in `steps`
+            for t in range(t_ctx):
+                self.writer.add_step(unit.unit_id, r.item.rollout_id, step=t,
+                                     image=r.context_images[t], action=r.context_actions[t],
+                                     generated=False, action_source="seed")
+        outputs = self.engine.rollout(
+            context_images=ctx_images, context_actions=ctx_actions, steps=self.spec.rollouts.steps,
+            mode=mode, actions=actions, observations=observations, sampling=self.sampling,
+            seeds=[r.item.rng_seed for r in batch])
+        for out in outputs:
+            images, step_actions = out.images, out.actions.numpy()  # (B,3,H,W), (B,16)
+            tokens = out.image_tokens.numpy() if self.spec.output.image_tokens else None
+            for b, r in enumerate(batch):
+                self.writer.add_step(
+                    unit.unit_id, r.item.rollout_id, step=t_ctx + out.index, image=images[b],
+                    action=step_actions[b], generated=True, action_source=out.action_source,
+                    image_tokens=None if tokens is None else tokens[b])
+
+    def _fail(self, unit: WorkUnit, items: list[RolloutItem], exc: BaseException, *,
+              started: dt.datetime, errors: list[str]) -> int:
+        message = _short(exc)
+        errors.append(message)
+        for item in items:
+            self.writer.finish_rollout(unit.unit_id, self._row(
+                item, status="failed", error=message, started=started, context_steps=0,
+                seconds=0.0))
+        return len(items)
+
+    def _row(self, item: RolloutItem, *, status: str, error: str | None, started: dt.datetime,
+             context_steps: int, seconds: float) -> dict[str, Any]:
+        r = self.spec.rollouts
+        mode_policy = {"world_model": r.actions.kind, "policy": "model", "full": "model"}
+        return {
+            "rollout_id": item.rollout_id, "seed_id": item.seed_id, "seed_uri": item.seed_uri,
+            "rollout_index": item.rollout_index, "mode": r.mode,
+            "action_policy": mode_policy[r.mode], "context_steps": context_steps,
+            "generated_steps": r.steps if status == "ok" else 0,
+            "temperature": r.sampling.temperature, "top_k": r.sampling.top_k,
+            "top_p": r.sampling.top_p, "rng_seed": item.rng_seed,
+            "model_id": self.model.model_id, "model_sha256": self.model.sha256,
+            "status": status, "error": error, "worker": self.worker, "started_at": started,
+            "finished_at": _now(), "generate_seconds": seconds,
+        }
+
+    def close(self) -> None:
+        self.writer.close()
