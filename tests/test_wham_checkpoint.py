@@ -223,6 +223,10 @@ def _official_state(model) -> dict:
     state = {f"predictor.gpt_model.{k}": v for k, v in model.gpt.state_dict().items()}
     n = model.config.gpt.block_size
     state["predictor.gpt_model.transformer.h.0.attn.bias"] = torch.ones(1, 1, n, n).tril()
+    # a tensor with Python-side state is pickled through a different rebuild function
+    wpe = state["predictor.gpt_model.transformer.wpe.weight"].clone()
+    wpe.note = "python state"
+    state["predictor.gpt_model.transformer.wpe.weight"] = wpe
     for key, value in model.tokenizer.state_dict().items():
         state[f"context_encoders.images.{key}"] = value
     if model.config.tokenizer.kind == "vit":

@@ -23,7 +23,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 from .actions import ACTION_DIM, ACTION_VOCAB_SIZE
 from .config import GPT_SIZES, GPTConfig
 from .errors import CheckpointError
-from .model import WHAMConfig, WHAMModel, save_native
+from .model import WHAMConfig, WHAMModel, empty_model, save_native
 from .taming_vqgan import TamingConfig
 from .vit_vqgan import ViTConfig
 
@@ -124,6 +124,13 @@ def _rebuild_parameter(data: Any, *_: Any) -> Any:
     return data
 
 
+def _rebuild_from_type(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:
+    """Tensors saved with Python-side state wrap the plain rebuild; unwrap it."""
+    if func is _rebuild_tensor and isinstance(args, tuple):
+        return func(*args)
+    return _Inert(func, args)
+
+
 def _storage_types() -> dict[str, _StorageType]:
     names = {
         "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
@@ -154,6 +161,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch._utils" and name.startswith("_rebuild_parameter"):
             return _rebuild_parameter
+        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
+            return _rebuild_from_type
         if module in ("torch", "torch.storage") and name in self.storage_types:
             return self.storage_types[name]
         if module == "builtins":
@@ -224,14 +233,17 @@ class _ArchiveReader:
             return torch.empty(lazy.shape, dtype=storage.dtype)
         if lazy.offset < 0 or extent >= max(storage.numel, 1):
             raise CheckpointError(f"{self.path}: tensor view outside its storage {name}")
-        return torch.as_strided(flat, lazy.shape, lazy.stride, lazy.offset).clone()
+        view = torch.as_strided(flat, lazy.shape, lazy.stride, lazy.offset)
+        # a view of a whole storage already owns its (copied) buffer: skip a second copy
+        whole = lazy.offset == 0 and view.numel() == storage.numel and view.is_contiguous()
+        return view if whole else view.clone()
 
 
 def _walk(obj: Any) -> Iterator[dict]:
     """Every dict reachable from obj (through containers and inert objects), breadth first."""
-    queue, seen = [obj], set()
+    queue, seen = deque([obj]), set()
     while queue and len(seen) < _MAX_WALK:
-        item = queue.pop(0)
+        item = queue.popleft()
         if id(item) in seen:
             continue
         seen.add(id(item))
@@ -412,7 +424,7 @@ def load_official(path: str | os.PathLike) -> WHAMModel:
             f"{tok_config.vocab_size} + {ACTION_VOCAB_SIZE} action tokens"
         )
     config = WHAMConfig(gpt=gpt_config, tokenizer=tok_config, seq_len=seq_len, gpt_size=size)
-    model = WHAMModel(config, model_id=path.stem)
+    model = empty_model(config, model_id=path.stem)
     state = {f"gpt.{k}": v for k, v in gpt.items()}
     state.update({f"tokenizer.{k}": v for k, v in tok.items()})
     expected = set(model.native_state_dict()) | {"gpt.lm_head.weight"}

@@ -254,6 +254,18 @@ class WHAMModel(nn.Module):
         return self.eval()
 
 
+def empty_model(config: WHAMConfig, *, model_id: str) -> WHAMModel:
+    """A CPU model with uninitialised weights, for loaders that overwrite every weight.
+
+    Skipping the random initialisers saves seconds on real-size models.
+    """
+    with torch.device("meta"):
+        model = WHAMModel(config, model_id=model_id)
+    model.to_empty(device="cpu")
+    model.gpt.lm_head.weight = model.gpt.transformer.wte.weight
+    return model
+
+
 def random_model(
     preset: str, *, seed: int = 0, device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
@@ -326,7 +338,7 @@ def _load_native(
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from exc
-    model = WHAMModel(config, model_id=str(meta.get("model_id") or folder.name))
+    model = empty_model(config, model_id=str(meta.get("model_id") or folder.name))
     model.load_native_state_dict(state, source=str(weights_path))
     expected = meta.get("weights_sha256")
     if expected and expected != model.sha256:

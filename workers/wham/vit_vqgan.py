@@ -152,9 +152,6 @@ class ViTVQGAN(nn.Module):
         self.encoder = _ViT(config, in_dim=patch_dim, out_dim=config.embedding_dim)
         self.vq_vae = _Quantizer(config.vocab_size, config.embedding_dim)
         self.decoder = _ViT(config, in_dim=config.embedding_dim, out_dim=patch_dim)
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        self.register_buffer("_mean", mean.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", std.view(1, 3, 1, 1), persistent=False)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -170,6 +167,12 @@ class ViTVQGAN(nn.Module):
 
     def _device(self) -> torch.device:
         return self.vq_vae._embedding.weight.device
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ImageNet mean and std shaped [1, 3, 1, 1] on like's device and dtype."""
+        mean = torch.tensor(IMAGENET_MEAN, device=like.device, dtype=like.dtype)
+        std = torch.tensor(IMAGENET_STD, device=like.device, dtype=like.dtype)
+        return mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] normalised -> [N, rows*cols, 3*p*p] (zero pad right/bottom first)."""
@@ -194,7 +197,8 @@ class ViTVQGAN(nn.Module):
         b, t = imgs.shape[:2]
         dtype = self.vq_vae._embedding.weight.dtype
         x = imgs.reshape(b * t, *imgs.shape[2:]).to(dtype) / 255.0
-        x = (x - self._mean.to(dtype)) / self._std.to(dtype)
+        mean, std = self._stats(x)
+        x = (x - mean) / std
         z = F.normalize(self.encoder(self._patchify(x)), dim=-1)  # [BT, N, D]
         codes = self.vq_vae.codes()
         # The reference takes the argmin of the squared distance between unit vectors.
@@ -209,7 +213,8 @@ class ViTVQGAN(nn.Module):
         b, t = idx.shape[:2]
         z = self.vq_vae.codes()[idx.reshape(b * t, -1)]  # [BT, N, D]
         x = self._unpatchify(self.decoder(z))
-        x = (x * self._std.to(x.dtype) + self._mean.to(x.dtype)).clamp(0.0, 1.0)
+        mean, std = self._stats(x)
+        x = (x * std + mean).clamp(0.0, 1.0)
         # The reference truncates (no rounding) when mapping [0, 1] to [0, 255].
         pixels = (x * 255.0).to(torch.uint8)
         return pixels.reshape(b, t, *pixels.shape[1:])
