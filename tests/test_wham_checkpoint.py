@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
 import numpy as np
 import pytest
@@ -216,6 +217,10 @@ def _hparams(fake, model, *, gpt_spec=True, tok_spec=True):
             tok_class, model_spec=spec if tok_spec else {}, ckpt_path=None),
     }
     hp["variant"] = {"model_spec": {"bc_loss_only": False}}
+    # the kind of harmless objects real hyperparameters carry
+    hp["misc"] = {"empty": b"", "raw": b"\x00\x01", "array": np.arange(3), "dtype": torch.float16,
+                  "path": PurePosixPath("/data"), "ids": {1, 2},
+                  "device": torch.device("cpu"), "pair": (1.5, None)}
     return hp
 
 

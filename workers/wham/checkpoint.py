@@ -1,39 +1,27 @@
 """Official WHAM Lightning checkpoints (.ckpt), read without running any pickled code.
 
-A ``.ckpt`` is a torch zip archive: ``<name>/data.pkl`` (a pickle) plus one raw file per tensor
-storage under ``<name>/data/``. The pickle names classes of the reference code
-(``humanmodelling.*`` / ``wham.*``) and Lightning; unpickling it normally would import and run
-them. Here a restricted unpickler resolves every global itself: a few known-safe builtins and
-tensor rebuild functions are real; every other class or function (the reference code's,
-Lightning's, numpy's, ...) becomes an inert stand-in that only records its arguments; names
-from modules that only an attack would use (``os``, ``subprocess``, ``builtins.eval``, ...)
-make the load fail with a clear error. Nothing is ever imported or called.
-
-Tensors stay lazy (storage key, dtype, offset, size, stride) until the weights are copied
-into the model, so optimizer state in the file is never read. The state dict is the source of
-truth; hyperparameters (``model_spec`` dicts) only fill in what shapes cannot tell (the
-transformer's head count, the images' size, the ViT head size).
+The archive is unpickled by `safe_pickle` (the reference code's classes named in the
+hyperparameters load as inert stand-ins; nothing is imported or called) and tensors stay lazy
+until they are copied into the model, so optimizer state in the file is never read. The
+state dict is the source of truth; hyperparameters (``model_spec`` dicts) only fill in what
+shapes cannot tell (the transformer's head count, the image size, the ViT head size).
 """
 
 from __future__ import annotations
 
-import _compat_pickle
 import logging
 import os
-import pickle
 import re
-import zipfile
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .actions import ACTION_DIM, ACTION_VOCAB_SIZE
 from .config import GPT_SIZES, GPTConfig
 from .errors import CheckpointError
 from .model import WHAMConfig, WHAMModel, empty_model, save_native
+from .safe_pickle import Inert, LazyTensor, TorchZipReader
 from .taming_vqgan import TamingConfig
 from .vit_vqgan import ViTConfig
 
@@ -41,202 +29,10 @@ log = logging.getLogger(__name__)
 
 GPT_PREFIX = "predictor.gpt_model."
 TOKENIZER_PREFIX = "context_encoders.images."
-# Modules whose names only appear in a pickle that wants to run code; a checkpoint naming one
-# is refused outright. Every other unknown name loads as an inert stand-in, which is what keeps
-# loading safe (this list only turns an attack into a clear error).
-REFUSED_MODULES = frozenset({
-    "os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty",
-    "code", "codeop", "ctypes", "multiprocessing", "pickle", "_pickle", "marshal", "webbrowser",
-    "operator", "pdb", "bdb", "timeit", "platform", "asyncio", "threading", "signal", "urllib",
-    "http", "ftplib", "smtplib", "tempfile", "glob", "zipimport", "pkgutil", "inspect", "io",
-    "_io", "pathlib_abc", "shelve", "dbm", "sqlite3", "ssl", "select", "selectors", "resource",
-})
-SAFE_BUILTINS = {
-    "set": set, "frozenset": frozenset, "slice": slice, "range": range, "complex": complex,
-    "bytearray": bytearray, "bytes": bytes, "int": int, "float": float, "str": str,
-    "bool": bool, "tuple": tuple, "list": list, "dict": dict,
-}
 # Buffers of the reference modules that are masks, not weights.
 _MASK_KEYS = re.compile(r"(^transformer\.h\.\d+\.attn\.bias$)|(\.attn\.attn_mask$)")
 _TRAINING_ONLY = ("patch_gan.", "target_patchgan.", "lpips_model.")
 _MAX_WALK = 200_000
-
-
-class _Inert:
-    """Stand-in for a class or function named in the pickle; records what it was given."""
-
-    pickled_name = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
-        obj = object.__new__(cls)
-        obj.args, obj.kwargs, obj.state, obj.items, obj.list = args, kwargs, None, {}, []
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """Arguments were recorded by __new__."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.items[key] = value
-
-    def append(self, value: Any) -> None:
-        self.list.append(value)
-
-    def extend(self, values: Any) -> None:
-        self.list.extend(values)
-
-    def __repr__(self) -> str:
-        return f"<inert {self.pickled_name}>"
-
-
-class _StorageType:
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-
-class _LazyStorage:
-    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _LazyTensor:
-    """A tensor not read yet: (storage, offset, size, stride) as pickled by torch.save."""
-
-    def __init__(self, storage: _LazyStorage, offset: int, size: tuple, stride: tuple) -> None:
-        self.storage, self.offset = storage, int(offset)
-        self.shape, self.stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-        self.reader: _ArchiveReader | None = None
-
-    def materialize(self) -> torch.Tensor:
-        assert self.reader is not None
-        return self.reader.tensor(self)
-
-
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> Any:
-    if not isinstance(storage, _LazyStorage):
-        return _Inert(storage, offset, size, stride)
-    return _LazyTensor(storage, offset, tuple(size), tuple(stride))
-
-
-def _rebuild_parameter(data: Any, *_: Any) -> Any:
-    return data
-
-
-def _rebuild_from_type(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:
-    """Tensors saved with Python-side state wrap the plain rebuild; unwrap it."""
-    if func is _rebuild_tensor and isinstance(args, tuple):
-        return func(*args)
-    return _Inert(func, args)
-
-
-def _storage_types() -> dict[str, _StorageType]:
-    names = {
-        "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-        "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-        "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16,
-        "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-        "UntypedStorage": torch.uint8,
-    }
-    return {name: _StorageType(dtype) for name, dtype in names.items()}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, *, source: str) -> None:
-        super().__init__(file)
-        self.source = source
-        self.storage_types = _storage_types()
-        self.inert_classes: dict[str, type] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        # torch.save writes protocol 2, which spells Python 3 modules the Python 2 way
-        # (``__builtin__.eval``); map them back as the standard unpickler would.
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        full = f"{module}.{name}"
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name.startswith("_rebuild_parameter"):
-            return _rebuild_parameter
-        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return _rebuild_from_type
-        if module in ("torch", "torch.storage") and name in self.storage_types:
-            return self.storage_types[name]
-        if module == "builtins":
-            if name in SAFE_BUILTINS:
-                return SAFE_BUILTINS[name]
-            raise CheckpointError(f"{self.source}: refusing to load: the pickle calls {full}")
-        if module.split(".")[0] in REFUSED_MODULES:
-            raise CheckpointError(
-                f"{self.source}: refusing to load: the pickle references {full}, which no WHAM "
-                "checkpoint uses (it could run code)"
-            )
-        if full not in self.inert_classes:
-            self.inert_classes[full] = type(name, (_Inert,), {"pickled_name": full})
-        return self.inert_classes[full]
-
-    def persistent_load(self, pid: Any) -> _LazyStorage:
-        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
-                or not isinstance(pid[1], _StorageType)):
-            raise CheckpointError(f"{self.source}: unsupported storage reference {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
-        return _LazyStorage(str(key), storage_type.dtype, int(numel))
-
-
-class _ArchiveReader:
-    """Reads tensor storages out of a torch zip archive on demand."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.zip = zipfile.ZipFile(path)
-            names = self.zip.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise CheckpointError(
-                f"{path}: not a readable PyTorch zip checkpoint (truncated or foreign file: {exc})"
-            ) from exc
-        pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pkl) != 1:
-            raise CheckpointError(f"{path}: zip file without a torch data.pkl (foreign file)")
-        self.prefix = pkl[0][: -len("data.pkl")]
-        order = self.prefix + "byteorder"
-        if order in names and self.zip.read(order).strip() not in (b"little", b""):
-            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
-
-    def load_pickle(self) -> Any:
-        try:
-            with self.zip.open(self.prefix + "data.pkl") as fh:
-                return _RestrictedUnpickler(fh, source=str(self.path)).load()
-        except CheckpointError:
-            raise
-        except Exception as exc:  # any malformed pickle: report, never crash obscurely
-            raise CheckpointError(f"{self.path}: corrupt checkpoint pickle ({exc})") from exc
-
-    def tensor(self, lazy: _LazyTensor) -> torch.Tensor:
-        storage = lazy.storage
-        name = f"{self.prefix}data/{storage.key}"
-        try:
-            raw = self.zip.read(name)
-        except (KeyError, zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise CheckpointError(f"{self.path}: cannot read tensor data {name} ({exc})") from exc
-        itemsize = torch.empty((), dtype=storage.dtype).element_size()
-        if len(raw) != storage.numel * itemsize:
-            raise CheckpointError(f"{self.path}: tensor data {name} has the wrong size")
-        flat = torch.frombuffer(bytearray(raw), dtype=storage.dtype) if raw else torch.empty(
-            0, dtype=storage.dtype)
-        extent = lazy.offset + sum((s - 1) * st for s, st in zip(lazy.shape, lazy.stride,
-                                                                   strict=True) if s > 0)
-        if any(s == 0 for s in lazy.shape):
-            return torch.empty(lazy.shape, dtype=storage.dtype)
-        if lazy.offset < 0 or extent >= max(storage.numel, 1):
-            raise CheckpointError(f"{self.path}: tensor view outside its storage {name}")
-        view = torch.as_strided(flat, lazy.shape, lazy.stride, lazy.offset)
-        # a view of a whole storage already owns its (copied) buffer: skip a second copy
-        whole = lazy.offset == 0 and view.numel() == storage.numel and view.is_contiguous()
-        return view if whole else view.clone()
 
 
 def _walk(obj: Any) -> Iterator[dict]:
@@ -252,7 +48,7 @@ def _walk(obj: Any) -> Iterator[dict]:
             queue.extend(item.values())
         elif isinstance(item, list | tuple | set | frozenset):
             queue.extend(item)
-        elif isinstance(item, _Inert):
+        elif isinstance(item, Inert):
             queue.extend([item.items, item.kwargs, item.state, *item.args, *item.list])
 
 
@@ -278,7 +74,7 @@ def _split_state(state: Any, source: str) -> tuple[dict, dict]:
         for key in [k for k in part if _MASK_KEYS.search(k) or k.startswith(_TRAINING_ONLY)]:
             del part[key]
         for key, value in part.items():
-            if not isinstance(value, _LazyTensor):
+            if not isinstance(value, LazyTensor):
                 raise CheckpointError(f"{source}: state_dict entry {key} is not a tensor")
     if "transformer.wte.weight" not in gpt:
         raise CheckpointError(
@@ -398,7 +194,7 @@ def load_official(path: str | os.PathLike) -> WHAMModel:
     source = str(path)
     if not path.is_file():
         raise CheckpointError(f"{source}: no such checkpoint file")
-    reader = _ArchiveReader(path)
+    reader = TorchZipReader(path)
     top = reader.load_pickle()
     if not isinstance(top, dict) or "state_dict" not in top:
         raise CheckpointError(f"{source}: not a Lightning checkpoint (no 'state_dict')")
