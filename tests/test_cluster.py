@@ -1,0 +1,325 @@
+"""Submitting jobs to a real Ray head (a `ray start --head` child process) writing to S3.
+
+One head serves the whole module: it runs in a private RAY_TMPDIR on free loopback ports,
+inherits the loopback S3 endpoint and dummy credentials from `s3_server` (the way a real
+cluster gets them from its own environment), and is stopped by its session at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+HEAD_START_TIMEOUT_S = 90.0
+CLI_TIMEOUT_S = 180.0
+# Small enough for two CPUs: 2 seeds x 1 rollout x 2 generated steps of the tiny model.
+SMALL_RUN = ["rollouts.per_seed=1", "rollouts.steps=2", "seeds.limit=2",
+             "output.previews=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes in session `sid`: the head and everything it started (workers included)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return pids
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    # Ray's workers live in their own process groups but in the head's session: stop the
+    # group first (lets Ray clean up), then anything left in the session, all by pid.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=2)
+    for pid in _session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+def _head_env(tmp: Path, *, auth: str = "disabled", token: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE=auth,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_TMPDIR=str(tmp),
+        # Export custom metrics quickly so the test sees them within seconds.
+        RAY_metrics_report_interval_ms="500",
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        VIRTUAL_ENV=str(VENV_BIN.parent),
+    )
+    if token is not None:
+        env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+@contextlib.contextmanager
+def running_head(*, auth: str = "disabled", token: str | None = None
+                 ) -> Iterator[tuple[str, int]]:
+    """A head in its own short temp dir (Ray's socket paths must stay under 108 bytes);
+    yields (dashboard URL, metrics port) once the Jobs API answers, stops it afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="wray-"))
+    try:
+        proc, url, metrics = _start_head(tmp, auth=auth, token=token)
+        try:
+            yield url, metrics
+        finally:
+            _stop_head(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_head(tmp: Path, *, auth: str, token: str | None
+                ) -> tuple[subprocess.Popen, str, int]:
+    dashboard, metrics = _free_port(), _free_port()
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--num-cpus=2", "--num-gpus=0",
+        "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}", f"--port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={metrics}", "--block",
+    ]
+    log = open(tmp / "head.log", "wb")  # noqa: SIM115 - lives as long as the head
+    proc = subprocess.Popen(cmd, env=_head_env(tmp, auth=auth, token=token), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    probe = urllib.request.Request(f"{url}/api/version", headers={
+        "Authorization": f"Bearer {token}"} if token else {})
+    while True:
+        try:
+            with urllib.request.urlopen(probe, timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_head(proc)
+            raise RuntimeError(f"ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}")
+        time.sleep(0.3)
+    return proc, url, metrics
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server: str) -> Iterator[dict]:
+    with running_head() as (url, metrics):
+        yield {"address": url, "metrics_port": metrics}
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S
+        ) -> subprocess.CompletedProcess:
+    """Run `wham-batch ARGS` in a child process, from the project folder."""
+    base = {k: v for k, v in os.environ.items()
+            if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT,
+                          env={**base, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _client(address: str):  # noqa: ANN202 - ray's client type, imported lazily
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+# ---------------------------------------------------------------- without a cluster
+
+
+def test_env_passthrough_refuses_secrets() -> None:
+    from pipeline.errors import UserError
+    from pipeline.submit import job_env_vars
+
+    environ = {"AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+               "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "MY_FLAG": "1", "HOME": "/home/x"}
+    env = job_env_vars(["MY_FLAG", "OTHER=2"], environ=environ)
+    assert env == {"AWS_REGION": "eu-west-1", "MY_FLAG": "1", "OTHER": "2"}
+    for bad in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN=x",
+                "GITHUB_TOKEN=y", "DB_PASSWORD=z"):
+        with pytest.raises(UserError, match="secret"):
+            job_env_vars([bad], environ=environ)
+    with pytest.raises(UserError, match="not set"):
+        job_env_vars(["NOT_THERE"], environ=environ)
+
+
+def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
+    from pipeline.errors import UserError
+    from pipeline.submit import auth_headers
+
+    home = tmp_path / "home"
+    assert auth_headers({"HOME": str(home)}) == {}
+    assert auth_headers({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "t1"}) == {}
+    assert auth_headers({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t1"}) == {
+        "Authorization": "Bearer t1"}
+    token_file = tmp_path / "token"
+    token_file.write_text("t2\n")
+    assert auth_headers({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}) == {
+        "Authorization": "Bearer t2"}
+    with pytest.raises(UserError, match="no token found"):
+        auth_headers({"RAY_AUTH_MODE": "token", "HOME": str(home)})
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("t3")
+    assert auth_headers({"RAY_AUTH_MODE": "token", "HOME": str(home)}) == {
+        "Authorization": "Bearer t3"}
+
+
+def test_submission_layout_for_project_outside_and_image_configs(tmp_path: Path) -> None:
+    from pipeline.submit import build_submission
+
+    inside = build_submission(ROOT / "configs" / "demo.yaml", overrides=["rollouts.steps=3"],
+                              working_dir=ROOT)
+    assert inside.runtime_env["working_dir"] == str(ROOT)
+    assert {".venv", ".git", "out"} <= set(inside.runtime_env["excludes"])
+    assert inside.entrypoint.startswith("python -m jobs.run configs/demo.yaml --set "
+                                        "rollouts.steps=3 --set run.run_date=")
+    outside_cfg = tmp_path / "my job.yaml"
+    shutil.copy(ROOT / "configs" / "demo.yaml", outside_cfg)
+    outside = build_submission(outside_cfg, working_dir=ROOT)
+    try:
+        staged = Path(outside.runtime_env["working_dir"])
+        assert sorted(p.name for p in staged.iterdir()) == ["my job.yaml"]
+        assert outside.runtime_env["py_modules"] == [str(ROOT / n) for n in
+                                                     ("pipeline", "workers", "jobs")]
+        assert "'my job.yaml'" in outside.entrypoint
+    finally:
+        outside.remove_staging()
+    assert not staged.exists()
+    image = build_submission(ROOT / "configs" / "demo.yaml", image_has_package=True)
+    image.remove_staging()
+    assert "py_modules" not in image.runtime_env and "excludes" not in image.runtime_env
+
+
+# ---------------------------------------------------------------- on the Ray head
+
+
+def test_submit_wait_then_query_logs_status_runs(ray_head: dict, s3_bucket: str) -> None:
+    address = ray_head["address"]
+    sets = [*SMALL_RUN, f"output.root={s3_bucket}", "run.run_id=cluster-{date}"]
+    result = cli("submit", "configs/demo.yaml", "--address", address, "--wait",
+                 "--timeout", "150", *_sets(sets))
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = result.stdout.splitlines()[0].strip()
+    assert "SUCCEEDED" in result.stdout
+
+    info = _client(address).get_job_info(job_id)
+    run_id = info.metadata["wham_batch_run_id"]
+    assert run_id.startswith("cluster-")
+    # The job wrote to S3 with the cluster's own credentials; none travelled with it.
+    sent = json.dumps(info.runtime_env)
+    assert "test-secret" not in sent and "AWS_SECRET_ACCESS_KEY" not in sent
+    assert "AWS_ACCESS_KEY_ID" not in sent
+
+    status = cli("status", job_id, "--address", address, "--json")
+    assert status.returncode == 0, status.stderr
+    row = json.loads(status.stdout)
+    assert row["status"] == "SUCCEEDED" and row["job_id"] == job_id
+
+    logs = cli("logs", job_id, "--address", address)
+    assert logs.returncode == 0 and f"run {run_id} complete" in logs.stdout
+
+    query = cli("query", s3_bucket, "--run-id", run_id, "--table", "rollouts", "--format",
+                "json")
+    assert query.returncode == 0, query.stderr
+    rows = [json.loads(line) for line in query.stdout.splitlines() if line.strip()]
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+
+    runs = cli("runs", s3_bucket, "--json")
+    assert runs.returncode == 0, runs.stderr
+    (run,) = [json.loads(line) for line in runs.stdout.splitlines()]
+    assert run["run_id"] == run_id and run["status"] == "complete"
+    assert run["rollouts_ok"] == 2 and run["frames"] == 4
+
+
+def test_invalid_config_never_reaches_the_cluster(ray_head: dict) -> None:
+    address = ray_head["address"]
+    before = len(_client(address).list_jobs())
+    result = cli("submit", "configs/demo.yaml", "--address", address, "--wait",
+                 *_sets(["rollouts.steps=0", "output.colour=blue", "resources.actors=-1"]))
+    assert result.returncode == 2
+    for path in ("rollouts.steps", "output.colour", "resources.actors"):
+        assert path in result.stderr
+    assert len(_client(address).list_jobs()) == before
+
+
+def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
+                                               tmp_path: Path) -> None:
+    address = ray_head["address"]
+    # A config outside the project travels alone; the package goes as py_modules.
+    config = tmp_path / "elsewhere.yaml"
+    text = (ROOT / "configs" / "demo.yaml").read_text()
+    config.write_text(text.replace("configs/seeds/demo", str(ROOT / "configs/seeds/demo")))
+    sets = [*SMALL_RUN, f"output.root={s3_bucket}", "run.run_id=outside"]
+    result = cli("submit", str(config), "--address", address, "--follow", "--timeout", "150",
+                 *_sets(sets))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "run outside complete" in result.stdout  # the driver's log, streamed
+
+    # Valid spec, but the job itself fails (no seeds there): --wait reports it, exit 1.
+    failing = [*SMALL_RUN, f"output.root={s3_bucket}", f"seeds.source={tmp_path / 'none'}"]
+    result = cli("submit", "configs/demo.yaml", "--address", address, "--wait",
+                 "--timeout", "120", *_sets(failing))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED" in result.stdout and "seeds.source" in result.stderr
+
+
+def test_unknown_job_and_unreachable_cluster_are_clear_errors(ray_head: dict) -> None:
+    result = cli("status", "raysubmit_doesnotexist", "--address", ray_head["address"])
+    assert result.returncode == 2 and "no job" in result.stderr
+    result = cli("status", "--address", f"http://127.0.0.1:{_free_port()}")
+    assert result.returncode == 2 and "cannot reach the Ray dashboard" in result.stderr
+
+
+def test_token_authenticated_cluster(s3_server: str, tmp_path: Path) -> None:
+    import secrets
+
+    token = secrets.token_hex(16)
+    with running_head(auth="token", token=token) as (address, _):
+        refused = cli("status", "--address", address)
+        assert refused.returncode == 2
+        assert "RAY_AUTH_MODE=token" in refused.stderr and token not in refused.stderr
+        wrong = cli("status", "--address", address,
+                    env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"})
+        assert wrong.returncode == 2 and "refused" in wrong.stderr
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+        allowed = cli("status", "--address", address, "--json",
+                      env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)})
+        assert allowed.returncode == 0, allowed.stderr
+        assert allowed.stdout == ""  # a fresh cluster has no jobs
