@@ -274,7 +274,7 @@ def random_model(
     if preset not in PRESETS:
         raise CheckpointError(f"unknown preset {preset!r}; known presets: {sorted(PRESETS)}")
     generator = torch.Generator().manual_seed(seed)
-    model = WHAMModel(PRESETS[preset], model_id=f"preset:{preset}")
+    model = empty_model(PRESETS[preset], model_id=f"preset:{preset}")
     model.gpt.reset_parameters(generator)
     with torch.no_grad():
         for name, p in model.tokenizer.named_parameters():
