@@ -297,3 +297,17 @@ def test_safe_segment_properties(name):
 @given(st.text(max_size=40), st.text(max_size=40))
 def test_safe_segment_injective(a, b):
     assert a == b or safe_segment(a) != safe_segment(b)
+
+
+def test_storage_travels_to_ray_workers(ray_local, s3_bucket, tmp_path):
+    """Ray pickles storages to workers, which rebuild their S3 clients and see the endpoint."""
+    import ray
+
+    @ray.remote
+    def write(storage, key: str) -> str:
+        storage.put_bytes(key, b"from a worker")
+        return storage.uri
+
+    for storage in (open_storage(s3_bucket), open_storage(str(tmp_path / "out"))):
+        assert ray.get(write.remote(storage, "w/k.txt"), timeout=120) == storage.uri
+        assert storage.get_bytes("w/k.txt") == b"from a worker"

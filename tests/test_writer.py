@@ -396,3 +396,33 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(Exception, match="run_id"):
         OutputWriter(LocalStorage(tmp_path), run_date="2026-11-30", run_id="../x", model_id="m")
     assert pa.types.is_fixed_size_list(layout.steps_schema(8).field("image_tokens").type)
+
+
+@pytest.mark.parametrize("background", [0, 128, 255, "noise"])
+def test_cached_watermark_matches_direct_drawing(background):
+    """The pasted, pre-rendered text equals drawing the text on the frame (within rounding)."""
+    from PIL import ImageDraw
+
+    from workers import watermark
+
+    if background == "noise":
+        base = np.random.default_rng(0).integers(0, 256, (180, 300, 3), dtype=np.uint8)
+    else:
+        base = np.full((180, 300, 3), background, np.uint8)
+    fast = np.asarray(watermark.draw_watermark(Image.fromarray(base))).astype(int)
+    slow_img = Image.fromarray(base)
+    font = watermark._font(max(8, min(48, 180 // 15)))  # noqa: SLF001
+    draw = ImageDraw.Draw(slow_img)
+    left, top, right, bottom = draw.textbbox((0, 0), WATERMARK_TEXT, font=font, stroke_width=1)
+    origin = (300 - 2 - (right - left) - left, 180 - 2 - (bottom - top) - top)
+    draw.text(
+        origin,
+        WATERMARK_TEXT,
+        font=font,
+        fill=(255, 255, 255),
+        stroke_width=1,
+        stroke_fill=(0, 0, 0),
+    )
+    slow = np.asarray(slow_img).astype(int)
+    assert np.abs(fast - slow).max() <= 1
+    assert (fast != base).any(axis=2).sum() > 200

@@ -37,23 +37,35 @@ def corner_block_size(height: int, width: int) -> int:
     return max(2, min(height, width) // 8)
 
 
+@lru_cache(maxsize=16)
+def _text_overlay(width: int, height: int) -> tuple[Image.Image, tuple[int, int]] | None:
+    """The watermark text rendered once per frame size: an RGBA patch and where it goes,
+    or None when the frame is too small for readable text."""
+    font = _font(max(8, min(48, height // 15)))
+    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), WATERMARK_TEXT, font=font, stroke_width=1)
+    text_w, text_h = right - left, bottom - top
+    if text_w + 2 * _MARGIN > width or text_h + 2 * _MARGIN > height // 2:
+        return None
+    patch = Image.new("RGBA", (text_w, text_h), (0, 0, 0, 0))
+    ImageDraw.Draw(patch).text(
+        (-left, -top),
+        WATERMARK_TEXT,
+        font=font,
+        fill=(255, 255, 255, 255),
+        stroke_width=1,
+        stroke_fill=(0, 0, 0, 255),
+    )
+    return patch, (width - _MARGIN - text_w, height - _MARGIN - text_h)
+
+
 def draw_watermark(img: Image.Image) -> Image.Image:
     """Mark an RGB image in place (text, or a checker block on tiny frames); returns it."""
     width, height = img.size
-    font = _font(max(8, min(48, height // 15)))
-    draw = ImageDraw.Draw(img)
-    left, top, right, bottom = draw.textbbox((0, 0), WATERMARK_TEXT, font=font, stroke_width=1)
-    text_w, text_h = right - left, bottom - top
-    if text_w + 2 * _MARGIN <= width and text_h + 2 * _MARGIN <= height // 2:
-        origin = (width - _MARGIN - text_w - left, height - _MARGIN - text_h - top)
-        draw.text(
-            origin,
-            WATERMARK_TEXT,
-            font=font,
-            fill=(255, 255, 255),
-            stroke_width=1,
-            stroke_fill=(0, 0, 0),
-        )
+    overlay = _text_overlay(width, height)
+    if overlay is not None:
+        patch, origin = overlay
+        img.paste(patch, origin, patch)  # the patch's alpha is the mask
         return img
     side = corner_block_size(height, width)
     yy, xx = np.mgrid[0:side, 0:side]
