@@ -258,14 +258,22 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _display_endpoint(endpoint_url: str | None) -> str:
-    """The endpoint without any user:password part (never shown to anyone)."""
-    if not endpoint_url:
-        return "AWS default endpoint"
-    parts = urlsplit(endpoint_url)
+def _without_userinfo(url: str | None) -> str | None:
+    """The URL without any user:password part: boto3 signs with real credentials, so a
+    password in the endpoint is useless and must never be shown or pickled."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
     host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}" if parts.scheme else host + port
+    host = f"[{host}]" if ":" in host else host  # IPv6 literal
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _display_endpoint(endpoint_url: str | None) -> str:
+    return _without_userinfo(endpoint_url) or "AWS default endpoint"
 
 
 class S3Storage(Storage):
@@ -286,11 +294,10 @@ class S3Storage(Storage):
     ) -> None:
         self.bucket, self.prefix = split_s3_uri(f"s3://{bucket}/{prefix}")
         # Resolved once, where the storage is created, so every actor talks to the same place.
-        self.endpoint_url = (
+        self.endpoint_url = _without_userinfo(
             endpoint_url
             or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL")
-            or None
         )
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         self.max_pool_connections = max_pool_connections
@@ -368,7 +375,8 @@ class S3Storage(Storage):
             )
         if isinstance(exc, EndpointConnectionError):
             return UserError(f"cannot reach S3 endpoint for {self._where()}")
-        return exc
+        # Timeouts, dropped connections: transient, so an OSError the caller may retry.
+        return OSError(f"S3 request to {self._where()} failed while trying to {action}: {exc}")
 
     def _call(self, action: str, fn: Any, key: str | None = None, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -224,7 +224,8 @@ def test_credentials_never_shown(s3_server):
     key_id = os.environ["AWS_ACCESS_KEY_ID"]
     endpoint = s3_server.replace("http://", "http://user:hunter2@")
     storage = open_storage("s3://no-such-bucket-here/out", endpoint_url=endpoint)
-    texts = [repr(storage), storage.uri, storage.key_uri("k")]
+    texts = [repr(storage), storage.uri, storage.key_uri("k"), str(pickle.dumps(storage))]
+    assert storage.endpoint_url == s3_server
     for attempt in (storage.check_writable, lambda: storage.get_bytes("k")):
         with pytest.raises((UserError, FileNotFoundError)) as info:
             attempt()
