@@ -137,6 +137,29 @@ def test_taming_codes_round_trip_through_the_quantiser():
     assert torch.equal(tok.vq_model.quantize.indices(z), tokens)
 
 
+def test_taming_latent_grid_is_row_major():
+    tok = TamingVQGAN(PRESETS["tiny"].tokenizer)
+    _randomise(tok)
+    tokens = torch.arange(16).reshape(1, 16) * 3  # distinct codes at every cell
+    z = tok.vq_model.quantize.lookup(tokens, (4, 4))
+    codes = tok.vq_model.quantize.embedding.weight
+    for i in range(4):
+        for j in range(4):
+            assert torch.equal(z[0, :, i, j], codes[tokens[0, i * 4 + j]])
+
+
+def test_taming_decode_matches_the_reference_math():
+    tok = TamingVQGAN(PRESETS["tiny"].tokenizer)
+    _randomise(tok, seed=4)
+    tokens = torch.randint(0, 64, (2, 2, 16), generator=torch.Generator().manual_seed(3))
+    codes = tok.vq_model.quantize.embedding.weight
+    with torch.no_grad():
+        z = codes[tokens.reshape(4, 4, 4)].permute(0, 3, 1, 2)  # [4, 8, 4, 4]
+        x = tok.vq_model.decoder(tok.vq_model.post_quant_conv(z))
+    expected = ((x.clamp(-1, 1) + 1) * 127.5).byte().reshape(2, 2, 3, 16, 16)
+    assert torch.equal(tok.decode(tokens), expected)
+
+
 def _reference_patches(x: torch.Tensor, p: int) -> torch.Tensor:
     """Official layout: zero-pad, unfold H then W, patches row-major, channel-major inside."""
     h, w = x.shape[-2:]
@@ -184,6 +207,25 @@ def test_vit_encode_matches_the_reference_math():
         codes = F.normalize(tok.vq_vae._embedding.weight, dim=-1)
     expected = (z @ codes.t()).argmax(-1)  # nearest unit code = highest cosine
     assert torch.equal(tok.encode(images).reshape(6, 15), expected)
+
+
+def test_vit_decode_matches_the_reference_math():
+    cfg = PRESETS["tiny-vit"].tokenizer
+    tok = ViTVQGAN(cfg)
+    _randomise(tok, seed=5)
+    tokens = torch.randint(0, 64, (2, 1, 15), generator=torch.Generator().manual_seed(4))
+    dec = tok.decoder
+    with torch.no_grad():
+        codes = F.normalize(tok.vq_vae._embedding.weight, dim=1)
+        one_hot = F.one_hot(tokens.reshape(2, 15), 64).float()
+        h = dec.proj1(one_hot @ codes) + dec.pos_embeds.weight
+        h = dec.output_proj(dec.output_ln(dec.vit(h)))  # [2, 15, 48]
+        x = F.fold(h.transpose(1, 2), output_size=(12, 20), kernel_size=4, stride=4)
+        x = x[:, :, :10, :18].clone()
+    for c in range(3):
+        x[:, c] = x[:, c] * IMAGENET_STD[c] + IMAGENET_MEAN[c]
+    expected = (x.clamp(0, 1) * 255).byte().reshape(2, 1, 3, 10, 18)
+    assert torch.equal(tok.decode(tokens), expected)
 
 
 # --- round trips ----------------------------------------------------------------------------
