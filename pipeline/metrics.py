@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 # Upload latency buckets (seconds): a PNG on local disk takes ~1 ms, a Parquet part to S3
@@ -147,3 +148,34 @@ class Metrics:
         scoped.record_tokens_per_second(
             tokens=int(receipt.tokens), seconds=float(receipt.generate_seconds)
         )
+
+    def timed(self, storage: Any) -> Any:
+        """`storage` with each write's latency recorded (unchanged outside Ray)."""
+        return _TimedStorage(storage, self) if _ray_active() else storage
+
+
+class _TimedStorage:
+    """A Storage proxy that observes how long every put takes; reads pass straight through."""
+
+    def __init__(self, storage: Any, metrics: Metrics) -> None:
+        self._storage = storage
+        self._metrics = metrics
+
+    def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
+        start = time.perf_counter()
+        self._storage.put_bytes(key, data, content_type=content_type)
+        self._metrics.record_upload_latency(time.perf_counter() - start)
+
+    def create_if_absent(self, key: str, data: bytes) -> bool:
+        start = time.perf_counter()
+        created = self._storage.create_if_absent(key, data)
+        self._metrics.record_upload_latency(time.perf_counter() - start)
+        return created
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_storage", "_metrics"):
+            raise AttributeError(name)
+        return getattr(self._storage, name)
+
+    def __repr__(self) -> str:
+        return f"timed({self._storage!r})"

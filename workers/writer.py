@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import layout
+from pipeline.metrics import Metrics
 from pipeline.storage import Storage
 from workers.watermark import encode_gif, encode_png
 from workers.wham.actions import (
@@ -108,7 +109,8 @@ class OutputWriter:
     ) -> None:
         if preview_scale < 1 or threads < 1:
             raise ValueError("preview_scale and threads must be >= 1")
-        self.storage = storage
+        # Inside a Ray actor every put's latency goes to the run's upload histogram.
+        self.storage = Metrics(run_id).timed(storage)
         self.run_date = layout.run_date_str(run_date)
         self.run_id = layout.check_run_id(run_id)
         self.frames = frames
