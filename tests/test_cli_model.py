@@ -106,6 +106,8 @@ def test_world_model_takes_actions_from_a_file(native, tmp_path) -> None:
         ({}, ["--context-steps", "11"], "--context-steps: need 1..6"),
         ({}, ["--steps", "0"], "--steps must be at least 1"),
         ({}, ["--temperature", "-1"], "temperature must be a finite number"),
+        ({}, ["--device", "cuda:0"] if not torch.cuda.is_available() else ["--top-k", "0"],
+         "CUDA is not available" if not torch.cuda.is_available() else "top_k must be"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(native, tmp_path, capsys, clip_kw, args,

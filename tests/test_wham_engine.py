@@ -15,7 +15,12 @@ from workers.wham.engine import (
 )
 from workers.wham.errors import InputError
 from workers.wham.model import random_model
-from workers.wham.sampling import SamplingParams, sample_tokens, step_token_ranges
+from workers.wham.sampling import (
+    SamplingParams,
+    sample_tokens,
+    seeds_to_tensor,
+    step_token_ranges,
+)
 
 GREEDY = SamplingParams(greedy=True)
 WARM = SamplingParams(temperature=1.0)
@@ -139,6 +144,13 @@ def test_seeds_decide_the_samples(model) -> None:
     c = list(engine.rollout(**{**kw, "seeds": [7, 8]}, sampling=WARM))[0]
     assert torch.equal(a.image_tokens, b.image_tokens)
     assert not torch.equal(a.image_tokens, c.image_tokens)
+
+
+def test_seeds_accept_any_python_int_and_reject_the_rest() -> None:
+    seeds = seeds_to_tensor([0, 2**63 - 1, 2**64 + 5, -3], batch=4, device=torch.device("cpu"))
+    assert seeds.tolist() == [0, 2**63 - 1, 5, -3]
+    with pytest.raises(InputError, match=r"seeds\[1\]: expected an integer"):
+        seeds_to_tensor([1, 2.5], batch=2, device=torch.device("cpu"))
 
 
 def test_outputs_stay_in_their_ranges_and_first_image_token_is_never_zero() -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from workers.wham.actions import (
     ACTION_DIM,
     ACTION_VOCAB_SIZE,
+    action_token_ranges,
     actions_to_tokens,
     validate_actions,
 )
@@ -60,6 +61,7 @@ class _Rollout:
     steps: int
     mode: str
     max_context: int
+    action_offsets: torch.Tensor  # [16] first token id of each action position, CPU
     decode_images: bool = True
 
 
@@ -148,6 +150,7 @@ def prepare_rollout(
     seeds,
     max_context: int | None = None,
     max_batch: int | None = None,
+    decode_images: bool = True,
 ) -> _Rollout:
     """Check every argument (InputError naming it) and turn inputs into tokens."""
     if mode not in MODES:
@@ -194,6 +197,8 @@ def prepare_rollout(
         steps=steps,
         mode=mode,
         max_context=max_context,
+        action_offsets=torch.from_numpy(action_token_ranges(v_img)[:, 0]),
+        decode_images=decode_images,
     )
 
 
@@ -205,7 +210,6 @@ def _generated_positions(mode: str, n: int, tps: int) -> range:
 def _finish_step(model, r: _Rollout, *, index: int, generated: torch.Tensor) -> tuple:
     """Complete the step's tokens [B, tps] and build its StepOutput."""
     n = model.tokens_per_image
-    v_img = image_vocab_size(model)
     if r.mode == "world_model":
         step = torch.cat([generated, r.given_actions[:, index]], dim=1)
     elif r.mode == "policy":
@@ -214,7 +218,6 @@ def _finish_step(model, r: _Rollout, *, index: int, generated: torch.Tensor) -> 
         step = generated
     image_tokens = step[:, :n].cpu()
     action_tokens = step[:, n:].cpu()
-    ranges = step_token_ranges(image_vocab_size=v_img, tokens_per_image=n)[n:, 0]
     if r.mode == "policy":
         images = r.observation_images[:, index]
     elif r.decode_images:
@@ -225,7 +228,7 @@ def _finish_step(model, r: _Rollout, *, index: int, generated: torch.Tensor) -> 
         index=index,
         image_tokens=image_tokens,
         images=images,
-        actions=action_tokens - ranges,
+        actions=action_tokens - r.action_offsets,
         action_source="given" if r.mode == "world_model" else "model",
     )
     return step, out
@@ -353,8 +356,7 @@ class RolloutEngine:
                             context_tokens=context_tokens, context_actions=context_actions,
                             steps=steps, mode=mode, actions=actions,
                             observations=observations, seeds=seeds, max_context=max_context,
-                            max_batch=self.max_batch)
-        r.decode_images = decode_images
+                            max_batch=self.max_batch, decode_images=decode_images)
         return self._run(r, sampling)
 
     def _run(self, r: _Rollout, sampling: SamplingParams) -> Iterator[StepOutput]:
