@@ -268,3 +268,21 @@ def test_cli_errors(tmp_path, capsys):
     assert "unknown column 'bogus'" in capsys.readouterr().err
     assert main(["query", str(tmp_path), "--format", "parquet"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_duckdb_reads_the_same_layout(tmp_path):
+    """Other engines read the hive layout too; counts agree with the Arrow dataset."""
+    duckdb = pytest.importorskip("duckdb")
+    storage = open_storage(str(tmp_path))
+    for run in RUNS:
+        write_run(storage, *run)
+    pattern = str(tmp_path / "steps" / "**" / "*.parquet")
+    rows = duckdb.sql(
+        f"select run_id, count(*) from read_parquet('{pattern}', hive_partitioning=true) "
+        "where generated group by run_id order by run_id"
+    ).fetchall()
+    arrow = query(str(tmp_path), where="generated = true")
+    expected = sorted(
+        (r, arrow.column("run_id").to_pylist().count(r)) for r in {"nightly-a", "nightly-b"}
+    )
+    assert rows == expected == [("nightly-a", 9), ("nightly-b", 9)]
