@@ -1,0 +1,129 @@
+"""Structured log lines (run id, unit, masked secrets) and the Ray metrics recorder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline.logs import (
+    JsonFormatter,
+    KeyValueFormatter,
+    RunLogger,
+    get_logger,
+    redact,
+    setup_logging,
+)
+from pipeline.metrics import Metrics
+
+
+def _record(logger: RunLogger, msg: str, *args: object, **extra: str) -> logging.LogRecord:
+    records: list[logging.LogRecord] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Grab()
+    logger.logger.addHandler(handler)
+    logger.logger.setLevel(logging.INFO)
+    try:
+        logger.info(msg, *args, extra=extra or None)
+    finally:
+        logger.logger.removeHandler(handler)
+    (record,) = records
+    return record
+
+
+def test_lines_carry_run_and_unit() -> None:
+    log = get_logger("pipeline.test_logs", run_id="nightly-2026-11-30")
+    record = _record(log.bind(unit="u000007"), "committed %d rollouts", 4)
+    line = KeyValueFormatter().format(record)
+    assert line.endswith(
+        "INFO pipeline.test_logs run_id=nightly-2026-11-30 unit=u000007 committed 4 rollouts")
+    payload = json.loads(JsonFormatter().format(record))
+    assert payload["run_id"] == "nightly-2026-11-30" and payload["unit"] == "u000007"
+    assert payload["message"] == "committed 4 rollouts"
+    # Per-call context wins over the adapter's; unknown fields are refused.
+    record = _record(log, "x", unit="u000001")
+    assert "unit=u000001" in KeyValueFormatter().format(record)
+    with pytest.raises(ValueError, match="unknown log context"):
+        get_logger("pipeline.x", shard="3")
+
+
+def test_values_with_spaces_are_quoted() -> None:
+    record = _record(get_logger("pipeline.q", run_id="a b"), "m")
+    assert 'run_id="a b"' in KeyValueFormatter().format(record)
+
+
+def test_secret_values_are_masked_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123456")
+    assert redact(f"key={secret} token=tok-123456") == "key=*** token=***"
+    log = get_logger("pipeline.test_secrets", run_id="r1")
+    try:
+        raise RuntimeError(f"bad credentials {secret}")
+    except RuntimeError:
+        records: list[str] = []
+
+        class Grab(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(KeyValueFormatter().format(record))
+                records.append(JsonFormatter().format(record))
+
+        grab = Grab()
+        log.logger.addHandler(grab)
+        try:
+            log.exception("upload failed with %s", secret)
+        finally:
+            log.logger.removeHandler(grab)
+    assert len(records) == 2
+    for text in records:
+        assert secret not in text and "***" in text and "Traceback" in text
+
+
+def test_setup_logging_installs_one_handler(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WHAM_LOG_FORMAT", "json")
+    setup_logging(level="INFO")
+    setup_logging(level="INFO")
+    logger = logging.getLogger("pipeline")
+    try:
+        marked = [h for h in logger.handlers if getattr(h, "_wham_batch_handler", False)]
+        assert len(marked) == 1
+        get_logger("pipeline.driver", run_id="r9").info("hello")
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert json.loads(line)["run_id"] == "r9"
+    finally:
+        for handler in marked:
+            logger.removeHandler(handler)
+        logger.propagate = True
+    with pytest.raises(ValueError, match="WHAM_LOG_FORMAT"):
+        setup_logging(fmt="xml")
+
+
+def test_metrics_are_noops_outside_ray_and_picklable() -> None:
+    # A fresh interpreter, so no Ray instance from another test is around.
+    code = textwrap.dedent("""
+        import sys
+        from pipeline import metrics
+        m = metrics.Metrics("r1", worker="w")
+        m.record_frames(3); m.record_rollouts(ok=1, failed=1)
+        m.record_tokens_per_second(tokens=10, seconds=1.0); m.record_upload_latency(0.1)
+        m.set_units_in_flight(2); m.record_unit_committed()
+        storage = object()
+        assert m.timed(storage) is storage
+        assert metrics._registry == {}, metrics._registry
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    clone = pickle.loads(pickle.dumps(Metrics("r2", worker="actor-001")))
+    assert (clone.run_id, clone.worker) == ("r2", "actor-001")
