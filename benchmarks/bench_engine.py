@@ -224,6 +224,9 @@ def write_docs(rows: list, bounds: dict, *, seconds: float, command: str) -> Non
         "engine's; for wham-200m it is one full window forward at the mean length, timed at "
         "batch 1. Decode GB/s counts the weights plus the KV cache read per token step; at "
         "batch 1 decode is bound by that traffic, at larger batches by compute.", "",
+        "CUDA: `bash benchmarks/gpu_engine.sh` measures the 200M shape in bfloat16 at batch "
+        "1, 8 and 32 (eager and compiled decode) and prints one JSON line; it was not run for "
+        "this table (no GPU here).", "",
     ]
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)

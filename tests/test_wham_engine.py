@@ -147,7 +147,8 @@ def test_seeds_decide_the_samples(model) -> None:
 
 
 def test_seeds_accept_any_python_int_and_reject_the_rest() -> None:
-    seeds = seeds_to_tensor([0, 2**63 - 1, 2**64 + 5, -3], batch=4, device=torch.device("cpu"))
+    seeds = seeds_to_tensor([0, 2**63 - 1, 2**64 + 5, np.int64(-3)], batch=4,
+                            device=torch.device("cpu"))
     assert seeds.tolist() == [0, 2**63 - 1, 5, -3]
     with pytest.raises(InputError, match=r"seeds\[1\]: expected an integer"):
         seeds_to_tensor([1, 2.5], batch=2, device=torch.device("cpu"))

@@ -10,6 +10,7 @@ rollouts share the batch, and the per-token step needs no host sync and no per-r
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +80,9 @@ def seeds_to_tensor(seeds, *, batch: int, device: torch.device) -> torch.Tensor:
     if len(seeds) != batch:
         raise InputError(f"seeds: expected {batch} seeds (one per rollout), got {len(seeds)}")
     for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise InputError(f"seeds[{i}]: expected an integer, got {s!r}")
-    wrapped = [((s + (1 << 63)) % (1 << 64)) - (1 << 63) for s in seeds]
+    wrapped = [((int(s) + (1 << 63)) % (1 << 64)) - (1 << 63) for s in seeds]
     return torch.tensor(wrapped, dtype=torch.long, device=device)
 
 
