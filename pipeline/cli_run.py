@@ -52,7 +52,12 @@ def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False) -
     summary = run_job(spec, fresh=fresh, progress=not quiet)
     print(summary.line())
     print(f"outputs: {summary.output_uri}  (run_date={summary.run_date}, run_id={summary.run_id})")
-    print(f"try:     wham-batch query {spec.output.root} --run-id {summary.run_id} --limit 5")
+    endpoint = f" --endpoint-url {spec.output.endpoint_url}" if spec.output.endpoint_url else ""
+    print(f"try:     wham-batch query {spec.output.root} --run-id {summary.run_id}{endpoint} "
+          "--table rollouts --columns rollout_id,status,generated_steps --limit 5")
+    if spec.output.previews:
+        print(f"previews: {summary.output_uri}/previews/run_date={summary.run_date}/"
+              f"run_id={summary.run_id}/")
     if not summary.complete:
         print(f"error: {summary.units_lost} work units could not be committed; rerun the same "
               "command to resume", file=sys.stderr)

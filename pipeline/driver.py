@@ -202,6 +202,22 @@ def _read_json(storage: Any, key: str) -> dict[str, Any] | None:
         return {}
 
 
+def run_fingerprint(spec: JobSpec, units: Sequence[WorkUnit]) -> str:
+    """The plan plus every setting that changes what a unit writes: a resumed run must
+    match it, or its old and new units would disagree."""
+    import hashlib
+
+    settings = {
+        "plan": plan_fingerprint(units),
+        "model": spec.model.model_dump(mode="json", include={"checkpoint", "preset"}),
+        "seeds": spec.seeds.model_dump(mode="json", include={"format", "context_steps"}),
+        "rollouts": spec.rollouts.model_dump(mode="json"),
+        "output": spec.output.model_dump(mode="json", include={"frames", "image_tokens",
+                                                               "watermark"}),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def delete_run(storage: Any, *, run_date: str, run_id: str) -> int:
     from pipeline.layout import run_prefix
 
@@ -243,12 +259,12 @@ def run_job(spec: JobSpec, *, fresh: bool = False, actor_cls: type | None = None
         removed = delete_run(storage, run_date=run_date, run_id=run_id)
         log.info("--fresh: removed %d objects of run %s", removed, run_id)
     units = plan_for_spec(spec, prep.seeds)
-    fingerprint = plan_fingerprint(units)
+    fingerprint = run_fingerprint(spec, units)
     previous = _read_json(storage, manifest_key(run_date, run_id))
     if previous and previous.get("plan_fingerprint") not in (None, fingerprint):
         raise UserError(f"run {run_id} already has outputs from a different plan (other "
-                        "seeds or rollout settings); pass --fresh to replace them or use a new "
-                        "run.run_id")
+                        "seeds, model or rollout settings); pass --fresh to replace them or use "
+                        "a new run.run_id")
     committed = committed_unit_ids(storage, run_date=run_date, run_id=run_id)
     todo = pending_units(units, committed)
     totals = Totals(rollouts_total=sum(u.num_rollouts for u in units), units_total=len(units),
@@ -268,10 +284,10 @@ def run_job(spec: JobSpec, *, fresh: bool = False, actor_cls: type | None = None
     log.info("run %s: %d units (%d already committed), %d rollouts, output %s",
              run_id, len(units), totals.units_skipped, totals.rollouts_total, storage.uri)
     if todo:
-        write_manifest("running")
         started_ray = _connect_ray()
         try:
             _check_cluster(spec)
+            write_manifest("running")
             prog.start()
             model_info.update(_fan_out(spec, todo, actor_cls=actor_cls, prog=prog,
                                         script=prep.script))

@@ -114,6 +114,11 @@ def test_changed_plan_refuses_to_resume_and_fresh_replaces(tmp_path: Path) -> No
         run_job(changed, actor_cls=StubActor, progress=False)
     summary = run_job(changed, actor_cls=StubActor, fresh=True, progress=False)
     assert summary.complete and summary.units_skipped == 0 and summary.rollouts_ok == 30
+    # same units, different generation settings: also refused
+    longer = changed.model_copy(update={"rollouts": changed.rollouts.model_copy(
+        update={"steps": 5})})
+    with pytest.raises(UserError, match="different plan"):
+        run_job(longer, actor_cls=StubActor, progress=False)
 
 
 def test_dead_actor_units_are_retried(tmp_path: Path) -> None:
