@@ -150,6 +150,16 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIME
                           timeout=timeout)
 
 
+def wb(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """Run `wham-batch ARGS` in this process (cheaper than a child for quick commands)."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
 def _sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
@@ -229,7 +239,8 @@ def test_submission_layout_for_project_outside_and_image_configs(tmp_path: Path)
 # ---------------------------------------------------------------- on the Ray head
 
 
-def test_submit_wait_then_query_logs_status_runs(ray_head: dict, s3_bucket: str) -> None:
+def test_submit_wait_then_query_logs_status_runs(
+        ray_head: dict, s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
     address = ray_head["address"]
     sets = [*SMALL_RUN, f"output.root={s3_bucket}", "run.run_id=cluster-{date}"]
     result = cli("submit", "configs/demo.yaml", "--address", address, "--wait",
@@ -246,32 +257,33 @@ def test_submit_wait_then_query_logs_status_runs(ray_head: dict, s3_bucket: str)
     assert "test-secret" not in sent and "AWS_SECRET_ACCESS_KEY" not in sent
     assert "AWS_ACCESS_KEY_ID" not in sent
 
-    status = cli("status", job_id, "--address", address, "--json")
+    status = wb(capsys, "status", job_id, "--address", address, "--json")
     assert status.returncode == 0, status.stderr
     row = json.loads(status.stdout)
     assert row["status"] == "SUCCEEDED" and row["job_id"] == job_id
 
-    logs = cli("logs", job_id, "--address", address)
+    logs = wb(capsys, "logs", job_id, "--address", address)
     assert logs.returncode == 0 and f"run {run_id} complete" in logs.stdout
 
-    query = cli("query", s3_bucket, "--run-id", run_id, "--table", "rollouts", "--format",
+    query = wb(capsys, "query", s3_bucket, "--run-id", run_id, "--table", "rollouts", "--format",
                 "json")
     assert query.returncode == 0, query.stderr
     rows = [json.loads(line) for line in query.stdout.splitlines() if line.strip()]
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
 
-    runs = cli("runs", s3_bucket, "--json")
+    runs = wb(capsys, "runs", s3_bucket, "--json")
     assert runs.returncode == 0, runs.stderr
     (run,) = [json.loads(line) for line in runs.stdout.splitlines()]
     assert run["run_id"] == run_id and run["status"] == "complete"
     assert run["rollouts_ok"] == 2 and run["frames"] == 4
 
 
-def test_invalid_config_never_reaches_the_cluster(ray_head: dict) -> None:
+def test_invalid_config_never_reaches_the_cluster(
+        ray_head: dict, capsys: pytest.CaptureFixture[str]) -> None:
     address = ray_head["address"]
     before = len(_client(address).list_jobs())
-    result = cli("submit", "configs/demo.yaml", "--address", address, "--wait",
-                 *_sets(["rollouts.steps=0", "output.colour=blue", "resources.actors=-1"]))
+    result = wb(capsys, "submit", "configs/demo.yaml", "--address", address, "--wait",
+                *_sets(["rollouts.steps=0", "output.colour=blue", "resources.actors=-1"]))
     assert result.returncode == 2
     for path in ("rollouts.steps", "output.colour", "resources.actors"):
         assert path in result.stderr
@@ -299,10 +311,45 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
     assert "FAILED" in result.stdout and "seeds.source" in result.stderr
 
 
-def test_unknown_job_and_unreachable_cluster_are_clear_errors(ray_head: dict) -> None:
-    result = cli("status", "raysubmit_doesnotexist", "--address", ray_head["address"])
+def test_stop_a_running_job_leaves_a_partial_run(
+        ray_head: dict, s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.layout import manifest_key
+    from pipeline.storage import open_storage
+
+    address = ray_head["address"]
+    long_run = ["rollouts.per_seed=2", "rollouts.steps=5000", "seeds.limit=2",
+                "resources.rollouts_per_unit=1", "output.previews=false",
+                f"output.root={s3_bucket}", "run.run_id=stopped"]
+    result = wb(capsys, "submit", "configs/demo.yaml", "--address", address,
+                *_sets(long_run))
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.splitlines()[0].strip()
+    # Stop once the driver has planned the run (its manifest is on S3).
+    storage = open_storage(s3_bucket)
+    key = manifest_key(_client(address).get_job_info(job_id).metadata["wham_batch_run_date"],
+                       "stopped")
+    deadline = time.monotonic() + 90
+    while not storage.exists(key):
+        assert time.monotonic() < deadline, "the job never wrote its manifest"
+        time.sleep(0.5)
+    stop = wb(capsys, "stop", job_id, "--address", address, "--wait", "--timeout", "60")
+    assert stop.returncode == 0, stop.stderr
+    assert f"job {job_id} STOPPED" in stop.stdout
+    assert json.loads(wb(capsys, "status", job_id, "--address", address, "--json").stdout)[
+        "status"] == "STOPPED"
+    runs = wb(capsys, "runs", s3_bucket, "--json")
+    (run,) = [json.loads(line) for line in runs.stdout.splitlines()]
+    assert run["run_id"] == "stopped" and run["status"] == "partial"
+    assert run["units_planned"] == 4 and run["units_committed"] < 4
+    again = wb(capsys, "stop", job_id, "--address", address)
+    assert again.returncode == 0 and "already STOPPED" in again.stdout
+
+
+def test_unknown_job_and_unreachable_cluster_are_clear_errors(
+        ray_head: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    result = wb(capsys, "status", "raysubmit_doesnotexist", "--address", ray_head["address"])
     assert result.returncode == 2 and "no job" in result.stderr
-    result = cli("status", "--address", f"http://127.0.0.1:{_free_port()}")
+    result = wb(capsys, "status", "--address", f"http://127.0.0.1:{_free_port()}")
     assert result.returncode == 2 and "cannot reach the Ray dashboard" in result.stderr
 
 
