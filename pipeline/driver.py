@@ -374,7 +374,10 @@ def _fan_out(spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type | None,
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in done:
                 if ref in probes:
-                    _probe_done(probes[ref], ref, model_info)
+                    slot = probes[ref]
+                    _probe_done(slot, ref, model_info)
+                    if slot.state == "ready":
+                        prog.emit("actor_ready", detail=slot.name)
                     continue
                 slot = owners[ref]
                 unit, attempt, _ = slot.inflight.pop(ref)

@@ -46,7 +46,7 @@ class Totals:
 
 @dataclass(frozen=True, slots=True)
 class RunEvent:
-    """kind: started | unit_committed | unit_retried | unit_lost | finished."""
+    """kind: started | actor_ready | unit_committed | unit_retried | unit_lost | finished."""
 
     kind: str
     run_id: str
