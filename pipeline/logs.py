@@ -5,6 +5,10 @@ unit=u000003 committed unit`` (or one JSON object per line with ``WHAM_LOG_FORMA
 logs from the driver and from every actor can be grepped or shipped to a log store and joined
 on ``run_id`` and ``unit``.
 
+Code that logs through plain ``logging.getLogger(__name__)`` gets the fields too: a process
+sets its run once (``set_log_context(run_id=...)``) and wraps each unit's work in
+``with log_context(unit=...)`` (per thread, so concurrent units in one actor stay apart).
+
 Secrets never reach a log line: both formatters replace the values of credential environment
 variables (AWS keys, session tokens, the Ray auth token) wherever they appear in a line,
 tracebacks included.
@@ -17,7 +21,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 # Record attributes rendered as key=value fields, in this order, when present.
@@ -36,6 +42,52 @@ REDACTED = "***"
 # would mangle ordinary text and protects nothing.
 _MIN_SECRET_LEN = 4
 _HANDLER_MARK = "_wham_batch_handler"
+
+
+# Process-wide fields (the run, the worker) and per-context ones (the unit being worked on).
+_process_context: dict[str, str] = {}
+_local_context: ContextVar[Mapping[str, str] | None] = ContextVar("wham_log_context",
+                                                                 default=None)
+
+
+def set_log_context(**fields: str | None) -> None:
+    """Fields stamped on every line this process logs from now on (None removes one)."""
+    _check_fields(fields)
+    for name, value in fields.items():
+        if value is None:
+            _process_context.pop(name, None)
+        else:
+            _process_context[name] = value
+
+
+@contextmanager
+def log_context(**fields: str) -> Iterator[None]:
+    """Fields stamped on lines logged inside the block, in this thread / task only."""
+    _check_fields(fields)
+    token = _local_context.set({**(_local_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _local_context.reset(token)
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    unknown = set(fields) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log context fields {sorted(unknown)}; use {CONTEXT_FIELDS}")
+
+
+def context_fields(record: logging.LogRecord) -> dict[str, str]:
+    """The record's context fields: its own, else the block's, else the process's."""
+    local = _local_context.get() or {}
+    out = {}
+    for name in CONTEXT_FIELDS:
+        value = getattr(record, name, None)
+        if value is None:
+            value = local.get(name, _process_context.get(name))
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _secret_values() -> list[str]:
@@ -65,11 +117,7 @@ class KeyValueFormatter(logging.Formatter):
     """``<utc time> <LEVEL> <logger> run_id=.. unit=.. <message>`` (logfmt-style fields)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = [
-            f"{name}={_quote(getattr(record, name))}"
-            for name in CONTEXT_FIELDS
-            if getattr(record, name, None) is not None
-        ]
+        fields = [f"{name}={_quote(value)}" for name, value in context_fields(record).items()]
         head = " ".join(
             [_utc_timestamp(record.created), record.levelname, record.name, *fields]
         )
@@ -89,10 +137,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in CONTEXT_FIELDS:
-            value = getattr(record, name, None)
-            if value is not None:
-                payload[name] = value
+        payload.update(context_fields(record))
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return redact(json.dumps(payload, ensure_ascii=False))
@@ -124,9 +169,7 @@ def get_logger(
     **context: str | None,
 ) -> RunLogger:
     """A `RunLogger` for module `name` stamped with the given context fields."""
-    unknown = set(context) - set(CONTEXT_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown log context fields {sorted(unknown)}; use {CONTEXT_FIELDS}")
+    _check_fields(context)
     extra: Mapping[str, str | None] = {"run_id": run_id, "unit": unit, **context}
     return RunLogger(logging.getLogger(name), dict(extra))
 

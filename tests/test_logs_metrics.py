@@ -16,7 +16,9 @@ from pipeline.logs import (
     KeyValueFormatter,
     RunLogger,
     get_logger,
+    log_context,
     redact,
+    set_log_context,
     setup_logging,
 )
 from pipeline.metrics import Metrics
@@ -54,6 +56,36 @@ def test_lines_carry_run_and_unit() -> None:
     assert "unit=u000001" in KeyValueFormatter().format(record)
     with pytest.raises(ValueError, match="unknown log context"):
         get_logger("pipeline.x", shard="3")
+
+
+def test_plain_loggers_get_process_and_unit_context() -> None:
+    import threading
+
+    plain = RunLogger(logging.getLogger("pipeline.plain"), {})
+    set_log_context(run_id="r-ctx", worker="actor-002")
+    try:
+        lines: dict[str, str] = {}
+
+        def unit(unit_id: str, go: threading.Barrier) -> None:
+            with log_context(unit=unit_id):
+                go.wait(timeout=10)  # both threads are inside their blocks at once
+                lines[unit_id] = KeyValueFormatter().format(_record(plain, "working"))
+
+        go = threading.Barrier(2)
+        threads = [threading.Thread(target=unit, args=(u, go)) for u in ("u000001", "u000002")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+        for unit_id, line in lines.items():
+            assert f"run_id=r-ctx unit={unit_id} worker=actor-002 working" in line
+        outside = KeyValueFormatter().format(_record(plain, "idle"))
+        assert "unit=" not in outside and "run_id=r-ctx" in outside
+        # A record's own field wins over the context.
+        assert "run_id=other" in KeyValueFormatter().format(_record(plain, "x", run_id="other"))
+    finally:
+        set_log_context(run_id=None, worker=None)
+    assert "run_id" not in KeyValueFormatter().format(_record(plain, "after"))
 
 
 def test_values_with_spaces_are_quoted() -> None:
