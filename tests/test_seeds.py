@@ -165,6 +165,7 @@ def test_bad_images_raise_seed_error_naming_the_seed(seed_root, name):
     assert load_seed(refs["good"], image_size=SIZE, context_steps=1).context_images.shape[0] == 1
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_pillow_bomb_warning_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "big.png").write_bytes(png_bytes(rgb(12, 12)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 px: only a warning in Pillow
