@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.errors import UserError
 from pipeline.layout import commit_key, rollouts_part_key, steps_part_key
 from pipeline.plan import make_plan
 from pipeline.seeds import discover_seeds
@@ -160,3 +161,26 @@ def test_batch_auto_on_cpu(tmp_path: Path) -> None:
     actor = RolloutActor(spec, worker="w0")
     assert actor.ready()["batch_size"] == 8
     actor.close()
+
+
+def test_checkpoint_from_s3(tmp_path: Path, s3_bucket: str,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.driver import preflight
+    from workers.wham import random_model, save_native
+
+    seed_folder(tmp_path, n=1)
+    folder = save_native(random_model("tiny", seed=5), tmp_path / "native")
+    storage = open_storage(s3_bucket)
+    for path in sorted(Path(folder).iterdir()):
+        storage.put_bytes(f"models/tiny5/{path.name}", path.read_bytes())
+    monkeypatch.setenv("WHAM_CACHE_DIR", str(tmp_path / "cache"))
+    spec = make_spec(tmp_path, model={"preset": None, "checkpoint": f"{s3_bucket}/models/tiny5"})
+    preflight(spec)  # the checkpoint is found
+    actor = RolloutActor(spec, worker="w0")
+    assert actor.ready()["sha256"] == random_model("tiny", seed=5).sha256
+    (unit,) = plan(spec)
+    assert actor.run_unit(unit).ok == 2
+    actor.close()
+    missing = make_spec(tmp_path, model={"preset": None, "checkpoint": f"{s3_bucket}/models/x"})
+    with pytest.raises(UserError, match="model.checkpoint: .* not found"):
+        preflight(missing)

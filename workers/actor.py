@@ -75,17 +75,19 @@ def fetch_checkpoint(uri: str, *, endpoint_url: str | None, region: str | None) 
     dest = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16], name)
     if not os.path.exists(dest):
         tmp = f"{dest}.partial-{os.getpid()}"
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        pafs.copy_files(f"{base}/{name}", tmp, source_filesystem=fs,
+        src = f"{base}/{name}"
+        is_folder = fs.get_file_info(src).type == pafs.FileType.Directory
+        os.makedirs(tmp if is_folder else os.path.dirname(dest), exist_ok=True)
+        pafs.copy_files(src, tmp, source_filesystem=fs,
                         destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, dest)
     return dest
 
 
 class RolloutActor:
-    def __init__(self, spec: JobSpec, *, worker: str = "local", script: np.ndarray | None = None,
-                 model: Any = None) -> None:
-        """Load the replica and open the writer. `model` skips loading (tests, benchmarks)."""
+    def __init__(self, spec: JobSpec, *, worker: str = "local",
+                 script: np.ndarray | None = None) -> None:
+        """Load the replica and open the writer; `script` holds scripted actions (N,16)."""
         from pipeline.storage import open_storage
         from workers.wham import RolloutEngine, SamplingParams
         from workers.writer import OutputWriter
@@ -93,7 +95,7 @@ class RolloutActor:
         self.spec = spec
         self.worker = worker
         self.script = script
-        self.model = model if model is not None else self._load_model(spec)
+        self.model = self._load_model(spec)
         self.batch_size = self._batch_size()
         self.engine = RolloutEngine(self.model, max_batch=self.batch_size)
         s = spec.rollouts.sampling
