@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.logs import set_log_context
+from pipeline.metrics import Metrics
 from pipeline.plan import (
     UnitReceipt,
     WorkUnit,
@@ -255,6 +257,7 @@ def run_job(spec: JobSpec, *, fresh: bool = False, actor_cls: type | None = None
     prep = preflight(spec)
     storage = prep.storage
     run_date, run_id = spec.run.run_date.isoformat(), spec.run.run_id
+    set_log_context(run_id=run_id)
     if fresh:
         removed = delete_run(storage, run_date=run_date, run_id=run_id)
         log.info("--fresh: removed %d objects of run %s", removed, run_id)
@@ -341,6 +344,7 @@ def _fan_out(spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type | None,
         slots.append(_Slot(name=name, handle=handle, probe=handle.ready.remote()))
     queue: deque[tuple[WorkUnit, int]] = deque((u, 1) for u in todo)
     model_info: dict[str, Any] = {}
+    metrics = Metrics(spec.run.run_id)
 
     def lose(unit: WorkUnit, attempt: int, why: str) -> None:
         if attempt < r.max_unit_attempts:
@@ -367,6 +371,7 @@ def _fan_out(spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type | None,
                     ref = s.handle.run_unit.remote(unit)
                     s.inflight[ref] = (unit, attempt, time.monotonic())
             owners = {ref: s for s in live for ref in s.inflight}
+            metrics.set_units_in_flight(len(owners))
             probes = {s.probe: s for s in live if s.probe is not None}
             refs = list(owners) + list(probes)
             done, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
@@ -393,8 +398,11 @@ def _fan_out(spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type | None,
                     lose(unit, attempt, f"{type(exc).__name__}: {str(exc)[-300:]}")
                     continue
                 prog.unit_done(receipt)
+                metrics.record_receipt(receipt)
+                metrics.record_unit_committed()
             _check_timeouts(slots, spec, lose)
     finally:
+        metrics.set_units_in_flight(0)
         for s in slots:
             ray.kill(s.handle, no_restart=True)
     return model_info
