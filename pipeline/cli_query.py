@@ -46,13 +46,14 @@ def register(subparsers: Any) -> None:
 
 
 def _cell(value: Any) -> str:
-    text = (
-        ""
-        if value is None
-        else json.dumps(value, default=str)
-        if isinstance(value, list)
-        else str(value)
-    )
+    if value is None:
+        text = ""
+    elif isinstance(value, float):
+        text = f"{value:.6g}"  # float32 columns would otherwise print 0.8500000238418579
+    elif isinstance(value, list):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
     return text if len(text) <= _CELL_CHARS else text[: _CELL_CHARS - 3] + "..."
 
 
