@@ -160,6 +160,29 @@ def wb(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
+def scrape(port: int, name: str, run_id: str) -> dict[str, float]:
+    """Prometheus series `name` of `run_id` from a node's metrics endpoint: labels -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    series = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'run_id="{run_id}"' in line:
+            labels, _, value = line.rpartition(" ")
+            series[labels] = float(value)
+    return series
+
+
+def wait_for_metric(port: int, name: str, run_id: str, *, total: float,
+                    timeout_s: float = 30.0) -> dict[str, float]:
+    """Series of `name` once their values add up to `total` (export is periodic)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        series = scrape(port, name, run_id)
+        if sum(series.values()) == total or time.monotonic() > deadline:
+            return series
+        time.sleep(0.5)
+
+
 def _sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
@@ -276,6 +299,18 @@ def test_submit_wait_then_query_logs_status_runs(
     (run,) = [json.loads(line) for line in runs.stdout.splitlines()]
     assert run["run_id"] == run_id and run["status"] == "complete"
     assert run["rollouts_ok"] == 2 and run["frames"] == 4
+
+    # The run's metrics reached the node's Prometheus endpoint, tagged with its run id.
+    port = ray_head["metrics_port"]
+    frames = wait_for_metric(port, "ray_wham_frames_generated_total", run_id, total=4)
+    assert sum(frames.values()) == 4 and all('worker="actor-000"' in k for k in frames)
+    rollouts = wait_for_metric(port, "ray_wham_rollouts_total", run_id, total=2)
+    assert [k for k in rollouts if 'status="ok"' in k] and sum(rollouts.values()) == 2
+    units = wait_for_metric(port, "ray_wham_units_committed_total", run_id, total=1)
+    assert sum(units.values()) == 1
+    # Every put of the actor's writer was timed: 4 frames + 2 parts + 1 marker at least.
+    uploads = scrape(port, "ray_wham_upload_seconds_count", run_id)
+    assert sum(uploads.values()) >= 7
 
 
 def test_invalid_config_never_reaches_the_cluster(
