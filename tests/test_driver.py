@@ -163,3 +163,19 @@ def test_not_enough_gpus_fails_before_actors(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, gpus_per_actor=1)
     with pytest.raises(UserError, match="GPU"):
         run_job(spec, actor_cls=StubActor, progress=False)
+
+
+def test_progress_logs_plain_lines_without_a_tty(caplog: pytest.LogCaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    totals = progress.Totals(rollouts_total=4)
+    prog = progress.Progress(run_id="r", totals=totals, show=True)
+    prog.start()
+    with caplog.at_level("INFO", logger="pipeline.driver"):
+        prog.unit_done(UnitReceipt(unit_id="u000000", ok=1, failed=1, frames=3, tokens=0,
+                                   generate_seconds=0.1, write_seconds=0.0, worker="w"))
+    prog.close()
+    assert "r: 2/4 rollouts (1 failed), 3 frames" in caplog.text
+    assert (totals.rollouts_ok, totals.rollouts_failed, totals.units_done) == (1, 1, 1)
