@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import sys
 import tempfile
@@ -156,8 +157,9 @@ def main() -> None:
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/bench_writer.py --frames {args.frames}` on {platform.machine()}, "
-        f"{dt.date.today().isoformat()}; {args.frames} frames of {W}x{H}, one run.",
+        f"`python benchmarks/bench_writer.py --frames {args.frames}` on {platform.machine()} "
+        f"with {os.cpu_count()} CPUs (1-minute load average {os.getloadavg()[0]:.1f} at the "
+        f"end), {dt.date.today().isoformat()}; {args.frames} frames of {W}x{H}, one run.",
         "",
         "| PNG encoding (with watermark) | ms / frame | KiB / frame |",
         "|---|---|---|",
