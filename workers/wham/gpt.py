@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(d, dim=2)
         # [B, L, D] -> [B, H, L, hd]
         shape = (b, length, self.n_head, self.head_dim)
-        return (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         b, _, length, _ = y.shape  # [B, H, L, hd] -> [B, L, D]
