@@ -136,6 +136,16 @@ def test_batched_equals_one_by_one(model) -> None:
             assert torch.equal(x.actions[b], y.actions[0])
 
 
+def test_interleaved_rollouts_on_one_engine_are_refused(model) -> None:
+    engine = RolloutEngine(model, max_batch=1)
+    kw = _inputs(model, batch=1, context=1, steps=2, mode="full")
+    first = engine.rollout(**kw)
+    next(first)
+    assert len(list(engine.rollout(**kw))) == 2
+    with pytest.raises(RuntimeError, match="another rollout ran"):
+        next(first)
+
+
 def test_seeds_decide_the_samples(model) -> None:
     kw = _inputs(model, batch=2, context=2, steps=1, mode="full")
     engine = RolloutEngine(model, max_batch=2)

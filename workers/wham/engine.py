@@ -314,6 +314,7 @@ class RolloutEngine:
         self._static_decode = StaticDecode(self.gpt, self.cache)
         if self.static:
             self._static_decode = torch.compile(self._static_decode, mode="reduce-overhead")
+        self._owner: object | None = None
         self.prefills = 0  # chunk forwards from position 0 (a new window)
         self.extends = 0  # chunk forwards appended to a cached window
 
@@ -369,6 +370,7 @@ class RolloutEngine:
         history = r.history
         first_abs = 0  # absolute index of history[:, 0]
         cached_first, cached = -1, 0  # window start (absolute) the cache holds, tokens held
+        self._owner = owner = object()  # the cache belongs to the rollout that ran last
 
         def sample_at(index: int):
             return lambda logits, j: sample_tokens(
@@ -376,6 +378,9 @@ class RolloutEngine:
                 counter=index * tps + j)
 
         for index in range(r.steps):
+            if self._owner is not owner:
+                raise RuntimeError("another rollout ran on this engine's cache meanwhile; "
+                                   "finish one rollout before advancing the next")
             with torch.no_grad():
                 drop = _window(history.shape[1], seq_len)
                 window = history[:, drop:].reshape(batch, -1)  # [B, W * tps]
