@@ -195,3 +195,20 @@ def setup_logging(*, level: str | int | None = None, fmt: str | None = None) -> 
         logger.addHandler(handler)
         logger.setLevel(level.upper() if isinstance(level, str) else level)
         logger.propagate = False
+
+
+def setup_actor_logging(**fields: str) -> None:
+    """Inside a Ray actor: structured lines on stderr stamped with `fields` (run_id, worker).
+
+    Elsewhere (an actor class called directly, as tests do) it does nothing, so the host
+    process keeps its own logging setup and context.
+    """
+    try:
+        import ray
+
+        inside = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except ImportError:
+        inside = False
+    if inside:
+        setup_logging()
+        set_log_context(**fields)

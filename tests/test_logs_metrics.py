@@ -159,3 +159,36 @@ def test_metrics_are_noops_outside_ray_and_picklable() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     clone = pickle.loads(pickle.dumps(Metrics("r2", worker="actor-001")))
     assert (clone.run_id, clone.worker) == ("r2", "actor-001")
+
+
+def test_actor_logging_only_inside_ray_actors(ray_local: None) -> None:
+    import ray
+
+    # Workers cannot import this test module: ship its code by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    class LoggingProbe:
+        """A stand-in actor that sets up logging the way RolloutActor does."""
+
+        def __init__(self) -> None:
+            from pipeline.logs import setup_actor_logging
+
+            setup_actor_logging(run_id="r-actor", worker="actor-007")
+
+        def line(self) -> tuple[bool, str]:
+            logger = logging.getLogger("pipeline")
+            installed = any(getattr(h, "_wham_batch_handler", False) for h in logger.handlers)
+            with log_context(unit="u000003"):
+                plain = RunLogger(logging.getLogger("workers.actor"), {})
+                return installed, KeyValueFormatter().format(_record(plain, "batch done"))
+
+    actor = ray.remote(num_cpus=0)(LoggingProbe).remote()
+    try:
+        installed, line = ray.get(actor.line.remote(), timeout=60)
+    finally:
+        ray.kill(actor)
+    assert installed
+    assert "run_id=r-actor unit=u000003 worker=actor-007 batch done" in line
+    # Called directly (not as an actor) it leaves this process's logging alone.
+    installed, line = LoggingProbe().line()
+    assert not installed and "run_id=r-actor" not in line

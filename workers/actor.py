@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.logs import log_context, setup_actor_logging
 from pipeline.plan import RolloutItem, UnitReceipt, WorkUnit
 from pipeline.spec import JobSpec
 
@@ -92,6 +93,8 @@ class RolloutActor:
         from workers.wham import RolloutEngine, SamplingParams
         from workers.writer import OutputWriter
 
+        # In a Ray actor, log lines carry run_id and worker (and unit inside run_unit).
+        setup_actor_logging(run_id=spec.run.run_id, worker=worker)
         self.spec = spec
         self.worker = worker
         self.script = script
@@ -149,6 +152,10 @@ class RolloutActor:
     # ------------------------------------------------------------------ one unit
 
     def run_unit(self, unit: WorkUnit) -> UnitReceipt:
+        with log_context(unit=unit.unit_id):
+            return self._run_unit(unit)
+
+    def _run_unit(self, unit: WorkUnit) -> UnitReceipt:
         t0 = time.perf_counter()
         try:
             with self._compute:
