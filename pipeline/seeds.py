@@ -207,11 +207,13 @@ def discover_seeds(
     else:
         names = _list_relative(root, endpoint_url=endpoint_url, region=region)
     patterns = (glob,) if glob else _default_patterns(format)
-    names = [n for n in names if _matches(n, patterns, case_sensitive=bool(glob))][:limit]
+    names = [n for n in names if _matches(n, patterns, case_sensitive=bool(glob))]
+    # Ids come from every match before the limit, so a seed's id does not depend on it.
+    ids = _ids_for([_stem(n) for n in names], names)
     return [
         SeedRef(seed_id=seed_id, uri=_join_uri(root, name), root=root)
-        for seed_id, name in zip(_ids_for([_stem(n) for n in names], names), names, strict=True)
-    ]
+        for seed_id, name in zip(ids, names, strict=True)
+    ][:limit]
 
 
 # ------------------------------------------------------------------------------ loading

@@ -112,8 +112,11 @@ def test_images_load_resize_and_uri(seed_root):
 def test_stem_collisions_get_distinct_ids(tmp_path):
     for name in ("a.png", "a.jpg", "a_b.png", "a b.png"):
         (tmp_path / name).write_bytes(png_bytes(rgb(4, 4)))
-    ids = [r.seed_id for r in discover_seeds(str(tmp_path), format="images")]
+    refs = discover_seeds(str(tmp_path), format="images")
+    ids = [r.seed_id for r in refs]
     assert len(set(ids)) == 4 and "a_b" in ids
+    # The limit does not change ids (a.jpg keeps its suffix without a.png in the result).
+    assert discover_seeds(str(tmp_path), format="images", limit=2) == refs[:2]
 
 
 @pytest.mark.parametrize(
