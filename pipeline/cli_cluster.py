@@ -243,46 +243,40 @@ def _read_json(storage: Any, key: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def list_runs(storage: Any, *, run_date: str | None = None) -> list[RunInfo]:
-    """Every run under the storage root's `_runs/`, from one listing plus small reads.
+def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None = None,
+              run_date: str | None = None) -> list[RunInfo]:
+    """Every run under `root`'s `_runs/` (optionally of one date), oldest first.
 
     A run is complete when `_SUCCESS` exists; its counts come from the manifest. A partial
-    run's counts are summed from its commit markers (the manifest may predate them).
+    run's counts are summed from its commit markers (its manifest may predate them).
     """
-    from pipeline.layout import RUNS_DIR, manifest_key, run_date_str
+    from pipeline.layout import commits_prefix, run_date_str
+    from pipeline.query import read_runs
+    from pipeline.storage import open_storage
 
-    prefix = f"{RUNS_DIR}/"
-    if run_date is not None:
-        prefix += f"run_date={run_date_str(run_date)}/"
-    runs: dict[tuple[str, str], dict[str, Any]] = {}
-    for key in storage.list_keys(prefix):
-        parts = key.split("/")
-        if len(parts) < 4 or not parts[1].startswith("run_date=") or not parts[2].startswith(
-                "run_id="):
-            continue
-        ident = (parts[1].removeprefix("run_date="), parts[2].removeprefix("run_id="))
-        entry = runs.setdefault(ident, {"success": False, "commits": []})
-        rest = "/".join(parts[3:])
-        if rest == "_SUCCESS":
-            entry["success"] = True
-        elif rest.startswith("commits/") and rest.endswith(".json"):
-            entry["commits"].append(key)
+    wanted = run_date_str(run_date) if run_date is not None else None
+    storage = None
     out = []
-    for (date, run_id), entry in sorted(runs.items()):
-        manifest = _read_json(storage, manifest_key(date, run_id))
+    for run in read_runs(root, endpoint_url=endpoint_url, region=region):
+        date, run_id = run["run_date"], run["run_id"]
+        if wanted is not None and date != wanted:
+            continue
+        manifest = run["manifest"] if isinstance(run["manifest"], dict) else {}
         counts = manifest.get("counts") or {}
-        complete = entry["success"]
+        complete = bool(run["success"])
         if complete:
             ok, failed, frames = (int(counts.get(k, 0)) for k in
                                   ("rollouts_ok", "rollouts_failed", "frames"))
         else:
-            markers = [_read_json(storage, key) for key in entry["commits"]]
+            storage = storage or open_storage(root, endpoint_url=endpoint_url, region=region)
+            markers = [_read_json(storage, key)
+                       for key in storage.list_keys(commits_prefix(date, run_id))]
             ok, failed, frames = (sum(int(m.get(k, 0)) for m in markers) for k in
                                   ("ok", "failed", "frames"))
         planned = counts.get("units_total")
         out.append(RunInfo(
             run_date=date, run_id=run_id, status="complete" if complete else "partial",
-            units_committed=len(entry["commits"]),
+            units_committed=int(run["units_committed"]),
             units_planned=int(planned) if planned is not None else None,
             rollouts_ok=ok, rollouts_failed=failed, frames=frames,
             wall_seconds=manifest.get("wall_seconds") if complete else None,
@@ -293,16 +287,14 @@ def list_runs(storage: Any, *, run_date: str | None = None) -> list[RunInfo]:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from pipeline.storage import open_storage
-
-    storage = open_storage(args.root, endpoint_url=args.endpoint_url, region=args.region)
-    runs = list_runs(storage, run_date=args.run_date)
+    runs = list_runs(args.root, endpoint_url=args.endpoint_url, region=args.region,
+                     run_date=args.run_date)
     if args.json:
         for run in runs:
             print(json.dumps(asdict(run)))
         return 0
     if not runs:
-        print(f"no runs under {storage.uri}", file=sys.stderr)
+        print(f"no runs under {args.root}", file=sys.stderr)
         return 0
     header = (f"{'RUN_DATE':<10}  {'RUN_ID':<28} {'STATUS':<8} {'UNITS':>9} {'OK':>7} "
               f"{'FAILED':>6} {'FRAMES':>8} {'FRAMES/S':>9}")

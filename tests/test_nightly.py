@@ -106,6 +106,14 @@ def test_same_date_resumes_and_new_date_partitions(
         assert run["rollouts_ok"] == 2 and run["frames"] == 4
         assert run["frames_per_second"] > 0
 
+    from pipeline.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["runs", s3_bucket, "--run-date", "2026-11-30"]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["RUN_DATE", "RUN_ID", "STATUS"]
+    assert line.split()[:4] == ["2026-11-30", "nightly-2026-11-30", "complete", "2/2"]
+
 
 def test_bad_config_exits_2_before_running(s3_bucket: str,
                                            capsys: pytest.CaptureFixture[str]) -> None:
