@@ -68,6 +68,8 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# scheme://user:password@host -- credentials embedded in a URL.
+_URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 # (connect, read) seconds for each call to the dashboard; Ray's client has no default.
 REQUEST_TIMEOUT_S = (10.0, 120.0)
@@ -159,6 +161,12 @@ def build_submission(
     """Validate the config and assemble the entrypoint and runtime_env for it."""
     config = Path(config)
     overrides = list(overrides)
+    for item in overrides:
+        # The entrypoint is stored with the job and shown by the dashboard to anyone.
+        if _URL_USERINFO.search(item):
+            raise UserError(f"--set {item.partition('=')[0]}: the value carries credentials in "
+                            "a URL (user:password@); the cluster must get them from its "
+                            "own environment or role")
     spec = validate_config(config, overrides)
     # Pin the run date resolved here so the run id printed now is the one the job writes,
     # even if the job starts after midnight UTC.

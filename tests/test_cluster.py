@@ -212,6 +212,15 @@ def test_env_passthrough_refuses_secrets() -> None:
         job_env_vars(["NOT_THERE"], environ=environ)
 
 
+def test_credentials_in_set_values_are_refused() -> None:
+    from pipeline.errors import UserError
+    from pipeline.submit import build_submission
+
+    with pytest.raises(UserError, match="credentials"):
+        build_submission(ROOT / "configs" / "demo.yaml", working_dir=ROOT, overrides=[
+            "output.endpoint_url=http://minio:s3cr3t@127.0.0.1:9000"])
+
+
 def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
     from pipeline.errors import UserError
     from pipeline.submit import auth_headers
@@ -339,11 +348,15 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
     assert "run outside complete" in result.stdout  # the driver's log, streamed
 
     # Valid spec, but the job itself fails (no seeds there): --wait reports it, exit 1.
+    # Sent in image mode: only the config travels and the driver imports the installed
+    # package (this head's environment plays the image), so its error names the field.
     failing = [*SMALL_RUN, f"output.root={s3_bucket}", f"seeds.source={tmp_path / 'none'}"]
     result = cli("submit", "configs/demo.yaml", "--address", address, "--wait",
-                 "--timeout", "120", *_sets(failing))
+                 "--image-has-package", "--timeout", "120", *_sets(failing))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stdout and "seeds.source" in result.stderr
+    sent = _client(address).get_job_info(result.stdout.splitlines()[0].strip()).runtime_env
+    assert "py_modules" not in sent and "excludes" not in sent
 
 
 def test_stop_a_running_job_leaves_a_partial_run(
