@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,6 +145,21 @@ def validate_config(config: Path, overrides: Iterable[str]) -> JobSpec:
     return load_spec(config, list(overrides))
 
 
+def _upload_skips(root: Path, rel: str) -> bool:
+    """True if Ray would leave `rel` out of the working_dir upload (excluded or git-ignored)."""
+    first = rel.split("/", 1)[0]
+    if first in WORKING_DIR_EXCLUDES or rel.endswith(".pyc"):
+        return True
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        return False
+    try:
+        check = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", rel],
+                               capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return check.returncode == 0
+
+
 def _stage_config(config: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix="wham-submit-"))
     shutil.copy2(config, staging / config.name)
@@ -171,6 +187,7 @@ def build_submission(
     # Pin the run date resolved here so the run id printed now is the one the job writes,
     # even if the job starts after midnight UTC.
     overrides = [*overrides, f"run.run_date={spec.run.run_date.isoformat()}"]
+    env_vars = job_env_vars(env)
     runtime_env: dict[str, Any] = {}
     cleanup: list[Path] = []
     if image_has_package:
@@ -194,16 +211,20 @@ def build_submission(
                             f"{', '.join(missing)}/__init__.py)")
         resolved = config.resolve()
         if resolved.is_relative_to(root):
+            config_arg = resolved.relative_to(root).as_posix()
+            if _upload_skips(root, config_arg):
+                raise UserError(
+                    f"{config_arg} is git-ignored or in an excluded folder, so it would not "
+                    "be uploaded with the project; move it, or submit a copy kept outside "
+                    "the project folder (it is then shipped on its own)")
             runtime_env["working_dir"] = str(root)
             runtime_env["excludes"] = list(WORKING_DIR_EXCLUDES)
-            config_arg = resolved.relative_to(root).as_posix()
         else:
             staging = _stage_config(config)
             cleanup.append(staging)
             runtime_env["working_dir"] = str(staging)
             runtime_env["py_modules"] = [str(root / name) for name in PACKAGE_DIRS]
             config_arg = config.name
-    env_vars = job_env_vars(env)
     if env_vars:
         runtime_env["env_vars"] = env_vars
     args = ["python", "-m", ENTRY_MODULE, config_arg]

@@ -243,6 +243,7 @@ def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
 
 
 def test_submission_layout_for_project_outside_and_image_configs(tmp_path: Path) -> None:
+    from pipeline.errors import UserError
     from pipeline.submit import build_submission
 
     inside = build_submission(ROOT / "configs" / "demo.yaml", overrides=["rollouts.steps=3"],
@@ -263,6 +264,15 @@ def test_submission_layout_for_project_outside_and_image_configs(tmp_path: Path)
     finally:
         outside.remove_staging()
     assert not staged.exists()
+    # A config the upload would leave out is refused instead of failing on the cluster.
+    project = tmp_path / "project"
+    for name in ("pipeline", "workers", "jobs"):
+        (project / name).mkdir(parents=True)
+        (project / name / "__init__.py").touch()
+    (project / "out").mkdir()
+    shutil.copy(ROOT / "configs" / "demo.yaml", project / "out" / "job.yaml")
+    with pytest.raises(UserError, match="would not be uploaded"):
+        build_submission(project / "out" / "job.yaml", working_dir=project)
     image = build_submission(ROOT / "configs" / "demo.yaml", image_has_package=True)
     image.remove_staging()
     assert "py_modules" not in image.runtime_env and "excludes" not in image.runtime_env
