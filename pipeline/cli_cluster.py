@@ -148,7 +148,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipeline import submit as sub
 
     client = sub.connect(args.address)
-    with sub._cluster_errors(client.get_address()):
+    with sub.cluster_errors(client.get_address()):
         if args.job_id is None:
             jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
             rows = [_job_row(job) for job in jobs]
@@ -190,7 +190,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     sub.job_status(client, args.job_id)  # UserError for an unknown id
     if args.follow:
         return 0 if sub.follow_logs(client, args.job_id, timeout_s=args.timeout) else EXIT_TIMEOUT
-    with sub._cluster_errors(client.get_address()):
+    with sub.cluster_errors(client.get_address()):
         sys.stdout.write(client.get_job_logs(args.job_id))
     return 0
 
@@ -203,7 +203,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if status in sub.TERMINAL_STATUSES:
         print(f"job {args.job_id} already {status}")
         return 0
-    with sub._cluster_errors(client.get_address()):
+    with sub.cluster_errors(client.get_address()):
         client.stop_job(args.job_id)
     print(f"stop requested for {args.job_id}")
     if args.wait:

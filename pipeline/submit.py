@@ -295,9 +295,14 @@ def resolve_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
+class ClusterUnreachable(UserError):
+    """The dashboard did not answer (refused, timed out); may be temporary."""
+
+
 @contextmanager
-def _cluster_errors(address: str) -> Iterator[None]:
+def cluster_errors(address: str) -> Iterator[None]:
     """Turn connection and authentication failures into UserErrors that say what to do."""
+    import requests
     from ray.exceptions import AuthenticationError
 
     try:
@@ -308,23 +313,24 @@ def _cluster_errors(address: str) -> Iterator[None]:
             "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
             "cluster's token"
         ) from None
-    except ConnectionError as exc:
-        raise UserError(f"cannot reach the Ray dashboard at {address}: {exc}; check "
-                        "--address (http://HEAD:8265) and that the cluster is up") from None
+    except (ConnectionError, requests.RequestException) as exc:
+        raise ClusterUnreachable(
+            f"cannot reach the Ray dashboard at {address}: {exc}; check --address "
+            "(http://HEAD:8265) and that the cluster is up") from None
 
 
 def connect(address: str | None) -> JobSubmissionClient:
     """A Jobs API client for `address` (with the auth token when token auth is on)."""
     address = resolve_address(address)
     headers = auth_headers()
-    with _cluster_errors(address):
+    with cluster_errors(address):
         return _client_class()(address, headers=headers or None)
 
 
 def submit(client: JobSubmissionClient, submission: Submission, *,
            submission_id: str | None = None) -> str:
     """Upload the code and config and submit; returns the job's submission id."""
-    with _cluster_errors(client.get_address()):
+    with cluster_errors(client.get_address()):
         return client.submit_job(
             entrypoint=submission.entrypoint,
             runtime_env=submission.runtime_env,
@@ -335,7 +341,7 @@ def submit(client: JobSubmissionClient, submission: Submission, *,
 
 def job_status(client: JobSubmissionClient, job_id: str) -> str:
     """The job's status name (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    with _cluster_errors(client.get_address()):
+    with cluster_errors(client.get_address()):
         try:
             return str(client.get_job_status(job_id).value)
         except RuntimeError as exc:
@@ -352,11 +358,21 @@ def wait_for_job(
     poll_s: float = DEFAULT_POLL_S,
     on_change: Callable[[str], None] | None = None,
 ) -> str | None:
-    """Poll until the job ends; its final status, or None if `timeout_s` ran out first."""
+    """Poll until the job ends; its final status, or None if `timeout_s` ran out first.
+
+    A dashboard that stops answering for a while (head restart, network blip) does not end
+    the wait; it fails only if it is still unreachable when the time is up.
+    """
     deadline = time.monotonic() + timeout_s
     last = None
     while True:
-        status = job_status(client, job_id)
+        try:
+            status = job_status(client, job_id)
+        except ClusterUnreachable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+            continue
         if status != last and on_change is not None:
             on_change(status)
         last = status
@@ -384,5 +400,5 @@ def follow_logs(client: JobSubmissionClient, job_id: str, *, timeout_s: float,
             return False
         return True
 
-    with _cluster_errors(client.get_address()):
+    with cluster_errors(client.get_address()):
         return asyncio.run(_bounded())

@@ -411,6 +411,18 @@ def test_unknown_job_and_unreachable_cluster_are_clear_errors(
     assert result.returncode == 2 and "cannot reach the Ray dashboard" in result.stderr
 
 
+def test_wait_rides_out_an_unreachable_dashboard_until_its_deadline(ray_head: dict) -> None:
+    from pipeline.submit import ClusterUnreachable, connect, wait_for_job
+
+    client = connect(ray_head["address"])
+    # The head goes away (here: the client now points at a closed port).
+    client._address = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match="cannot reach"):
+        wait_for_job(client, "raysubmit_any", timeout_s=1.5, poll_s=0.2)
+    assert 1.5 <= time.monotonic() - start < 15
+
+
 def test_token_authenticated_cluster(s3_server: str, tmp_path: Path) -> None:
     import secrets
 
