@@ -59,9 +59,17 @@ def containers(obj: Any) -> list[dict[str, Any]]:
     return found
 
 
+def image_workdir() -> str:
+    return re.search(r"^WORKDIR (\S+)", (INFRA / "Dockerfile").read_text(), re.MULTILINE)[1]
+
+
 def check_entrypoint(command: str, module: str) -> list[str]:
-    """`python -m MODULE CONFIG ...`: the module is importable and the config is shipped."""
+    """`[cd WORKDIR &&] python -m MODULE CONFIG ...`: the module is importable and the
+    config is in the repository (so in the image's WORKDIR)."""
     args = shlex.split(command)
+    if args[0] == "cd":
+        assert args[1:3] == [image_workdir(), "&&"], f"{command}: not the image's WORKDIR"
+        args = args[3:]
     assert args[:3] == ["python", "-m", module], command
     assert importlib.util.find_spec(module) is not None, f"{module} is not importable"
     config = args[args.index("--config") + 1] if "--config" in args else args[3]
