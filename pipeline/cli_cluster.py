@@ -90,6 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _print_failure_tail(client: Any, job_id: str) -> None:
+    from pipeline.logs import redact
+
     try:
         info = client.get_job_info(job_id)
         lines = client.get_job_logs(job_id).splitlines()[-_LOG_TAIL_LINES:]
@@ -100,7 +102,7 @@ def _print_failure_tail(client: Any, job_id: str) -> None:
         print(f"cluster says: {info.message}", file=sys.stderr)
     if lines:
         print(f"last {len(lines)} log lines:", file=sys.stderr)
-        print("\n".join(f"  {line}" for line in lines), file=sys.stderr)
+        print(redact("\n".join(f"  {line}" for line in lines)), file=sys.stderr)
 
 
 def _finish(client: Any, job_id: str, status: str | None, timeout_s: float) -> int:
@@ -190,8 +192,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     sub.job_status(client, args.job_id)  # UserError for an unknown id
     if args.follow:
         return 0 if sub.follow_logs(client, args.job_id, timeout_s=args.timeout) else EXIT_TIMEOUT
+    from pipeline.logs import redact
+
     with sub.cluster_errors(client.get_address()):
-        sys.stdout.write(client.get_job_logs(args.job_id))
+        sys.stdout.write(redact(client.get_job_logs(args.job_id)))
     return 0
 
 

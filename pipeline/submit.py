@@ -388,9 +388,11 @@ def follow_logs(client: JobSubmissionClient, job_id: str, *, timeout_s: float,
                 out: TextIO = sys.stdout) -> bool:
     """Stream the job's logs to `out` until it ends; False if `timeout_s` ran out first."""
 
+    from pipeline.logs import redact
+
     async def _tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
+            out.write(redact(chunk))
             out.flush()
 
     async def _bounded() -> bool:
