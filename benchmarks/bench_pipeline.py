@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from pipeline.driver import run_job
+from pipeline.driver import actor_name, run_job
 from pipeline.layout import commit_key
 from pipeline.plan import UnitReceipt, WorkUnit
 from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
+from workers.actor import RolloutActor
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 DEMO_SEED = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo"
@@ -108,8 +109,8 @@ def part_b(tmp: Path, *, seeds: int, actors: int) -> dict:
             "wall_s": wall, "driver_peak_rss_mib": peak_kib / 1024}
 
 
-def _engine_worker(args: tuple[dict, list[str]]) -> tuple[int, float]:
-    """One process, one torch thread (like one actor): (frames, seconds) for its seeds."""
+def _engine_worker(args: tuple[dict, list[str]]) -> tuple[int, float, float]:
+    """One process, one torch thread (like one actor): (frames, seconds, CPU seconds)."""
     import torch
 
     from pipeline.action_sources import NEUTRAL_ACTION, make_actions
@@ -123,7 +124,7 @@ def _engine_worker(args: tuple[dict, list[str]]) -> tuple[int, float]:
     model = random_model(spec.model.preset, seed=spec.run.seed)
     batch, steps = spec.resources.batch_size, spec.rollouts.steps
     engine = RolloutEngine(model, max_batch=batch)
-    frames, t0 = 0, time.perf_counter()
+    frames, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     for start in range(0, len(uris), batch):
         rows = [SeedRef(seed_id=Path(u).stem, uri=u) for u in uris[start:start + batch]]
         data = [load_seed(r, image_size=model.image_size, context_steps=1) for r in rows]
@@ -135,12 +136,12 @@ def _engine_worker(args: tuple[dict, list[str]]) -> tuple[int, float]:
                                   mode="world_model", actions=actions, seeds=seeds,
                                   sampling=SamplingParams()):
             frames += len(out.images)
-    return frames, time.perf_counter() - t0
+    return frames, time.perf_counter() - t0, time.process_time() - cpu0
 
 
-def engine_only(spec: JobSpec, *, processes: int) -> float:
-    """Frames/s of the bare engine on the same rollouts, split over `processes` processes
-    with one thread each (the compute layout of the actors, without Ray and writing)."""
+def engine_only(spec: JobSpec, *, processes: int) -> tuple[float, float]:
+    """(frames/s, frames per CPU second) of the bare engine on the same rollouts, split over
+    `processes` processes with one thread each (the actors' layout, without Ray and I/O)."""
     import multiprocessing as mp
 
     uris = sorted(str(p) for p in Path(spec.seeds.source).glob("*.png"))
@@ -148,36 +149,81 @@ def engine_only(spec: JobSpec, *, processes: int) -> float:
     data = spec.model_dump(mode="json")
     with mp.get_context("spawn").Pool(processes) as pool:
         results = pool.map(_engine_worker, [(data, shard) for shard in shards])
-    return sum(f for f, _ in results) / max(s for _, s in results)
+    rate = sum(f / s for f, s, _ in results)  # per-process warm rates, like the actors below
+    return rate, sum(f for f, _, _ in results) / sum(c for _, _, c in results)
 
 
-def part_a(tmp: Path, *, preset: str, rollouts: int, steps: int, batch: int) -> dict:
-    make_seeds(tmp / "seeds", rollouts)
-    spec = job(tmp, model={"preset": preset}, rollouts={"steps": steps},
-               resources={"actors": 2, "cpus_per_actor": 1, "batch_size": batch,
-                          "units_in_flight": 2})
-    engine_fps = engine_only(spec, processes=2)
-    marks: dict[str, list[float]] = {"actor_ready": [], "unit_committed": []}
+class TimedActor(RolloutActor):
+    """The real actor, also reporting its process id so the benchmark can read its CPU time."""
+
+    def ready(self) -> dict:
+        return {**super().ready(), "pid": os.getpid()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of every thread of a process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pipeline_fps(spec: JobSpec, n_rollouts: int) -> tuple[float, float, float]:
+    """(warm frames/s, frames/s including Ray start, frames per actor CPU second)."""
+    ready: dict[str, float] = {}
+    cpu: dict[str, list[float]] = {}  # worker -> [CPU at ready, CPU at its last commit]
+    pids: dict[str, int] = {}
+    done: dict[str, list[tuple[float, int]]] = {}  # worker -> (commit time, frames)
 
     def on_event(event) -> None:  # noqa: ANN001
-        if event.kind in marks:
-            marks[event.kind].append(time.perf_counter())
+        if event.kind == "actor_ready":
+            name = event.detail
+            ready.setdefault(name, time.perf_counter())
+            pids[name] = ray.get(ray.get_actor(actor_name(spec.run.run_id, int(name[-3:])))
+                                 .ready.remote(), timeout=60)["pid"]
+            cpu.setdefault(name, [_cpu_seconds(pids[name])] * 2)
+        elif event.kind == "unit_committed":
+            worker = event.receipt.worker
+            done.setdefault(worker, []).append((time.perf_counter(), event.receipt.frames))
+            cpu[worker][1] = _cpu_seconds(pids[worker])
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         wall0 = time.perf_counter()
-        summary = run_job(spec, progress=False, on_event=on_event)
+        summary = run_job(spec, actor_cls=TimedActor, progress=False, on_event=on_event)
         wall = time.perf_counter() - wall0
     finally:
         ray.shutdown()
-    assert summary.complete and summary.rollouts_ok == rollouts, summary
-    # Warm: from the first actor ready (model loaded) to the last commit. The engine-only
-    # side likewise excludes start-up and model construction.
-    warm = summary.frames / (marks["unit_committed"][-1] - marks["actor_ready"][0])
+    assert summary.complete and summary.rollouts_ok == n_rollouts, summary
+    # Warm throughput per actor: its frames from the moment its model was loaded to its last
+    # commit (the engine-only side likewise excludes start-up and model construction).
+    warm = sum(sum(f for _, f in commits) / (commits[-1][0] - ready[worker])
+               for worker, commits in done.items())
+    per_cpu = summary.frames / sum(end - start for start, end in cpu.values())
+    return warm, summary.frames / wall, per_cpu
+
+
+def part_a(tmp: Path, *, preset: str, rollouts: int, steps: int, batch: int,
+           repeats: int) -> dict:
+    """Engine and pipeline measured alternately (E P E P ...): the machine's other load
+    then weighs on both sides alike."""
+    make_seeds(tmp / "seeds", rollouts)
+    engine, warm, wall, engine_cpu, pipeline_cpu = [], [], [], [], []
+    for i in range(repeats):
+        spec = job(tmp, model={"preset": preset}, rollouts={"steps": steps},
+                   run={"run_id": f"bench-{i}"},
+                   resources={"actors": 2, "cpus_per_actor": 1, "batch_size": batch,
+                              "units_in_flight": 2})
+        rate, per_cpu = engine_only(spec, processes=2)
+        engine.append(rate)
+        engine_cpu.append(per_cpu)
+        w, a, c = pipeline_fps(spec, rollouts)
+        warm.append(w)
+        wall.append(a)
+        pipeline_cpu.append(c)
     return {"preset": preset, "rollouts": rollouts, "steps": steps, "batch": batch,
-            "engine_fps": engine_fps, "pipeline_fps_warm": warm,
-            "pipeline_fps_wall": summary.frames / wall, "wall_s": wall,
-            "ratio_warm": warm / engine_fps}
+            "engine_fps": engine, "pipeline_fps_warm": warm, "pipeline_fps_wall": wall,
+            "ratio_warm": sum(warm) / sum(engine),
+            "engine_frames_per_cpu_s": engine_cpu, "pipeline_frames_per_cpu_s": pipeline_cpu,
+            "ratio_cpu": sum(pipeline_cpu) / sum(engine_cpu)}
 
 
 def main() -> None:
@@ -190,9 +236,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("a", "all"):
-            n = 32 if args.quick else 128
+            n = 32 if args.quick else 256
             results["a"] = part_a(Path(tmp) / "a", preset=args.preset, rollouts=n,
-                                  steps=8 if args.quick else 24, batch=8)
+                                  steps=8 if args.quick else 24, batch=8,
+                                  repeats=1 if args.quick else 3)
             print(json.dumps(results["a"]), flush=True)
         if args.part in ("b", "all"):
             n, actors = (500, 8) if args.quick else (10_000, 32)
@@ -200,10 +247,17 @@ def main() -> None:
             print(json.dumps(results["b"]), flush=True)
     if "a" in results:
         a = results["a"]
+
+        def fmt(values: list[float]) -> str:
+            return "/".join(f"{v:.0f}" for v in values)
+
         print(f"| engine only vs pipeline (2 actors), preset {a['preset']}, {a['rollouts']} "
-              f"rollouts x {a['steps']} steps, batch {a['batch']} | {a['engine_fps']:.1f} "
-              f"frames/s | {a['pipeline_fps_warm']:.1f} frames/s warm "
-              f"({a['pipeline_fps_wall']:.1f} incl. Ray start) | {a['ratio_warm']:.2f}x |")
+              f"rollouts x {a['steps']} steps, batch {a['batch']} | engine {fmt(a['engine_fps'])} "
+              f"frames/s | pipeline {fmt(a['pipeline_fps_warm'])} frames/s warm "
+              f"({fmt(a['pipeline_fps_wall'])} incl. Ray start) | {a['ratio_warm']:.2f}x |")
+        print(f"| same, frames per CPU second (actor processes vs engine processes) | engine "
+              f"{fmt(a['engine_frames_per_cpu_s'])} | pipeline "
+              f"{fmt(a['pipeline_frames_per_cpu_s'])} | {a['ratio_cpu']:.2f}x |")
     if "b" in results:
         b = results["b"]
         print(f"| driver overhead, {b['units']} units, {b['actors']} stub actors | "
