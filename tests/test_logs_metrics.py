@@ -123,19 +123,21 @@ def test_secret_values_are_masked_everywhere(monkeypatch: pytest.MonkeyPatch) ->
 def test_setup_logging_installs_one_handler(monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("WHAM_LOG_FORMAT", "json")
+    loggers = [logging.getLogger(name) for name in ("pipeline", "workers", "jobs")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     setup_logging(level="INFO")
     setup_logging(level="INFO")
-    logger = logging.getLogger("pipeline")
     try:
-        marked = [h for h in logger.handlers if getattr(h, "_wham_batch_handler", False)]
+        marked = [h for h in loggers[0].handlers if getattr(h, "_wham_batch_handler", False)]
         assert len(marked) == 1
         get_logger("pipeline.driver", run_id="r9").info("hello")
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert json.loads(line)["run_id"] == "r9"
     finally:
-        for handler in marked:
-            logger.removeHandler(handler)
-        logger.propagate = True
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
     with pytest.raises(ValueError, match="WHAM_LOG_FORMAT"):
         setup_logging(fmt="xml")
 
