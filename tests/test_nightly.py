@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from jobs.nightly import main as nightly_main
 from jobs.nightly import nightly_overrides, resolve_date
 from pipeline.errors import UserError
+from pipeline.logs import set_log_context
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT / "configs" / "seeds" / "demo"
@@ -18,6 +21,19 @@ SEEDS = ROOT / "configs" / "seeds" / "demo"
 SMALL_NIGHT = ["rollouts.per_seed=1", "rollouts.steps=2", "seeds.limit=2",
                "resources.rollouts_per_unit=1", "output.previews=false",
                f"seeds.source={SEEDS}", "run.run_id=nightly-{date}"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging_config() -> Iterator[None]:
+    """jobs.nightly sets up structured logging in-process; undo it for later tests."""
+    loggers = [logging.getLogger(name) for name in ("pipeline", "workers", "jobs")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    set_log_context(run_id=None)
 
 
 def test_date_defaults_to_utc_today_and_is_validated() -> None:
