@@ -207,19 +207,27 @@ def part_a(tmp: Path, *, preset: str, rollouts: int, steps: int, batch: int,
     then weighs on both sides alike."""
     make_seeds(tmp / "seeds", rollouts)
     engine, warm, wall, engine_cpu, pipeline_cpu = [], [], [], [], []
-    for i in range(repeats):
+    no_frames: tuple[float, float] | None = None
+    for i in range(repeats + 1):
+        # The last round writes no PNG frames (Parquet and commits only): it separates
+        # the cost of frame encoding from that of the actor/driver machinery.
+        last = i == repeats
         spec = job(tmp, model={"preset": preset}, rollouts={"steps": steps},
-                   run={"run_id": f"bench-{i}"},
+                   run={"run_id": f"bench-{i}"}, output={"frames": not last},
                    resources={"actors": 2, "cpus_per_actor": 1, "batch_size": batch,
                               "units_in_flight": 2})
         rate, per_cpu = engine_only(spec, processes=2)
+        w, a, c = pipeline_fps(spec, rollouts)
+        if last:
+            no_frames = (w / rate, c / per_cpu)
+            break
         engine.append(rate)
         engine_cpu.append(per_cpu)
-        w, a, c = pipeline_fps(spec, rollouts)
         warm.append(w)
         wall.append(a)
         pipeline_cpu.append(c)
-    return {"preset": preset, "rollouts": rollouts, "steps": steps, "batch": batch,
+    return {"no_frames_ratio_warm": no_frames[0], "no_frames_ratio_cpu": no_frames[1],
+            "preset": preset, "rollouts": rollouts, "steps": steps, "batch": batch,
             "engine_fps": engine, "pipeline_fps_warm": warm, "pipeline_fps_wall": wall,
             "ratio_warm": sum(warm) / sum(engine),
             "engine_frames_per_cpu_s": engine_cpu, "pipeline_frames_per_cpu_s": pipeline_cpu,
@@ -258,6 +266,9 @@ def main() -> None:
         print(f"| same, frames per CPU second (actor processes vs engine processes) | engine "
               f"{fmt(a['engine_frames_per_cpu_s'])} | pipeline "
               f"{fmt(a['pipeline_frames_per_cpu_s'])} | {a['ratio_cpu']:.2f}x |")
+        print(f"| same without PNG frames (output.frames: false), one more round | | | "
+              f"{a['no_frames_ratio_warm']:.2f}x warm, {a['no_frames_ratio_cpu']:.2f}x per CPU "
+              "second |")
     if "b" in results:
         b = results["b"]
         print(f"| driver overhead, {b['units']} units, {b['actors']} stub actors | "
