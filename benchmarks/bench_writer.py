@@ -171,6 +171,10 @@ def main() -> None:
         "|---|---|---|",
         *(f"| {name} | {s:.2f} | {s / base:.2f}x |" for name, s in overlap),
         "",
+        "Generation is a 20 ms sleep per step (the actor waiting on the accelerator). The",
+        "writer threads share the CPUs with whatever else runs on the machine, so on a busy",
+        "machine the background writer's overhead is an upper bound.",
+        "",
     ]
     text = "\n".join(lines)
     print(text)
