@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.seeds import SeedData, SeedError
-from pipeline.storage import read_uri
+from pipeline.seeds import SeedData, SeedError, read_table_file
 from workers.wham.actions import (
     ACTION_DIM,
     ACTION_NAMES,
@@ -143,26 +142,10 @@ def load_action_script(
 
     Every problem raises UserError naming the file, the (1-based data) row and the column.
     """
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     if sticks not in ("values", "bins"):
         raise UserError(f"action script: sticks must be 'values' or 'bins', got {sticks!r}")
     where = f"action script {uri}"
-    try:
-        data = read_uri(uri, endpoint_url=endpoint_url, region=region)
-    except FileNotFoundError:
-        raise UserError(f"{where} does not exist") from None
-    try:
-        if uri.lower().endswith(".parquet"):
-            table = pq.read_table(pa.BufferReader(data))
-        elif uri.lower().endswith(".csv"):
-            table = pacsv.read_csv(pa.BufferReader(data))
-        else:
-            raise UserError(f"{where}: must be a .csv or .parquet file")
-    except pa.ArrowException as exc:
-        raise UserError(f"{where}: cannot be read ({exc})") from None
+    table = read_table_file(uri, what="action script", endpoint_url=endpoint_url, region=region)
     missing = [name for name in ACTION_NAMES if name not in table.column_names]
     if missing:
         raise UserError(

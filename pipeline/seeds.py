@@ -28,7 +28,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -124,27 +124,47 @@ def _join_uri(root: str, rel: str) -> str:
     return f"{root.rstrip('/')}/{rel}" if root.startswith("s3://") else str(Path(root) / rel)
 
 
-def _read_manifest(source: str, *, endpoint_url: str | None, region: str | None) -> list[SeedRef]:
+def read_table_file(
+    uri: str,
+    *,
+    what: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    string_columns: tuple[str, ...] = (),
+) -> Any:
+    """A small CSV or Parquet file (local or s3://) as a pyarrow Table.
+
+    `what` starts every error message (e.g. "action script"); `string_columns` are read
+    as strings from CSV whatever they look like.
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     try:
-        data = read_uri(source, endpoint_url=endpoint_url, region=region)
+        data = read_uri(uri, endpoint_url=endpoint_url, region=region)
     except FileNotFoundError:
-        raise UserError(f"seeds.source: manifest {source} does not exist") from None
+        raise UserError(f"{what} {uri} does not exist") from None
     try:
-        if source.lower().endswith(".parquet"):
-            table = pq.read_table(pa.BufferReader(data))
-        elif source.lower().endswith(".csv"):
-            options = pacsv.ConvertOptions(
-                column_types={"uri": pa.string(), "seed_id": pa.string()}
-            )
-            table = pacsv.read_csv(pa.BufferReader(data), convert_options=options)
-        else:
-            raise UserError(f"seeds.source: manifest {source} must be a .csv or .parquet file")
+        if uri.lower().endswith(".parquet"):
+            return pq.read_table(pa.BufferReader(data))
+        if uri.lower().endswith(".csv"):
+            types = dict.fromkeys(string_columns, pa.string())
+            options = pacsv.ConvertOptions(column_types=types)
+            return pacsv.read_csv(pa.BufferReader(data), convert_options=options)
     except pa.ArrowException as exc:
-        raise UserError(f"seeds.source: cannot read manifest {source}: {exc}") from None
+        raise UserError(f"{what} {uri} cannot be read ({exc})") from None
+    raise UserError(f"{what} {uri} must be a .csv or .parquet file")
+
+
+def _read_manifest(source: str, *, endpoint_url: str | None, region: str | None) -> list[SeedRef]:
+    table = read_table_file(
+        source,
+        what="seeds.source: manifest",
+        endpoint_url=endpoint_url,
+        region=region,
+        string_columns=("uri", "seed_id"),
+    )
     if "uri" not in table.column_names:
         raise UserError(
             f"seeds.source: manifest {source} has no 'uri' column "
