@@ -87,19 +87,11 @@ def _matches(rel: str, patterns: tuple[str, ...], *, case_sensitive: bool) -> bo
 
 
 def _list_relative(source: str, *, endpoint_url: str | None, region: str | None) -> list[str]:
-    """Relative names of the files under a folder or prefix (hidden files skipped)."""
-    if source.startswith("s3://"):
-        names = list(open_storage(source, endpoint_url=endpoint_url, region=region).list_keys())
-    else:
-        root = Path(source)
-        if not root.is_dir():
-            raise UserError(f"seeds.source: {source} is not a folder")
-        names = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel_dir = Path(dirpath).relative_to(root).as_posix()
-            names.extend(n if rel_dir == "." else f"{rel_dir}/{n}" for n in filenames)
-    return sorted(n for n in names if not any(p.startswith(".") for p in n.split("/")))
+    """Sorted relative names of the files under a folder or prefix, hidden ones skipped."""
+    if not source.startswith("s3://") and not Path(source).is_dir():
+        raise UserError(f"seeds.source: {source} is not a folder")
+    names = open_storage(source, endpoint_url=endpoint_url, region=region).list_keys()
+    return [n for n in names if not any(p.startswith(".") for p in n.split("/"))]
 
 
 def _ids_for(stems: list[str], names: list[str]) -> list[str]:
