@@ -33,6 +33,7 @@ from pipeline.spec import JobSpec
 log = logging.getLogger("pipeline.driver")
 WAIT_S = 1.0  # longest single ray.wait; the loop re-checks timeouts between waits
 REPROBE_S = 0.5  # pause between liveness probes of a restarting actor
+MARKER_READERS = 16  # parallel reads of commit markers when resuming
 ACTOR_START_TIMEOUT_S = float(os.environ.get("WHAM_ACTOR_START_TIMEOUT_S", "1800"))
 OUTPUT_TABLES = ("steps", "rollouts", "frames", "previews", "_runs")
 
@@ -229,10 +230,15 @@ def delete_run(storage: Any, *, run_date: str, run_id: str) -> int:
 def _totals_from_markers(storage: Any, *, run_date: str, run_id: str, steps: int,
                          unit_ids: Sequence[str], totals: Totals) -> None:
     """Counts of units committed by earlier attempts of this run (their commit markers)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.layout import commit_key
 
-    for uid in unit_ids:
-        marker = _read_json(storage, commit_key(run_date, run_id, uid)) or {}
+    keys = [commit_key(run_date, run_id, uid) for uid in unit_ids]
+    # One small GET per marker; in parallel, as a resumed S3 run may have thousands.
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        markers = list(pool.map(lambda key: _read_json(storage, key) or {}, keys))
+    for marker in markers:
         ok = int(marker.get("ok", 0))
         totals.rollouts_ok += ok
         totals.rollouts_failed += int(marker.get("failed", 0))
