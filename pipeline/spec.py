@@ -9,7 +9,6 @@ reads the YAML, applies `--set a.b=c` overrides and turns every problem into one
 from __future__ import annotations
 
 import datetime as dt
-import re
 import string
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,9 +27,6 @@ from pydantic import (
 from pipeline.errors import UserError
 
 _RUN_ID_FIELDS = {"date", "name"}
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-NUM_ACTIONS = 16
-NUM_BUTTONS = 12
 
 
 class _Section(BaseModel):
@@ -66,11 +62,13 @@ class RunSection(_Section):
         if unknown:
             raise ValueError(f"run_id template uses unknown placeholder(s) {sorted(unknown)}; "
                              f"allowed: {{date}} {{name}}")
+        from pipeline.layout import check_run_id
+
         rendered = self.run_id.format(date=self.run_date.isoformat(), name=self.name)
-        if not _SAFE_ID.match(rendered):
-            raise ValueError(f"run_id {rendered!r} must start with a letter or digit and use "
-                             "only letters, digits, '.', '_' and '-' (at most 128 characters)")
-        self.run_id = rendered
+        try:
+            self.run_id = check_run_id(rendered)  # it names a partition folder
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
 
@@ -125,9 +123,10 @@ class ActionsSpec(_Section):
         description="random: sampled per step from the rollout's rng; constant: `value` every "
         "step; file: a scripted CSV/Parquet (`path`); replay: the actions recorded in the seed.",
     )
-    value: list[float] | None = Field(
+    value: list[float] | dict[str, Any] | None = Field(
         default=None,
-        description="For constant: 16 numbers, 12 buttons (0/1) then 4 sticks in [-1, 1].",
+        description="For constant: 16 numbers, 12 buttons (0/1) then 4 sticks in [-1, 1]; or "
+        "a mapping {buttons: [button_A, ...], left_stick_x: 0.5, ...}.",
     )
     path: str | None = Field(
         default=None,
@@ -143,12 +142,14 @@ class ActionsSpec(_Section):
     @model_validator(mode="after")
     def _fields_for_kind(self) -> ActionsSpec:
         if self.kind == "constant":
-            if self.value is None or len(self.value) != NUM_ACTIONS:
+            if self.value is None:
                 raise ValueError("kind constant needs `value`: 16 numbers (12 buttons, 4 sticks)")
-            if any(v not in (0, 1) for v in self.value[:NUM_BUTTONS]):
-                raise ValueError("constant value: the first 12 numbers (buttons) must be 0 or 1")
-            if any(not -1.0 <= v <= 1.0 for v in self.value[NUM_BUTTONS:]):
-                raise ValueError("constant value: the last 4 numbers (sticks) must be in [-1, 1]")
+            from pipeline.action_sources import constant_action
+
+            try:
+                constant_action(self.value)  # the same check the actors apply
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
         elif self.value is not None:
             raise ValueError(f"`value` is only used with kind constant, not {self.kind}")
         if (self.kind == "file") != (self.path is not None):

@@ -165,3 +165,14 @@ def test_set_keeps_templates_literal(tmp_path: Path) -> None:
     assert spec.run.run_id == "t-x-2026-01-02"
     spec = load_spec(write(tmp_path, BASE), ["run.run_id={date}"])
     assert spec.run.run_id == "2026-01-02"
+
+
+def test_constant_action_values_are_checked(tmp_path: Path) -> None:
+    bad = "[2,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0]"
+    msg = error_of(tmp_path, BASE, ("rollouts.actions.kind=constant",
+                                    f"rollouts.actions.value={bad}"))
+    assert msg.count("rollouts.actions:") == 1 and "trigger_LT" in msg
+    spec = load_spec(write(tmp_path, BASE), [
+        "rollouts.actions.kind=constant",
+        "rollouts.actions.value={buttons: [button_A], left_stick_x: 0.5}"])
+    assert spec.rollouts.actions.value["buttons"] == ["button_A"]
