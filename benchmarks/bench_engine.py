@@ -58,13 +58,14 @@ def memory_bandwidth(device: torch.device, *, mbytes: int = 512, repeats: int = 
     return 2 * src.numel() * 4 * repeats / (time.perf_counter() - t0)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, *, n: int = 2048) -> float:
+def matmul_flops(device: torch.device, dtype: torch.dtype, *, n: int = 2048,
+                 seconds: float = 1.0) -> float:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b
     _sync(device)
     repeats, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
+    while time.perf_counter() - t0 < seconds:
         a @ b
         repeats += 1
     _sync(device)
@@ -98,6 +99,7 @@ def _window_tokens(model) -> int:
 def measure_parts(model, *, batch: int, decode_tokens: int) -> dict:
     """Time one window prefill and `decode_tokens` decode steps of the engine's own loop."""
     device, cfg, tps = model.device, model.gpt.config, model.tokens_per_step
+    decode_tokens = min(decode_tokens, tps - 1)  # stay within one step (and the block)
     engine = engine_mod.RolloutEngine(model, max_batch=batch)
     k, v = engine.cache.rows(batch)
     width = _window_tokens(model)
@@ -181,15 +183,18 @@ def cpu_table(presets: list[str], *, batches: tuple[int, ...]) -> tuple[list, di
     rows = []
     for preset in presets:
         small = preset == "tiny"
-        models = {"float32": random_model(preset, seed=0, device=device)}
-        models["bfloat16"] = copy.deepcopy(models["float32"]).place(device=device,
-                                                                    dtype=torch.bfloat16)
+        f32 = random_model(preset, seed=0, device=device)
+        models = {"bfloat16": copy.deepcopy(f32).place(device=device, dtype=torch.bfloat16),
+                  "float32": f32}
         for batch in batches:
             for name, model in models.items():
                 row = {"preset": preset, "dtype": name, "batch": batch}
                 if time.perf_counter() - start > TIME_BUDGET_S:
                     rows.append({**row, "skipped": True})
                     continue
+                # The load on a shared machine drifts: bound each row just before measuring it.
+                copy_bw = memory_bandwidth(device, mbytes=256, repeats=3) / 1e9
+                flops = matmul_flops(device, model.dtype, seconds=0.5) / 1e9
                 row.update(measure_parts(model, batch=batch, decode_tokens=16 if small else 8))
                 if small:
                     row["e2e_tokens_per_s"] = run_engine(model, batch=batch, steps=2)[
@@ -198,9 +203,9 @@ def cpu_table(presets: list[str], *, batches: tuple[int, ...]) -> tuple[list, di
                          if small or batch == 1 else None)
                 per_token = row["step_s"] / model.tokens_per_step
                 row["speedup_vs_naive"] = None if naive is None else naive / per_token
-                row["prefill_of_bound"] = row["prefill_flops"] / 1e9 / bounds[f"{name}_GFLOPs"]
-                row["decode_of_bandwidth"] = (row["decode_bytes_per_s"] / 1e9
-                                              / bounds["copy_GBps"])
+                row.update(bound_GFLOPs=flops, bound_copy_GBps=copy_bw,
+                           prefill_of_bound=row["prefill_flops"] / 1e9 / flops,
+                           decode_of_bandwidth=row["decode_bytes_per_s"] / 1e9 / copy_bw)
                 rows.append(row)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in row.items()}), flush=True)
@@ -215,15 +220,38 @@ def _fmt(v, digits: int = 1) -> str:
 def _table_row(r: dict) -> str:
     if r.get("skipped"):
         return f"| {r['preset']} | {r['dtype']} | {r['batch']} | skipped (time budget) |" \
-            + " |" * 8
+            + " |" * 9
     return (
         f"| {r['preset']} | {r['dtype']} | {r['batch']} | {_fmt(r['tokens_per_s'])} "
         f"| {_fmt(r.get('e2e_tokens_per_s'))} | {_fmt(r['frames_per_s'], 3)} "
         f"| {_fmt(r['prefill_s'], 2)} | {_fmt(r['decode_ms_per_token'], 1)} "
-        f"| {_fmt(r['prefill_flops'] / 1e9, 0)} ({_fmt(100 * r['prefill_of_bound'], 0)}%) "
+        f"| {_fmt(r['prefill_flops'] / 1e9, 1)} ({_fmt(100 * r['prefill_of_bound'], 0)}%) "
         f"| {_fmt(r['decode_bytes_per_s'] / 1e9, 2)} ({_fmt(100 * r['decode_of_bandwidth'], 0)}%)"
-        f" | {_fmt(r['decode_flops'] / 1e9, 1)} | {_fmt(r['speedup_vs_naive'])}x |"
+        f" | {_fmt(r['decode_flops'] / 1e9, 1)} | {_fmt(r['speedup_vs_naive'])} "
+        f"| {_fmt(r['bound_GFLOPs'], 0)}, {_fmt(r['bound_copy_GBps'])} |"
     )
+
+
+def _summary(rows: list) -> list[str]:
+    """One paragraph of ranges over the real-shape rows, computed from the table."""
+    big = [r for r in rows if r["preset"] != "tiny" and not r.get("skipped")]
+    if not big:
+        return []
+
+    def span(key: str, scale: float = 1.0, digits: int = 0) -> str:
+        values = [r[key] * scale for r in big if r.get(key) is not None]
+        return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+    batch1 = [r for r in big if r["batch"] == 1]
+    return [
+        f"Reading: for {big[0]['preset']} the prefill ran at {span('prefill_of_bound', 100)}% "
+        "of the matmul bound measured beside it and batch-1 decode moved "
+        f"{min(r['decode_of_bandwidth'] for r in batch1) * 100:.0f}-"
+        f"{max(r['decode_of_bandwidth'] for r in batch1) * 100:.0f}% of the copy bandwidth; "
+        f"with the cache a token cost {span('speedup_vs_naive', digits=1)}x less than a full "
+        "recompute. The tiny rows measure per-operation overhead (its matrices are 32 wide) and "
+        "swing with the machine's load.", "",
+    ]
 
 
 def write_docs(rows: list, bounds: dict, *, seconds: float, command: str) -> None:
@@ -237,10 +265,12 @@ def write_docs(rows: list, bounds: dict, *, seconds: float, command: str) -> Non
         f"work (load average {bounds['load_average']:.1f} at the start), so absolute numbers "
         "are noisy and low; compare rows, and the bounds measured at the same time.", "",
         f"Command: `{command}`", "",
-        f"Bounds measured in the same run: tensor copy {bounds['copy_GBps']:.1f} GB/s; square "
+        f"Bounds at the start of the run: tensor copy {bounds['copy_GBps']:.1f} GB/s; square "
         f"matmul {bounds['float32_GFLOPs']:.0f} GFLOP/s float32, "
         f"{bounds['bfloat16_GFLOPs']:.0f} GFLOP/s bfloat16 (quiet-machine figures: about 190 "
-        "and 900).", "",
+        "and 900). Because the load drifted, each row is also set against a matmul (its "
+        "dtype) and a copy measured just before it (last column); the percentages use those.",
+        "",
         "`wham-200m` is the real 200M transformer (chinchilla-251M: 16 layers, 16 heads, width "
         "1024) with the preset's token layout (assumed: 128x128 frames, 8x8 = 64 image tokens "
         "from a 4096-code taming VQ-GAN, so 80 tokens per step and a 720-token window); the "
@@ -248,8 +278,8 @@ def write_docs(rows: list, bounds: dict, *, seconds: float, command: str) -> Non
         "not the per-token decode traffic.", "",
         "| preset | dtype | batch | tokens/s | e2e tokens/s | frames/s | prefill s "
         "| decode ms/token | prefill GFLOP/s (of bound) | decode GB/s (of copy) "
-        "| decode GFLOP/s | vs naive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| decode GFLOP/s | x faster than naive | row bounds: GFLOP/s, copy GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_table_row(r) for r in rows),
         "",
         "tokens/s and frames/s are per steady-state step, composed from the measured prefill "
@@ -260,6 +290,7 @@ def write_docs(rows: list, bounds: dict, *, seconds: float, command: str) -> Non
         "by compute. \"vs naive\": time per generated token of the full-recompute reference "
         "(`naive_rollout`, which re-runs the window for every token) over the engine's; for "
         "wham-200m it is one full window forward at the mean length, timed at batch 1.", "",
+        *_summary(rows),
         "CUDA: `bash benchmarks/gpu_engine.sh` measures the 200M shape in bfloat16 at batch "
         "1, 8 and 32 (eager and compiled decode, end to end) and prints one JSON line; it was "
         "not run for this table (no GPU here).", "",
@@ -292,12 +323,13 @@ def gpu_main() -> dict:
             run = {"batch": batch, "compile": compile}
             try:
                 run.update(run_engine(model, batch=batch, steps=steps, compile=compile))
-                parts = measure_parts(model, batch=batch, decode_tokens=32)
+                if not compile:  # the prefill / decode split of the eager engine
+                    parts = measure_parts(model, batch=batch, decode_tokens=32)
+                    run.update({f"eager_{k}": v for k, v in parts.items()})
+                    run["eager_decode_of_copy"] = parts["decode_bytes_per_s"] / 1e9 / copy
             except Exception as exc:  # a failed compile is a result worth printing
                 result["runs"].append({**run, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 continue
-            run.update({f"eager_{k}": v for k, v in parts.items()})
-            run["eager_decode_of_copy"] = parts["decode_bytes_per_s"] / 1e9 / copy
             result["runs"].append({k: round(v, 4) if isinstance(v, float) else v
                                    for k, v in run.items()})
     if cuda:
