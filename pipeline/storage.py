@@ -417,10 +417,19 @@ class S3Storage(Storage):
         )
 
     def get_bytes(self, key: str) -> bytes:
-        response = self._call(
-            f"read {key!r}", self._s3.get_object, key, Bucket=self.bucket, Key=self._key(key)
-        )
-        return response["Body"].read()
+        from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+        # boto3 retries a request, but not a body cut off after the headers arrived.
+        last: Exception | None = None
+        for _ in range(max(1, self.max_attempts)):
+            response = self._call(
+                f"read {key!r}", self._s3.get_object, key, Bucket=self.bucket, Key=self._key(key)
+            )
+            try:
+                return response["Body"].read()
+            except (ResponseStreamingError, IncompleteReadError) as exc:
+                last = exc
+        raise self._fail(last, f"read {key!r}", key) from None
 
     def exists(self, key: str) -> bool:
         try:
