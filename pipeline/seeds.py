@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 FORMATS = ("images", "wham-npz", "manifest")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+#: Pillow decoders a seed image may use (the file's content decides, not its name).
+SEED_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 #: Largest uncompressed array read from one `.npz` member (guards against zip bombs).
 MAX_CLIP_BYTES = 2 * 1024**3
 
@@ -139,14 +141,20 @@ def read_table_file(
         raise UserError(f"{what} {uri} does not exist") from None
     try:
         if uri.lower().endswith(".parquet"):
-            return pq.read_table(pa.BufferReader(data))
-        if uri.lower().endswith(".csv"):
+            table = pq.read_table(pa.BufferReader(data))
+        elif uri.lower().endswith(".csv"):
             types = dict.fromkeys(string_columns, pa.string())
             options = pacsv.ConvertOptions(column_types=types)
-            return pacsv.read_csv(pa.BufferReader(data), convert_options=options)
+            table = pacsv.read_csv(pa.BufferReader(data), convert_options=options)
+        else:
+            raise UserError(f"{what} {uri} must be a .csv or .parquet file")
     except pa.ArrowException as exc:
         raise UserError(f"{what} {uri} cannot be read ({exc})") from None
-    raise UserError(f"{what} {uri} must be a .csv or .parquet file")
+    names = table.column_names
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # pyarrow cannot pick a column by a name that appears twice
+        raise UserError(f"{what} {uri}: column(s) {', '.join(repeated)} appear more than once")
+    return table
 
 
 def _read_manifest(source: str, *, endpoint_url: str | None, region: str | None) -> list[SeedRef]:
@@ -274,7 +282,8 @@ def _decode_image(data: bytes) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
-        img = Image.open(io.BytesIO(data))
+        # Raster formats only: Pillow would hand EPS/PS seeds to Ghostscript if installed.
+        img = Image.open(io.BytesIO(data), formats=SEED_IMAGE_FORMATS)
     except Image.DecompressionBombError as exc:  # Pillow raises above 2x its limit
         raise ValueError(str(exc)) from None
     with img:
