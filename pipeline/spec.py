@@ -360,6 +360,8 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
         raise UserError(f"cannot read job spec {path}: {exc}") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply to be a job spec") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
