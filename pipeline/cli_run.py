@@ -52,7 +52,8 @@ def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False) -
     summary = run_job(spec, fresh=fresh, progress=not quiet)
     print(summary.line())
     print(f"outputs: {summary.output_uri}  (run_date={summary.run_date}, run_id={summary.run_id})")
-    endpoint = f" --endpoint-url {spec.output.endpoint_url}" if spec.output.endpoint_url else ""
+    shown_url = spec.public_dict()["output"]["endpoint_url"]  # no user:password@ part
+    endpoint = f" --endpoint-url {shown_url}" if shown_url else ""
     print(f"try:     wham-batch query {spec.output.root} --run-id {summary.run_id}{endpoint} "
           "--table rollouts --columns rollout_id,status,generated_steps --limit 5")
     if spec.output.previews:
