@@ -52,6 +52,8 @@ def test_storage_operations_survive_each_fault_kind(s3_server: str, s3_bucket: s
     assert {k: _digest(direct.get_bytes(k)) for k in blobs} == \
         {k: _digest(v) for k, v in blobs.items()}
     assert direct.get_bytes("marker.json") == b"{}"
+    record_figures("storage_faults", requests=proxy.requests, faults=dict(proxy.counts),
+                   rows_lost=0)
 
 
 @pytest.mark.slow
@@ -70,6 +72,7 @@ def test_multipart_upload_survives_part_failures_and_resets(s3_server: str,
     assert proxy.counts["reset"] == 2 and _digest(got) == _digest(data)
     uploads = direct._s3.list_multipart_uploads(Bucket=direct.bucket).get("Uploads", [])
     assert uploads == []  # no multipart upload left dangling
+    record_figures("multipart_faults", faults={"part_fail": 6, "reset": 2}, rows_lost=0)
 
 
 def _job(tmp_path: Path, root: str, endpoint: str, run_id: str) -> dict:

@@ -211,6 +211,7 @@ def test_clip_actions_of_the_wrong_width_or_value(tmp_path: Path, name: str,
     with pytest.raises(SeedError, match=match) as info:
         load_seed(ref, image_size=(4, 4), context_steps=2)
     assert name in str(info.value)
+    record_figures("hostile_clip_actions", tried=1, rejected=1)
 
 
 @pytest.mark.parametrize("value", [[0] * 15, [0] * 17, [0] * 12 + [float("nan")] * 4,
@@ -224,6 +225,7 @@ def test_constant_actions_of_the_wrong_width_or_value(tmp_path: Path, value: lis
     config.write_text(yaml.safe_dump(data))
     code, err = _validate(config, capsys)
     assert code == 2 and "rollouts.actions" in err
+    record_figures("hostile_constant_actions", tried=1, rejected=1)
 
 
 def test_action_script_with_extra_or_duplicate_columns(tmp_path: Path) -> None:
@@ -237,6 +239,7 @@ def test_action_script_with_extra_or_duplicate_columns(tmp_path: Path) -> None:
     (tmp_path / "inf.csv").write_text(header + "\n" + ",".join(["0"] * 12 + ["inf"] * 4) + "\n")
     with pytest.raises(UserError, match="inf.csv"):
         load_action_script(str(tmp_path / "inf.csv"))
+    record_figures("hostile_action_scripts", tried=2, rejected=2)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -271,6 +274,7 @@ def test_safetensors_with_mismatched_or_lying_shapes(tmp_path: Path) -> None:
     weights.write_bytes(struct.pack("<Q", 2**40) + data[8:])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(folder)
+    record_figures("hostile_safetensors", tried=3, rejected=3)
 
 
 class _Popen:
@@ -309,3 +313,4 @@ def test_more_code_executing_pickles_never_run(tmp_path: Path, payload: type) ->
     with pytest.raises(CheckpointError, match="evil.ckpt"):
         load_model(ckpt)
     assert not marker.exists()
+    record_figures("hostile_pickles", tried=1, rejected=1, executed=0)
