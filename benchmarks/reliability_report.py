@@ -76,7 +76,9 @@ def summarise(lines: list[dict]) -> str:
         rows.append(f"| bad input: {label} | {tried} | {rejected} rejected with a clear "
                     f"error (the rest are valid and load) | - |")
     for line in by_test["pipeline_faults"]:
-        rows.append(f"| pipeline run through faults | {line['requests']} requests | "
+        injected_here = ", ".join(f"{k} {v}" for k, v in sorted(line["faults"].items()))
+        rows.append(f"| pipeline run through faults ({injected_here}) | "
+                    f"{line['requests']} requests, {line['objects']} objects | "
                     f"slowdown {line['slowdown']}x ({line['faulty_wall_s']} s vs "
                     f"{line['clean_wall_s']} s clean) | {line['rows_lost']} |")
     for line in by_test["load"]:

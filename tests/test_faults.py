@@ -26,7 +26,7 @@ from pipeline.storage import MULTIPART_THRESHOLD, open_storage
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo"
 DATE = "2026-03-04"
-PIPELINE_RATES = {"error500": 0.04, "slowdown": 0.02, "reset": 0.05, "delay": 0.05}
+PIPELINE_RATES = {"error500": 0.08, "slowdown": 0.03, "reset": 0.1, "delay": 0.05}
 
 
 def _digest(data: bytes) -> str:
@@ -142,7 +142,7 @@ def test_pipeline_run_through_faults_matches_a_clean_run(
                       "counts": dict(proxy.counts), "requests": proxy.requests}
     clean, faulty = runs["clean"], runs["faulty"]
     injected = {k: v for k, v in faulty["counts"].items() if k != "delay"}
-    assert sum(injected.values()) >= 5, faulty["counts"]
+    assert sum(injected.values()) >= 10, faulty["counts"]
     assert faulty["snapshot"]["keys"] == clean["snapshot"]["keys"]
     assert faulty["snapshot"]["frames"] == clean["snapshot"]["frames"]
     assert faulty["snapshot"]["steps"] == clean["snapshot"]["steps"]
