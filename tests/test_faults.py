@@ -127,7 +127,7 @@ def test_pipeline_run_through_faults_matches_a_clean_run(
     runs = {}
     for name, rates in (("clean", {}), ("faulty", PIPELINE_RATES)):
         bucket = request.getfixturevalue("s3_bucket") if name == "clean" else _new_bucket()
-        with FaultProxy(s3_server, rates=rates, seed=2026, max_consecutive=1) as proxy:
+        with FaultProxy(s3_server, rates=rates, seed=1, max_consecutive=1) as proxy:
             spec = spec_from_data(_job(tmp_path, bucket, proxy.url, "faults"))
             t0 = time.perf_counter()
             summary = run_job(spec, progress=False)

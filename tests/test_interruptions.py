@@ -55,8 +55,9 @@ class GatedActor(RolloutActor):
         ctl = Path(self.spec.output.root + ".ctl")
         deadline = time.monotonic() + GATE_TIMEOUT_S
         node_hold = os.environ.get(HOLD_ENV) == "1"
+        if node_hold or (ctl / "hold").exists():
+            (ctl / f"waiting-{unit.unit_id}-{os.getpid()}").touch()  # one per actor process
         while (node_hold or (ctl / "hold").exists()) and time.monotonic() < deadline:
-            (ctl / f"waiting-{unit.unit_id}").touch()
             if (ctl / f"open-{unit.unit_id}").exists():
                 break
             time.sleep(0.05)
@@ -178,7 +179,7 @@ def test_driver_killed_before_first_commit_mid_run_and_before_success(
     (gate / "hold").touch()
     proc = _driver(config)
     try:
-        wait_for("the first unit to start", lambda: (gate / "waiting-u000000").exists())
+        wait_for("the first unit to start", lambda: any(gate.glob("waiting-u000000-*")))
         assert commits(spec) == []
         _kill_driver(proc, "night")
         kills += 1
@@ -192,7 +193,7 @@ def test_driver_killed_before_first_commit_mid_run_and_before_success(
     proc = _driver(config)
     try:
         wait_for("two commits and a held unit", lambda: len(commits(spec)) == 2
-                 and (gate / "waiting-u000002").exists())
+                 and any(gate.glob("waiting-u000002-*")))
         _kill_driver(proc, "night")
         kills += 1
     finally:
@@ -245,11 +246,16 @@ def test_actor_killed_more_often_than_it_may_restart(tmp_path: Path,
     thread = threading.Thread(target=drive, daemon=True)
     thread.start()
     kills = 0
+    killed: set[Path] = set()
+
+    def held_by_a_new_process() -> bool:
+        return bool(set(gate.glob("waiting-u000001-*")) - killed)
+
     try:
-        wait_for("a held unit", lambda: (gate / "waiting-u000001").exists())
         for _ in range(3):  # max_restarts + 1: the last kill leaves the actor dead
-            (gate / "waiting-u000001").unlink(missing_ok=True)
-            wait_for("the unit to be held again", lambda: (gate / "waiting-u000001").exists())
+            # each restart is a new process that holds the retried unit again
+            wait_for("the unit to be held by a new actor process", held_by_a_new_process)
+            killed |= set(gate.glob("waiting-u000001-*"))
             ray.kill(ray.get_actor(actor_name("night", 0)), no_restart=False)
             kills += 1
         thread.join(timeout=WAIT_S)
