@@ -159,11 +159,24 @@ def _driver(config: Path) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _kill_driver(proc: subprocess.Popen, run_id: str) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_driver(proc: subprocess.Popen, spec: JobSpec) -> None:
+    """SIGKILL the driver, then wait until Ray has taken its actors down too (an actor
+    process outliving its driver could still finish the unit it holds)."""
     assert proc.poll() is None, "the driver ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    _wait_actor_gone(run_id)
+    _wait_actor_gone(spec.run.run_id)
+    pids = {int(p.name.rsplit("-", 1)[1]) for p in ctl(spec).glob("waiting-*")}
+    wait_for("the killed driver's actor processes to exit",
+             lambda: not any(_alive(pid) for pid in pids), timeout=60)
 
 
 @pytest.mark.slow
@@ -181,7 +194,7 @@ def test_driver_killed_before_first_commit_mid_run_and_before_success(
     try:
         wait_for("the first unit to start", lambda: any(gate.glob("waiting-u000000-*")))
         assert commits(spec) == []
-        _kill_driver(proc, "night")
+        _kill_driver(proc, spec)
         kills += 1
     finally:
         if proc.poll() is None:
@@ -194,7 +207,7 @@ def test_driver_killed_before_first_commit_mid_run_and_before_success(
     try:
         wait_for("two commits and a held unit", lambda: len(commits(spec)) == 2
                  and any(gate.glob("waiting-u000002-*")))
-        _kill_driver(proc, "night")
+        _kill_driver(proc, spec)
         kills += 1
     finally:
         if proc.poll() is None:
