@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pipeline.cli_query",  # query
     "pipeline.cli_cluster",  # submit, status, logs, stop, runs
     "pipeline.cli_model",  # dream, convert, bench-engine
+    "pipeline.cli_demo",  # eval-demo
 )
 
 
