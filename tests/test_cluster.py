@@ -350,7 +350,9 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
     # A config outside the project travels alone; the package goes as py_modules.
     config = tmp_path / "elsewhere.yaml"
     text = (ROOT / "configs" / "demo.yaml").read_text()
-    config.write_text(text.replace("configs/seeds/demo", str(ROOT / "configs/seeds/demo")))
+    for rel in ("configs/seeds/toygame", "models/demo"):  # the demo's project-relative paths
+        text = text.replace(rel, str(ROOT / rel))
+    config.write_text(text)
     sets = [*SMALL_RUN, f"output.root={s3_bucket}", "run.run_id=outside"]
     result = cli("submit", str(config), "--address", address, "--follow", "--timeout", "150",
                  *_sets(sets))
