@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import free_port, session_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -32,25 +32,6 @@ SMALL_RUN = ["rollouts.per_seed=1", "rollouts.steps=2", "seeds.limit=2",
              "output.previews=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes in session `sid`: the head and everything it started (workers included)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
-
-
 def _stop_head(proc: subprocess.Popen) -> None:
     # Ray's workers live in their own process groups but in the head's session: stop the
     # group first (lets Ray clean up), then anything left in the session, all by pid.
@@ -58,7 +39,7 @@ def _stop_head(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=2)
-    for pid in _session_pids(proc.pid):
+    for pid in session_pids(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -102,15 +83,15 @@ def running_head(*, auth: str = "disabled", token: str | None = None
 
 def _start_head(tmp: Path, *, auth: str, token: str | None
                 ) -> tuple[subprocess.Popen, str, int]:
-    dashboard, metrics = _free_port(), _free_port()
+    dashboard, metrics = free_port(), free_port()
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--num-cpus=2", "--num-gpus=0",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
+        f"--dashboard-port={dashboard}", f"--port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
         f"--metrics-export-port={metrics}", "--block",
     ]
     log = open(tmp / "head.log", "wb")  # noqa: SIM115 - lives as long as the head
@@ -409,7 +390,7 @@ def test_unknown_job_and_unreachable_cluster_are_clear_errors(
         ray_head: dict, capsys: pytest.CaptureFixture[str]) -> None:
     result = wb(capsys, "status", "raysubmit_doesnotexist", "--address", ray_head["address"])
     assert result.returncode == 2 and "no job" in result.stderr
-    result = wb(capsys, "status", "--address", f"http://127.0.0.1:{_free_port()}")
+    result = wb(capsys, "status", "--address", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 2 and "cannot reach the Ray dashboard" in result.stderr
 
 
@@ -418,7 +399,7 @@ def test_wait_rides_out_an_unreachable_dashboard_until_its_deadline(ray_head: di
 
     client = connect(ray_head["address"])
     # The head goes away (here: the client now points at a closed port).
-    client._address = f"http://127.0.0.1:{_free_port()}"
+    client._address = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(ClusterUnreachable, match="cannot reach"):
         wait_for_job(client, "raysubmit_any", timeout_s=1.5, poll_s=0.2)

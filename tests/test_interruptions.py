@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 import ray
 import yaml
 from faultproxy import record_figures
+from procs import free_port, session_pids
 
 from pipeline import layout
 from pipeline.driver import actor_name, run_job
@@ -291,25 +291,9 @@ def test_actor_killed_more_often_than_it_may_restart(tmp_path: Path,
 # ---------------------------------------------------------------- two nodes on one machine
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-    return pids
-
-
 def _kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL a `ray start --block` child and everything in its session, by pid."""
-    for pid in [proc.pid, *_session_pids(proc.pid)]:
+    for pid in [proc.pid, *session_pids(proc.pid)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -340,7 +324,7 @@ def two_node_cluster() -> Iterator[tuple[str, subprocess.Popen, Path]]:
     yields (GCS address, worker process, temp dir)."""
     tmp = Path(tempfile.mkdtemp(prefix="wnode-"))  # short: Ray's socket paths are limited
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     try:
@@ -348,7 +332,7 @@ def two_node_cluster() -> Iterator[tuple[str, subprocess.Popen, Path]]:
         procs.append(subprocess.Popen(
             [ray_bin, "start", "--head", "--num-cpus=1", "--num-gpus=0",
              "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--port={port}",
-             f"--ray-client-server-port={_free_port()}", "--block"],
+             f"--ray-client-server-port={free_port()}", "--block"],
             env=_ray_env(tmp / "h"), stdout=head_log, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=REPO))
         worker_log = open(tmp / "worker.log", "wb")  # noqa: SIM115
