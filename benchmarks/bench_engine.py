@@ -261,9 +261,9 @@ def write_docs(rows: list, bounds: dict, *, seconds: float, command: str) -> Non
         "generated step one prefill of 9 steps, then one step of decoded tokens; the pixel "
         "tokenizer is not timed). One process, one run: "
         f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-        f"{platform.machine()}, {seconds:.0f} s in all. The 2-core machine was shared with other "
-        f"work (load average {bounds['load_average']:.1f} at the start), so absolute numbers "
-        "are noisy and low; compare rows, and the bounds measured at the same time.", "",
+        f"{platform.machine()}, {seconds:.0f} s in all, 1-minute load average "
+        f"{bounds['load_average']:.1f} at the start. The machine may be shared, so compare "
+        "rows with each other and with the bounds measured beside them.", "",
         f"Command: `{command}`", "",
         f"Bounds at the start of the run: tensor copy {bounds['copy_GBps']:.1f} GB/s; square "
         f"matmul {bounds['float32_GFLOPs']:.0f} GFLOP/s float32, "
