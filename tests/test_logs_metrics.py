@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -27,9 +28,12 @@ from pipeline.metrics import Metrics
 def _record(logger: RunLogger, msg: str, *args: object, **extra: str) -> logging.LogRecord:
     records: list[logging.LogRecord] = []
 
+    me = threading.get_ident()
+
     class Grab(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
+            if record.thread == me:  # other threads may log through the same logger meanwhile
+                records.append(record)
 
     handler = Grab()
     logger.logger.addHandler(handler)
@@ -59,8 +63,6 @@ def test_lines_carry_run_and_unit() -> None:
 
 
 def test_plain_loggers_get_process_and_unit_context() -> None:
-    import threading
-
     plain = RunLogger(logging.getLogger("pipeline.plain"), {})
     set_log_context(run_id="r-ctx", worker="actor-002")
     try:
@@ -77,6 +79,7 @@ def test_plain_loggers_get_process_and_unit_context() -> None:
             t.start()
         for t in threads:
             t.join(timeout=10)
+        assert sorted(lines) == ["u000001", "u000002"]
         for unit_id, line in lines.items():
             assert f"run_id=r-ctx unit={unit_id} worker=actor-002 working" in line
         outside = KeyValueFormatter().format(_record(plain, "idle"))
