@@ -113,9 +113,9 @@ def _engine_worker(args: tuple[dict, list[str]]) -> tuple[int, float, float]:
     """One process, one torch thread (like one actor): (frames, seconds, CPU seconds)."""
     import torch
 
-    from pipeline.action_sources import NEUTRAL_ACTION, make_actions
     from pipeline.plan import rng_seed_for
-    from pipeline.seeds import SeedRef, load_seed
+    from pipeline.sources import NEUTRAL_ACTION, SeedRef
+    from workers.inputs import load_seed, make_actions
     from workers.wham import RolloutEngine, SamplingParams, random_model
 
     spec_data, uris = args

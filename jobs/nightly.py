@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from typing import TYPE_CHECKING
 
+from pipeline.cli.run import run_and_report
 from pipeline.errors import UserError
+from pipeline.layout import success_key
+from pipeline.logs import setup_logging
+from pipeline.spec import JobSpec, load_spec
+from pipeline.storage import open_storage
 from workers.wham.errors import WHAMError
-
-if TYPE_CHECKING:
-    from pipeline.spec import JobSpec
 
 DEFAULT_CONFIG = "configs/nightly.yaml"
 
@@ -51,9 +52,6 @@ def nightly_overrides(run_date: dt.date, overrides: list[str]) -> list[str]:
 
 def already_complete(spec: JobSpec) -> bool:
     """True if this run id has its _SUCCESS marker (every unit committed)."""
-    from pipeline.layout import success_key
-    from pipeline.storage import open_storage
-
     storage = open_storage(spec.output.root, endpoint_url=spec.output.endpoint_url,
                            region=spec.output.region)
     return storage.exists(success_key(spec.run.run_date, spec.run.run_id))
@@ -70,10 +68,6 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="KEY=VALUE", help="override a field (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    from pipeline.cli_run import run_and_report
-    from pipeline.logs import setup_logging
-    from pipeline.spec import load_spec
-
     try:
         run_date = resolve_date(args.date)
         spec = load_spec(args.config, nightly_overrides(run_date, args.overrides))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli_run import add_spec_arguments, run_and_report
+from pipeline.cli.run import add_spec_arguments, run_and_report
 from pipeline.errors import UserError
+from pipeline.spec import load_spec
 from workers.wham.errors import WHAMError
 
 
@@ -20,8 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="replace this run id's outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    from pipeline.spec import load_spec
-
     try:
         spec = load_spec(args.config, args.overrides)
         return run_and_report(spec, fresh=args.fresh, quiet=args.quiet)

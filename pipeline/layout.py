@@ -41,6 +41,9 @@ ROLLOUT_STATUSES = ("ok", "failed")
 #: Key of the schema metadata entry holding SCHEMA_VERSION.
 SCHEMA_VERSION_KEY = b"wham_batch.schema_version"
 
+_RUN_KEY = re.compile(
+    rf"^{RUNS_DIR}/run_date=(?P<run_date>[^/]+)/run_id=(?P<run_id>[^/]+)/(?P<rest>.+)$"
+)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _UNIT_ID = re.compile(r"^u\d{6,}$")
 _ROLLOUT_ID = re.compile(r"^[\w.-]{1,200}$")
@@ -79,9 +82,6 @@ def steps_schema(tokens_per_image: int | None) -> pa.Schema:
     ]
     return _with_version(pa.schema(fields), STEPS_TABLE)
 
-
-#: The contract's name for `steps_schema`.
-STEPS_SCHEMA = steps_schema
 
 _TIMESTAMP = pa.timestamp("ms", tz="UTC")
 ROLLOUTS_SCHEMA = _with_version(
@@ -210,6 +210,34 @@ def commits_prefix(run_date: str | dt.date, run_id: str) -> str:
 def commit_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
     unit = _check(unit_id, _UNIT_ID, "unit id")
     return f"{commits_prefix(run_date, run_id)}{unit}.json"
+
+
+def parse_run_key(key: str) -> tuple[str, str, str] | None:
+    """(run_date, run_id, rest) of a key under `_runs/`, e.g. rest = 'commits/u000003.json';
+    None for any other key."""
+    match = _RUN_KEY.match(key)
+    return (match["run_date"], match["run_id"], match["rest"]) if match else None
+
+
+def commit_unit_id(rest: str) -> str | None:
+    """The unit id of a `parse_run_key` rest that names a commit marker, else None."""
+    if rest.startswith("commits/") and rest.endswith(".json") and rest.count("/") == 1:
+        return rest[len("commits/"):-len(".json")]
+    return None
+
+
+def check_schema_version(version: object, *, where: str) -> None:
+    """UserError when `where` (a manifest, marker or table part) was written by a newer
+    wham-batch than this one reads; versions at or below SCHEMA_VERSION are read."""
+    try:
+        found = int(version)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: schema version {version!r} is not a number") from None
+    if found > SCHEMA_VERSION:
+        raise UserError(
+            f"{where} has schema version {found}, newer than the {SCHEMA_VERSION} this "
+            "wham-batch reads; upgrade wham-batch to read it"
+        )
 
 
 def success_key(run_date: str | dt.date, run_id: str) -> str:

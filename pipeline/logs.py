@@ -21,26 +21,17 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+
+from pipeline.secrets import redact
 
 # Record attributes rendered as key=value fields, in this order, when present.
 CONTEXT_FIELDS = ("run_id", "unit", "rollout_id", "worker")
 LOG_FORMAT_ENV = "WHAM_LOG_FORMAT"
 LOG_LEVEL_ENV = "WHAM_LOG_LEVEL"
-# Environment variables whose values are credentials; their values are masked in logs.
-SECRET_ENV_VARS = (
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "RAY_AUTH_TOKEN",
-)
-REDACTED = "***"
-# Values shorter than this are not masked: replacing a 1-3 character "secret" everywhere
-# would mangle ordinary text and protects nothing.
-_MIN_SECRET_LEN = 4
 _HANDLER_MARK = "_wham_batch_handler"
 
 
@@ -90,18 +81,6 @@ def context_fields(record: logging.LogRecord) -> dict[str, str]:
     return out
 
 
-def _secret_values() -> list[str]:
-    values = (os.environ.get(name, "") for name in SECRET_ENV_VARS)
-    return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
-
-
-def redact(text: str) -> str:
-    """`text` with the value of every credential environment variable replaced by ***."""
-    for value in _secret_values():
-        text = text.replace(value, REDACTED)
-    return text
-
-
 def _utc_timestamp(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
 
@@ -141,37 +120,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return redact(json.dumps(payload, ensure_ascii=False))
-
-
-class RunLogger(logging.LoggerAdapter):
-    """A logger that stamps every record with its run id (and unit, rollout, worker).
-
-    Context given per call (``log.info("...", extra={"unit": "u000004"})``) wins over the
-    adapter's own, so one adapter per run can still tag lines with the unit they concern.
-    """
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
-        return msg, kwargs
-
-    def bind(self, **context: str | None) -> RunLogger:
-        """A child adapter with extra context fields, e.g. ``log.bind(unit="u000007")``."""
-        return RunLogger(self.logger, {**(self.extra or {}), **context})
-
-
-def get_logger(
-    name: str,
-    *,
-    run_id: str | None = None,
-    unit: str | None = None,
-    **context: str | None,
-) -> RunLogger:
-    """A `RunLogger` for module `name` stamped with the given context fields."""
-    _check_fields(context)
-    extra: Mapping[str, str | None] = {"run_id": run_id, "unit": unit, **context}
-    return RunLogger(logging.getLogger(name), dict(extra))
 
 
 def setup_logging(*, level: str | int | None = None, fmt: str | None = None) -> None:

@@ -10,14 +10,11 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 from pipeline.layout import commits_prefix, rollout_id_for, unit_id_for
-
-if TYPE_CHECKING:
-    from pipeline.seeds import SeedRef
-    from pipeline.spec import JobSpec
-    from pipeline.storage import Storage
+from pipeline.sources import SeedRef
+from pipeline.spec import JobSpec
+from pipeline.storage import Storage, safe_segment
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +27,6 @@ class RolloutItem:
     seed_root: str | None = None  # folder/prefix the seed must stay inside (SeedRef.root)
 
     def seed_ref(self) -> SeedRef:
-        from pipeline.seeds import SeedRef
-
         return SeedRef(seed_id=self.seed_id, uri=self.seed_uri, root=self.seed_root)
 
 
@@ -77,8 +72,6 @@ def make_plan(
     Seeds are sorted first so discovery order (S3 listing, filesystem) cannot change the
     plan; a seed's rollouts stay next to each other so a unit loads each seed once.
     """
-    from pipeline.storage import safe_segment
-
     if per_seed < 1 or unit_size < 1:
         raise ValueError("per_seed and unit_size must be positive")
     items: list[RolloutItem] = []

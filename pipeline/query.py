@@ -20,7 +20,6 @@ strings for string columns).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from typing import Any
 
@@ -28,9 +27,6 @@ from pipeline import layout
 from pipeline.errors import UserError
 from pipeline.storage import open_storage
 
-_RUN_KEY = re.compile(
-    rf"^{layout.RUNS_DIR}/run_date=(?P<run_date>[^/]+)/run_id=(?P<run_id>[^/]+)/(?P<rest>.+)$"
-)
 _PART = re.compile(r"^part-(?P<unit>u\d+)\.parquet$")
 
 
@@ -38,10 +34,10 @@ def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
     """(run_date, run_id, unit_id) of every commit marker under the root."""
     found = set()
     for key in storage.list_keys(f"{layout.RUNS_DIR}/"):
-        match = _RUN_KEY.match(key)
-        if match and match["rest"].startswith("commits/") and match["rest"].endswith(".json"):
-            unit = match["rest"][len("commits/") : -len(".json")]
-            found.add((match["run_date"], match["run_id"], unit))
+        parsed = layout.parse_run_key(key)
+        unit = layout.commit_unit_id(parsed[2]) if parsed else None
+        if unit is not None:
+            found.add((parsed[0], parsed[1], unit))
     return found
 
 
@@ -90,39 +86,6 @@ def open_table(
         schema=schema,
         partition_base_dir=path,
     )
-
-
-def read_runs(
-    root: str, *, endpoint_url: str | None = None, region: str | None = None
-) -> list[dict[str, Any]]:
-    """One entry per run under `root`: run_date, run_id, units_committed, success, manifest."""
-    storage = open_storage(root, endpoint_url=endpoint_url, region=region)
-    runs: dict[tuple[str, str], dict[str, Any]] = {}
-    for key in storage.list_keys(f"{layout.RUNS_DIR}/"):
-        match = _RUN_KEY.match(key)
-        if not match:
-            continue
-        run = runs.setdefault(
-            (match["run_date"], match["run_id"]),
-            {
-                "run_date": match["run_date"],
-                "run_id": match["run_id"],
-                "units_committed": 0,
-                "success": False,
-                "manifest": None,
-            },
-        )
-        rest = match["rest"]
-        if rest.startswith("commits/") and rest.endswith(".json"):
-            run["units_committed"] += 1
-        elif rest == "_SUCCESS":
-            run["success"] = True
-        elif rest == "manifest.json":
-            try:
-                run["manifest"] = json.loads(storage.get_bytes(key))
-            except (ValueError, FileNotFoundError):
-                run["manifest"] = None  # unreadable or vanished: list the run without it
-    return [runs[k] for k in sorted(runs)]
 
 
 # ------------------------------------------------------------------------- filter language

@@ -7,15 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.action_sources import (
-    NEUTRAL_ACTION,
-    constant_action,
-    load_action_script,
-    make_actions,
-)
+from pipeline.driver.discovery import load_action_script
 from pipeline.errors import UserError
-from pipeline.seeds import SeedData, SeedError
+from pipeline.sources import NEUTRAL_ACTION, SeedData, SeedError, constant_action
 from pipeline.storage import open_storage
+from workers.inputs import make_actions
 from workers.wham.actions import (
     ACTION_NAMES,
     BUTTON_NAMES,

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.driver.discovery import discover_seeds
 from pipeline.errors import UserError
 from pipeline.layout import commit_key, rollouts_part_key, steps_part_key
 from pipeline.plan import make_plan
-from pipeline.seeds import discover_seeds
 from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
 from workers.actor import RolloutActor

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.demo_eval import HELD_OUT_SEED, psnr
 from workers.toygame import SIZE, make_clip
+from workers.toygame.evaluate import HELD_OUT_SEED, psnr
 from workers.wham import RolloutEngine, SamplingParams, load_model
 
 ROOT = Path(__file__).resolve().parent.parent

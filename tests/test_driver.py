@@ -167,7 +167,7 @@ def test_not_enough_gpus_fails_before_actors(tmp_path: Path) -> None:
 
 def test_progress_logs_plain_lines_without_a_tty(caplog: pytest.LogCaptureFixture,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.progress as progress
+    import pipeline.driver.progress as progress
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     totals = progress.Totals(rollouts_total=4)

@@ -23,6 +23,7 @@ from pipeline import layout
 from pipeline.driver import run_job
 from pipeline.spec import spec_from_data
 from pipeline.storage import MULTIPART_THRESHOLD, open_storage
+from workers.actor import RolloutActor
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo"
 DATE = "2026-03-04"
@@ -130,7 +131,7 @@ def test_pipeline_run_through_faults_matches_a_clean_run(
         with FaultProxy(s3_server, rates=rates, seed=1, max_consecutive=1) as proxy:
             spec = spec_from_data(_job(tmp_path, bucket, proxy.url, "faults"))
             t0 = time.perf_counter()
-            summary = run_job(spec, progress=False)
+            summary = run_job(spec, actor_cls=RolloutActor, progress=False)
             wall = time.perf_counter() - t0
         assert summary.complete and summary.ok
         assert (summary.rollouts_ok, summary.rollouts_failed) == (12, 0)

@@ -24,9 +24,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.cli import main as cli_main
+from pipeline.driver.discovery import discover_seeds
 from pipeline.errors import UserError
-from pipeline.seeds import SeedError, discover_seeds, load_seed
+from pipeline.sources import SeedError
 from pipeline.storage import validate_key
+from workers.inputs import load_seed
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -229,7 +231,7 @@ def test_constant_actions_of_the_wrong_width_or_value(tmp_path: Path, value: lis
 
 
 def test_action_script_with_extra_or_duplicate_columns(tmp_path: Path) -> None:
-    from pipeline.action_sources import load_action_script
+    from pipeline.driver.discovery import load_action_script
     from workers.wham.actions import ACTION_NAMES
 
     header = ",".join(ACTION_NAMES)

@@ -26,8 +26,9 @@ import ray
 from faultproxy import record_figures
 from PIL import Image
 
-import pipeline.driver as driver_module
+from pipeline.driver import run_job
 from pipeline.layout import commits_prefix
+from pipeline.metrics import Metrics
 from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
 from workers.actor import RolloutActor
@@ -99,13 +100,13 @@ def test_thousands_of_rollouts_keep_driver_memory_flat(
         "output": {"root": s3_bucket, "previews": False, "writer_threads": 4},
     })
     in_flight: list[int] = []
-    real_set = driver_module.Metrics.set_units_in_flight
+    real_set = Metrics.set_units_in_flight
 
     def spy(self: object, count: int) -> None:
         in_flight.append(count)
         real_set(self, count)
 
-    monkeypatch.setattr(driver_module.Metrics, "set_units_in_flight", spy)
+    monkeypatch.setattr(Metrics, "set_units_in_flight", spy)
     samples: list[tuple[int, int]] = []  # (units done, rss)
     done = {"units": 0}
     stop = threading.Event()
@@ -122,7 +123,7 @@ def test_thousands_of_rollouts_keep_driver_memory_flat(
     sampler.start()
     t0 = time.perf_counter()
     try:
-        summary = driver_module.run_job(spec, actor_cls=StubEngineActor, progress=False,
+        summary = run_job(spec, actor_cls=StubEngineActor, progress=False,
                                         on_event=on_event)
     finally:
         stop.set()

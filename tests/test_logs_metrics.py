@@ -15,8 +15,6 @@ import pytest
 from pipeline.logs import (
     JsonFormatter,
     KeyValueFormatter,
-    RunLogger,
-    get_logger,
     log_context,
     redact,
     set_log_context,
@@ -25,7 +23,7 @@ from pipeline.logs import (
 from pipeline.metrics import Metrics
 
 
-def _record(logger: RunLogger, msg: str, *args: object, **extra: str) -> logging.LogRecord:
+def _record(logger: logging.Logger, msg: str, *args: object, **extra: str) -> logging.LogRecord:
     records: list[logging.LogRecord] = []
 
     me = threading.get_ident()
@@ -36,34 +34,36 @@ def _record(logger: RunLogger, msg: str, *args: object, **extra: str) -> logging
                 records.append(record)
 
     handler = Grab()
-    logger.logger.addHandler(handler)
-    logger.logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         logger.info(msg, *args, extra=extra or None)
     finally:
-        logger.logger.removeHandler(handler)
+        logger.removeHandler(handler)
     (record,) = records
     return record
 
 
 def test_lines_carry_run_and_unit() -> None:
-    log = get_logger("pipeline.test_logs", run_id="nightly-2026-11-30")
-    record = _record(log.bind(unit="u000007"), "committed %d rollouts", 4)
+    log = logging.getLogger("pipeline.test_logs")
+    record = _record(log, "committed %d rollouts", 4, run_id="nightly-2026-11-30",
+                     unit="u000007")
     line = KeyValueFormatter().format(record)
     assert line.endswith(
         "INFO pipeline.test_logs run_id=nightly-2026-11-30 unit=u000007 committed 4 rollouts")
     payload = json.loads(JsonFormatter().format(record))
     assert payload["run_id"] == "nightly-2026-11-30" and payload["unit"] == "u000007"
     assert payload["message"] == "committed 4 rollouts"
-    # Per-call context wins over the adapter's; unknown fields are refused.
-    record = _record(log, "x", unit="u000001")
+    # Per-call fields win over the block's; unknown context fields are refused.
+    with log_context(unit="u000002"):
+        record = _record(log, "x", unit="u000001")
     assert "unit=u000001" in KeyValueFormatter().format(record)
-    with pytest.raises(ValueError, match="unknown log context"):
-        get_logger("pipeline.x", shard="3")
+    with pytest.raises(ValueError, match="unknown log context"), log_context(shard="3"):
+        pass
 
 
 def test_plain_loggers_get_process_and_unit_context() -> None:
-    plain = RunLogger(logging.getLogger("pipeline.plain"), {})
+    plain = logging.getLogger("pipeline.plain")
     set_log_context(run_id="r-ctx", worker="actor-002")
     try:
         lines: dict[str, str] = {}
@@ -92,7 +92,7 @@ def test_plain_loggers_get_process_and_unit_context() -> None:
 
 
 def test_values_with_spaces_are_quoted() -> None:
-    record = _record(get_logger("pipeline.q", run_id="a b"), "m")
+    record = _record(logging.getLogger("pipeline.q"), "m", run_id="a b")
     assert 'run_id="a b"' in KeyValueFormatter().format(record)
 
 
@@ -101,7 +101,7 @@ def test_secret_values_are_masked_everywhere(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123456")
     assert redact(f"key={secret} token=tok-123456") == "key=*** token=***"
-    log = get_logger("pipeline.test_secrets", run_id="r1")
+    log = logging.getLogger("pipeline.test_secrets")
     try:
         raise RuntimeError(f"bad credentials {secret}")
     except RuntimeError:
@@ -113,11 +113,11 @@ def test_secret_values_are_masked_everywhere(monkeypatch: pytest.MonkeyPatch) ->
                 records.append(JsonFormatter().format(record))
 
         grab = Grab()
-        log.logger.addHandler(grab)
+        log.addHandler(grab)
         try:
-            log.exception("upload failed with %s", secret)
+            log.exception("upload failed with %s", secret, extra={"run_id": "r1"})
         finally:
-            log.logger.removeHandler(grab)
+            log.removeHandler(grab)
     assert len(records) == 2
     for text in records:
         assert secret not in text and "***" in text and "Traceback" in text
@@ -133,7 +133,7 @@ def test_setup_logging_installs_one_handler(monkeypatch: pytest.MonkeyPatch,
     try:
         marked = [h for h in loggers[0].handlers if getattr(h, "_wham_batch_handler", False)]
         assert len(marked) == 1
-        get_logger("pipeline.driver", run_id="r9").info("hello")
+        logging.getLogger("pipeline.driver").info("hello", extra={"run_id": "r9"})
         line = capsys.readouterr().err.strip().splitlines()[-1]
         assert json.loads(line)["run_id"] == "r9"
     finally:
@@ -184,7 +184,7 @@ def test_actor_logging_only_inside_ray_actors(ray_local: None) -> None:
             logger = logging.getLogger("pipeline")
             installed = any(getattr(h, "_wham_batch_handler", False) for h in logger.handlers)
             with log_context(unit="u000003"):
-                plain = RunLogger(logging.getLogger("workers.actor"), {})
+                plain = logging.getLogger("workers.actor")
                 return installed, KeyValueFormatter().format(_record(plain, "batch done"))
 
     actor = ray.remote(num_cpus=0)(LoggingProbe).remote()

@@ -34,6 +34,7 @@ from pipeline.layout import (
 )
 from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
+from workers.actor import RolloutActor
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "seeds" / "demo"
@@ -81,7 +82,7 @@ def test_local_and_s3_roots(tmp_path: Path, where: str, request: pytest.FixtureR
     make_seeds(tmp_path / "seeds", 12)
     root = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_bucket")
     spec = spec_from_data(job_data(tmp_path, root))
-    summary = run_job(spec, progress=False)
+    summary = run_job(spec, actor_cls=RolloutActor, progress=False)
     assert summary.complete and summary.ok
     assert (summary.rollouts_ok, summary.rollouts_failed, summary.frames) == (24, 0, 96)
     storage = open_storage(root)
@@ -141,7 +142,7 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
             proc.kill()
     done_before = len(_commits(spec))
     assert 1 <= done_before < 12
-    summary = run_job(spec, progress=False)
+    summary = run_job(spec, actor_cls=RolloutActor, progress=False)
     assert summary.complete and summary.units_skipped >= done_before
     assert summary.rollouts_ok == 24 and len(_commits(spec)) == 12
     assert steps_rows(spec).num_rows == 24 * 7
@@ -157,7 +158,7 @@ def test_actor_killed_mid_unit(tmp_path: Path) -> None:
     events: list = []
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
-        summary=run_job(spec, progress=False, on_event=events.append)))
+        summary=run_job(spec, actor_cls=RolloutActor, progress=False, on_event=events.append)))
     thread.start()
     deadline = time.monotonic() + 120
     while not _commits(spec) and time.monotonic() < deadline:
@@ -186,7 +187,7 @@ def test_bad_inputs_fail_before_any_actor(tmp_path: Path,
     for expected, sections in cases.items():
         spec = spec_from_data(job_data(tmp_path, out, **sections))
         with pytest.raises(UserError) as info:
-            run_job(spec, progress=False)
+            run_job(spec, actor_cls=RolloutActor, progress=False)
         message = str(info.value)
         assert expected in message, message
     # through the CLI: exit status 2, one clear line, no traceback
@@ -213,7 +214,7 @@ def test_corrupt_seed_and_hostile_names(tmp_path: Path) -> None:
     spec = spec_from_data(job_data(
         tmp_path, str(root), seeds={"source": str(manifest), "format": "manifest"},
         run={"max_failed_fraction": 0.3}, resources={"actors": 1}))
-    summary = run_job(spec, progress=False)
+    summary = run_job(spec, actor_cls=RolloutActor, progress=False)
     assert summary.complete and (summary.rollouts_ok, summary.rollouts_failed) == (6, 2)
     assert summary.ok  # 2/8 failed is inside the 0.3 budget
     fs, base = open_storage(str(root)).arrow_fs()

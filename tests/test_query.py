@@ -13,8 +13,9 @@ import pytest
 
 from pipeline import layout
 from pipeline.cli import main
+from pipeline.driver.run_state import read_runs
 from pipeline.errors import UserError
-from pipeline.query import open_table, parse_where, query, read_runs
+from pipeline.query import open_table, parse_where, query
 from pipeline.storage import open_storage
 from workers.writer import OutputWriter
 
@@ -140,7 +141,7 @@ def test_run_id_filter_uses_partitions(root):
 
 
 def test_read_runs(root):
-    runs = read_runs(root)
+    runs = read_runs(open_storage(root))
     assert [(r["run_date"], r["run_id"]) for r in runs] == RUNS
     assert [r["units_committed"] for r in runs] == [2, 2]
     assert [r["success"] for r in runs] == [False, True]

@@ -24,6 +24,7 @@ from faultproxy import record_figures
 from pipeline.errors import UserError
 from pipeline.layout import manifest_key, success_key
 from pipeline.storage import open_storage
+from workers.actor import RolloutActor
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "seeds" / "demo"
@@ -147,7 +148,7 @@ def test_nothing_is_written_outside_the_output_root(tmp_path: Path, ray_local: N
         data["seeds"] = {"source": str(source), "format": fmt}
         data["run"]["run_id"] = f"conf-{fmt}"
         data["run"]["max_failed_fraction"] = 0.5
-        summary = run_job(spec_from_data(data), progress=False)
+        summary = run_job(spec_from_data(data), actor_cls=RolloutActor, progress=False)
         assert summary.complete
     new = _tree(tmp_path) - before
     assert new and all(p == "work/out" or p.startswith("work/out/") for p in new), sorted(new)

@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.driver.discovery import discover_seeds
 from pipeline.errors import UserError
-from pipeline.seeds import SeedError, SeedRef, discover_seeds, load_seed
+from pipeline.sources import SeedError, SeedRef
 from pipeline.storage import open_storage, validate_key
+from workers.inputs import load_seed
 
 SIZE = (16, 16)
 

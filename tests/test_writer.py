@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline import layout
 from pipeline.storage import LocalStorage, open_storage
-from workers.watermark import WATERMARK_TEXT, corner_block_size
+from workers.encode import WATERMARK_TEXT, corner_block_size
 from workers.wham.actions import BUTTON_NAMES, STICK_BIN_CENTRES, STICK_NAMES
 from workers.writer import OutputWriter, WriteError
 
@@ -403,7 +403,7 @@ def test_cached_watermark_matches_direct_drawing(background):
     """The pasted, pre-rendered text equals drawing the text on the frame (within rounding)."""
     from PIL import ImageDraw
 
-    from workers import watermark
+    from workers import encode as watermark
 
     if background == "noise":
         base = np.random.default_rng(0).integers(0, 256, (180, 300, 3), dtype=np.uint8)

@@ -11,10 +11,8 @@ with the error; the actor itself never dies of it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -25,11 +23,15 @@ import numpy as np
 
 from pipeline.logs import log_context, setup_actor_logging
 from pipeline.plan import RolloutItem, UnitReceipt, WorkUnit
+from pipeline.sources import NEUTRAL_ACTION, constant_action
 from pipeline.spec import JobSpec
+from pipeline.storage import open_storage
+from workers import wham
+from workers.inputs import load_seed, make_actions
+from workers.replica import batch_size_for, load_replica
+from workers.writer import OutputWriter
 
 log = logging.getLogger("workers.actor")
-CPU_BATCH = 8  # batch_size auto on the CPU: decode is compute-bound there, bigger gains little
-MEMORY_HEADROOM = 0.85  # share of free accelerator memory the KV cache may take
 MAX_ERROR_CHARS = 500
 
 
@@ -52,57 +54,24 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
 
 
-def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return device, getattr(torch, dtype)
-
-
-def fetch_checkpoint(uri: str, *, endpoint_url: str | None, region: str | None) -> str:
-    """A local path for `uri`; s3:// objects or folders are streamed into a cache folder."""
-    if not uri.startswith("s3://"):
-        return uri
-    import pyarrow.fs as pafs
-
-    from pipeline.storage import open_storage
-
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    fs, base = open_storage(parent, endpoint_url=endpoint_url, region=region).arrow_fs()
-    cache = os.environ.get("WHAM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "wham-cache")
-    dest = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16], name)
-    if not os.path.exists(dest):
-        tmp = f"{dest}.partial-{os.getpid()}"
-        src = f"{base}/{name}"
-        is_folder = fs.get_file_info(src).type == pafs.FileType.Directory
-        os.makedirs(tmp if is_folder else os.path.dirname(dest), exist_ok=True)
-        pafs.copy_files(src, tmp, source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, dest)
-    return dest
-
-
 class RolloutActor:
     def __init__(self, spec: JobSpec, *, worker: str = "local",
                  script: np.ndarray | None = None) -> None:
         """Load the replica and open the writer; `script` holds scripted actions (N,16)."""
-        from pipeline.storage import open_storage
-        from workers.wham import RolloutEngine, SamplingParams
-        from workers.writer import OutputWriter
-
         # In a Ray actor, log lines carry run_id and worker (and unit inside run_unit).
         setup_actor_logging(run_id=spec.run.run_id, worker=worker)
         self.spec = spec
         self.worker = worker
         self.script = script
-        self.model = self._load_model(spec)
-        self.batch_size = self._batch_size()
-        self.engine = RolloutEngine(self.model, max_batch=self.batch_size)
+        m = spec.model
+        self.model = load_replica(checkpoint=m.checkpoint, preset=m.preset, device=m.device,
+                                  dtype=m.dtype, seed=spec.run.seed,
+                                  threads=spec.resources.cpus_per_actor,
+                                  endpoint_url=m.endpoint_url, region=m.region)
+        self.batch_size = batch_size_for(self.model, spec.resources.batch_size)
+        self.engine = wham.RolloutEngine(self.model, max_batch=self.batch_size)
         s = spec.rollouts.sampling
-        self.sampling = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+        self.sampling = wham.SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                        greedy=s.greedy)
         o = spec.output
         self.storage = open_storage(o.root, endpoint_url=o.endpoint_url, region=o.region)
@@ -113,35 +82,6 @@ class RolloutActor:
             threads=o.writer_threads,
             tokens_per_image=self.model.tokens_per_image if o.image_tokens else None)
         self._compute = threading.Lock()
-
-    @staticmethod
-    def _load_model(spec: JobSpec) -> Any:
-        from workers.wham import load_model, random_model
-
-        device, dtype = resolve_device(spec.model.device, spec.model.dtype)
-        if device == "cpu":
-            import torch
-
-            # Use the CPUs this actor reserved; more threads than cores thrash.
-            torch.set_num_threads(max(1, int(spec.resources.cpus_per_actor)))
-        if spec.model.preset is not None:
-            return random_model(spec.model.preset, seed=spec.run.seed, device=device, dtype=dtype)
-        path = fetch_checkpoint(spec.model.checkpoint, endpoint_url=spec.model.endpoint_url,
-                                region=spec.model.region)
-        return load_model(path, device=device, dtype=dtype)
-
-    def _batch_size(self) -> int:
-        requested = self.spec.resources.batch_size
-        if requested != "auto":
-            return requested
-        import torch
-
-        from workers.wham import max_batch_for_memory
-
-        if self.model.device.type != "cuda":
-            return CPU_BATCH
-        free, _ = torch.cuda.mem_get_info(self.model.device)
-        return max(1, max_batch_for_memory(self.model, int(free * MEMORY_HEADROOM)))
 
     def ready(self) -> dict[str, Any]:
         """Small facts for the driver and the run manifest (also a liveness probe)."""
@@ -213,9 +153,6 @@ class RolloutActor:
 
     def _prepare(self, items: list[RolloutItem]) -> list[_Ready]:
         """Load one seed and build the given actions/observations of its rollouts."""
-        from pipeline.action_sources import NEUTRAL_ACTION, constant_action, make_actions
-        from pipeline.seeds import load_seed
-
         spec = self.spec
         steps, mode, kind = spec.rollouts.steps, spec.rollouts.mode, spec.rollouts.actions.kind
         needs_future = mode == "policy" or (mode == "world_model" and kind == "replay")

@@ -5,7 +5,7 @@ computing; PNG encoding and uploads run on a small thread pool (Pillow's encoder
 release the GIL). A bounded number of pending uploads keeps memory bounded: `add_step`
 blocks when the pool falls behind.
 
-Per work unit, in this order (DESIGN.md section 3):
+Per work unit, in this order (docs/outputs.md, "Output layout"):
 1. frames (and previews) are uploaded while the unit runs;
 2. `finish_unit` waits for them, then writes the unit's steps and rollouts Parquet parts;
 3. the commit marker goes last. A failed upload fails the whole unit (WriteError), so the
@@ -32,7 +32,7 @@ import numpy as np
 from pipeline import layout
 from pipeline.metrics import Metrics
 from pipeline.storage import Storage
-from workers.watermark import encode_gif, encode_png
+from workers.encode import encode_gif, encode_png
 from workers.wham.actions import (
     ACTION_DIM,
     BUTTON_NAMES,

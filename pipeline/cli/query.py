@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli.command import Command
 from pipeline.errors import UserError
+from pipeline.query import query
 
 FORMATS = ("table", "csv", "json", "parquet")
 #: Rows the text table shows when no --limit is given.
@@ -16,15 +18,7 @@ TABLE_DEFAULT_ROWS = 50
 _CELL_CHARS = 40
 
 
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "query",
-        help="query the steps or rollouts table of an output root",
-        description="Read an output table across runs with Apache Arrow. Filters on run_id "
-        "and run_date only open that run's files. --where takes clauses such as "
-        '"step >= 10 and action_source = model", "status in (ok, failed)" or '
-        '"error is not null", joined with and/or.',
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="output root: a local folder or s3://bucket/prefix")
     p.add_argument("--table", choices=("steps", "rollouts"), default="steps")
     p.add_argument("--run-id", help="only this run")
@@ -42,7 +36,6 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS or AWS_ENDPOINT_URL_S3)")
     p.add_argument("--region", help="S3 region")
-    p.set_defaults(func=run_query)
 
 
 def _cell(value: Any) -> str:
@@ -96,8 +89,6 @@ def _encode(table: Any, fmt: str) -> bytes:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    from pipeline.query import query
-
     if args.format == "parquet" and not args.out:
         raise UserError("--format parquet writes binary data: pass --out FILE")
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
@@ -131,3 +122,11 @@ def run_query(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     return 0
+
+
+QUERY = Command(
+    "query", "query the steps or rollouts table of an output root", _arguments, run_query,
+    description="Read an output table across runs with Apache Arrow. Filters on run_id and "
+    "run_date only open that run's files. --where takes clauses such as "
+    '"step >= 10 and action_source = model", "status in (ok, failed)" or '
+    '"error is not null", joined with and/or.')

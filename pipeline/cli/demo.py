@@ -3,7 +3,7 @@
 Rolls the model out greedily from the first K frames of held-out clips with the game's
 true actions and compares frames 1, 5 and 10 steps later with the game's real frames, next
 to two baselines: copying the last context frame, and the tokenizer's reconstruction of the
-real frame (the ceiling). See pipeline/demo_eval.py for the exact definitions.
+real frame (the ceiling). See workers/toygame/evaluate.py for the exact definitions.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import argparse
 import json
 import time
 
+from pipeline.cli.command import Command
+from pipeline.errors import UserError
+from workers import wham
+from workers.toygame import SIZE
+from workers.toygame.evaluate import HORIZONS, evaluate
+
 DEFAULT_MODEL = "models/demo"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval-demo", help="score the demo world model against the toy game",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"native model folder trained on the toy game "
                         f"(default {DEFAULT_MODEL})")
@@ -27,16 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="context steps given to the model, 1..9 (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(func=cmd_eval_demo)
 
 
 def cmd_eval_demo(args: argparse.Namespace) -> int:
     import torch
-
-    from pipeline.demo_eval import HORIZONS, evaluate
-    from pipeline.errors import UserError
-    from workers.toygame import SIZE
-    from workers.wham import load_model
 
     if args.clips < 1:
         raise UserError(f"--clips must be >= 1, got {args.clips}")
@@ -44,7 +41,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         raise UserError(f"--context must be 1..9, got {args.context}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = wham.load_model(args.model)
     if model.image_size != (SIZE, SIZE):
         raise UserError(f"--model {args.model}: image size {model.image_size} is not the toy "
                         f"game's ({SIZE}, {SIZE}); pass a model trained by scripts/train_demo.py")
@@ -62,3 +59,7 @@ def cmd_eval_demo(args: argparse.Namespace) -> int:
         print(f"| {h} | {row['model_psnr']:.2f} | {row['copy_last_psnr']:.2f} | "
               f"{row['recon_psnr']:.2f} | {row['model_token_acc']:.3f} |")
     return 0
+
+
+EVAL_DEMO = Command("eval-demo", "score the demo world model against the toy game", _arguments,
+                    cmd_eval_demo, description=__doc__, raw_description=True)

@@ -6,8 +6,14 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
+
+from pipeline import submit as sub
+from pipeline.cli.command import Command
+from pipeline.cli.run import add_spec_arguments
+from pipeline.driver.run_state import list_runs
+from pipeline.secrets import redact
 
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 EXIT_JOB_FAILED = 1
@@ -22,14 +28,7 @@ def _add_address(parser: argparse.ArgumentParser) -> None:
         "For token auth set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH).")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.cli_run import add_spec_arguments
-
-    submit = subparsers.add_parser(
-        "submit", help="validate a job YAML and submit it to a Ray cluster",
-        description="Validate the job YAML locally, then submit `python -m jobs.run CONFIG` "
-        "to a Ray cluster through the Jobs API and print the job id. Credentials are never "
-        "sent with the job: the cluster uses its own environment or role.")
+def _submit_arguments(submit: argparse.ArgumentParser) -> None:
     add_spec_arguments(submit)
     _add_address(submit)
     code = submit.add_mutually_exclusive_group()
@@ -47,51 +46,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stream the job's logs until it finishes (implies --wait)")
     submit.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help="give up waiting after S seconds (exit 124; the job keeps running)")
-    submit.set_defaults(func=cmd_submit)
 
-    status = subparsers.add_parser("status", help="status of a job (or list jobs)",
-                                   description="Show one job's status, or all jobs without an id.")
+
+def _status_arguments(status: argparse.ArgumentParser) -> None:
     status.add_argument("job_id", nargs="?", help="submission id (omit to list jobs)")
     _add_address(status)
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.set_defaults(func=cmd_status)
 
-    logs = subparsers.add_parser("logs", help="print a job's logs",
-                                 description="Print a job's driver logs.")
+
+def _logs_arguments(logs: argparse.ArgumentParser) -> None:
     logs.add_argument("job_id", help="submission id")
     _add_address(logs)
     logs.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
     logs.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                       help="stop following after S seconds")
-    logs.set_defaults(func=cmd_logs)
 
-    stop = subparsers.add_parser("stop", help="stop a running job",
-                                 description="Ask the cluster to stop a job.")
+
+def _stop_arguments(stop: argparse.ArgumentParser) -> None:
     stop.add_argument("job_id", help="submission id")
     _add_address(stop)
     stop.add_argument("--wait", action="store_true", help="wait until it has stopped")
     stop.add_argument("--timeout", type=float, default=60.0, metavar="S",
                       help="how long --wait waits")
-    stop.set_defaults(func=cmd_stop)
 
-    runs = subparsers.add_parser(
-        "runs", help="list the runs under an output root with their status",
-        description="List runs under ROOT/_runs: complete (has _SUCCESS) or partial, with "
-        "committed/planned units, rollout and frame counts and throughput.")
+
+def _runs_arguments(runs: argparse.ArgumentParser) -> None:
     runs.add_argument("root", help="output root: a folder or s3://bucket/prefix")
     runs.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS or env)")
     runs.add_argument("--region", default=None, help="S3 region")
     runs.add_argument("--run-date", default=None, help="only runs of this date (YYYY-MM-DD)")
     runs.add_argument("--json", action="store_true", help="print JSON lines")
-    runs.set_defaults(func=cmd_runs)
 
 
 # ---------------------------------------------------------------- jobs
 
 
 def _print_failure_tail(client: Any, job_id: str) -> None:
-    from pipeline.logs import redact
-
     try:
         info = client.get_job_info(job_id)
         lines = client.get_job_logs(job_id).splitlines()[-_LOG_TAIL_LINES:]
@@ -118,8 +108,6 @@ def _finish(client: Any, job_id: str, status: str | None, timeout_s: float) -> i
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline import submit as sub
-
     # Validation and packaging happen before any connection: a bad spec never reaches
     # the cluster.
     submission = sub.build_submission(
@@ -147,8 +135,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline import submit as sub
-
     client = sub.connect(args.address)
     with sub.cluster_errors(client.get_address()):
         if args.job_id is None:
@@ -186,22 +172,16 @@ def _job_row(info: Any) -> dict[str, Any]:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from pipeline import submit as sub
-
     client = sub.connect(args.address)
     sub.job_status(client, args.job_id)  # UserError for an unknown id
     if args.follow:
         return 0 if sub.follow_logs(client, args.job_id, timeout_s=args.timeout) else EXIT_TIMEOUT
-    from pipeline.logs import redact
-
     with sub.cluster_errors(client.get_address()):
         sys.stdout.write(redact(client.get_job_logs(args.job_id)))
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from pipeline import submit as sub
-
     client = sub.connect(args.address)
     status = sub.job_status(client, args.job_id)
     if status in sub.TERMINAL_STATUSES:
@@ -220,74 +200,6 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- runs
-
-
-@dataclass
-class RunInfo:
-    run_date: str
-    run_id: str
-    status: str  # complete | partial
-    units_committed: int
-    units_planned: int | None
-    rollouts_ok: int
-    rollouts_failed: int
-    frames: int
-    wall_seconds: float | None
-    frames_per_second: float | None
-    started_at: str | None
-
-
-def _read_json(storage: Any, key: str) -> dict[str, Any]:
-    try:
-        data = json.loads(storage.get_bytes(key))
-    except FileNotFoundError:
-        return {}
-    except (ValueError, UnicodeDecodeError):
-        return {}  # a torn or foreign manifest: report the run from its markers instead
-    return data if isinstance(data, dict) else {}
-
-
-def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None = None,
-              run_date: str | None = None) -> list[RunInfo]:
-    """Every run under `root`'s `_runs/` (optionally of one date), oldest first.
-
-    A run is complete when `_SUCCESS` exists; its counts come from the manifest. A partial
-    run's counts are summed from its commit markers (its manifest may predate them).
-    """
-    from pipeline.layout import commits_prefix, run_date_str
-    from pipeline.query import read_runs
-    from pipeline.storage import open_storage
-
-    wanted = run_date_str(run_date) if run_date is not None else None
-    storage = None
-    out = []
-    for run in read_runs(root, endpoint_url=endpoint_url, region=region):
-        date, run_id = run["run_date"], run["run_id"]
-        if wanted is not None and date != wanted:
-            continue
-        manifest = run["manifest"] if isinstance(run["manifest"], dict) else {}
-        counts = manifest.get("counts") or {}
-        complete = bool(run["success"])
-        if complete:
-            ok, failed, frames = (int(counts.get(k, 0)) for k in
-                                  ("rollouts_ok", "rollouts_failed", "frames"))
-        else:
-            storage = storage or open_storage(root, endpoint_url=endpoint_url, region=region)
-            markers = [_read_json(storage, key)
-                       for key in storage.list_keys(commits_prefix(date, run_id))]
-            ok, failed, frames = (sum(int(m.get(k, 0)) for m in markers) for k in
-                                  ("ok", "failed", "frames"))
-        planned = counts.get("units_total")
-        out.append(RunInfo(
-            run_date=date, run_id=run_id, status="complete" if complete else "partial",
-            units_committed=int(run["units_committed"]),
-            units_planned=int(planned) if planned is not None else None,
-            rollouts_ok=ok, rollouts_failed=failed, frames=frames,
-            wall_seconds=manifest.get("wall_seconds") if complete else None,
-            frames_per_second=manifest.get("frames_per_second") if complete else None,
-            started_at=manifest.get("started_at"),
-        ))
-    return out
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -309,3 +221,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"{r.run_date:<10}  {r.run_id:<28} {r.status:<8} {units:>9} {r.rollouts_ok:>7} "
               f"{r.rollouts_failed:>6} {r.frames:>8} {fps:>9}")
     return 0
+
+
+SUBMIT = Command(
+    "submit", "validate a job YAML and submit it to a Ray cluster", _submit_arguments,
+    cmd_submit,
+    description="Validate the job YAML locally, then submit `python -m jobs.run CONFIG` to a "
+    "Ray cluster through the Jobs API and print the job id. Credentials are never sent with "
+    "the job: the cluster uses its own environment or role.")
+STATUS = Command("status", "status of a job (or list jobs)", _status_arguments, cmd_status,
+                 description="Show one job's status, or all jobs without an id.")
+LOGS = Command("logs", "print a job's logs", _logs_arguments, cmd_logs,
+               description="Print a job's driver logs.")
+STOP = Command("stop", "stop a running job", _stop_arguments, cmd_stop,
+               description="Ask the cluster to stop a job.")
+RUNS = Command(
+    "runs", "list the runs under an output root with their status", _runs_arguments, cmd_runs,
+    description="List runs under ROOT/_runs: complete (has _SUCCESS) or partial, with "
+    "committed/planned units, rollout and frame counts and throughput.")

@@ -1,30 +1,23 @@
-"""JobSpec: the validated form of a job YAML.
+"""The job spec's sections: one pydantic model per YAML section.
 
-One pydantic model per YAML section, `extra="forbid"` everywhere and a description on
-every field, so `wham-batch validate` can name the YAML path of any mistake. `load_spec`
-reads the YAML, applies `--set a.b=c` overrides and turns every problem into one
-`UserError` that lists each bad field by its dotted path; callers never see a traceback.
+`extra="forbid"` everywhere and a description on every field, so `wham-batch validate` can
+name the YAML path of any mistake and print the schema. Loading YAML, `--set` overrides and
+error formatting live in `pipeline.spec.load`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import string
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveInt,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from pipeline.choices import ACTION_KINDS, DEVICES, DTYPES, MODES, SEED_FORMATS
 from pipeline.errors import UserError
+from pipeline.layout import check_run_id
+from pipeline.secrets import public_data
+from pipeline.sources import constant_action
 
 _RUN_ID_FIELDS = {"date", "name"}
 
@@ -62,8 +55,6 @@ class RunSection(_Section):
         if unknown:
             raise ValueError(f"run_id template uses unknown placeholder(s) {sorted(unknown)}; "
                              f"allowed: {{date}} {{name}}")
-        from pipeline.layout import check_run_id
-
         rendered = self.run_id.format(date=self.run_date.isoformat(), name=self.name)
         try:
             self.run_id = check_run_id(rendered)  # it names a partition folder
@@ -80,10 +71,10 @@ class ModelSection(_Section):
     preset: str | None = Field(
         default=None, description="Named preset with random weights (tests, demos, benchmarks)."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Literal[DEVICES] = Field(
         default="auto", description="Where each actor runs its replica; auto picks cuda if present."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal[DTYPES] = Field(
         default="auto",
         description="Weights and compute dtype; auto: bfloat16 on cuda, else float32.",
     )
@@ -101,7 +92,7 @@ class ModelSection(_Section):
 
 class SeedsSection(_Section):
     source: str = Field(description="Local folder or s3:// prefix holding the seeds.")
-    format: Literal["images", "wham-npz", "manifest"] = Field(
+    format: Literal[SEED_FORMATS] = Field(
         default="images",
         description="images: one picture per seed; wham-npz: recorded clips (frames + actions); "
         "manifest: a CSV/Parquet listing seed files.",
@@ -118,7 +109,7 @@ class SeedsSection(_Section):
 
 
 class ActionsSpec(_Section):
-    kind: Literal["random", "constant", "file", "replay"] = Field(
+    kind: Literal[ACTION_KINDS] = Field(
         default="random",
         description="random: sampled per step from the rollout's rng; constant: `value` every "
         "step; file: a scripted CSV/Parquet (`path`); replay: the actions recorded in the seed.",
@@ -144,8 +135,6 @@ class ActionsSpec(_Section):
         if self.kind == "constant":
             if self.value is None:
                 raise ValueError("kind constant needs `value`: 16 numbers (12 buttons, 4 sticks)")
-            from pipeline.action_sources import constant_action
-
             try:
                 constant_action(self.value)  # the same check the actors apply
             except UserError as exc:
@@ -167,7 +156,7 @@ class SamplingSpec(_Section):
 class RolloutsSection(_Section):
     per_seed: int = Field(default=1, gt=0, description="Rollouts generated from each seed.")
     steps: int = Field(gt=0, le=10_000, description="Generated steps per rollout.")
-    mode: Literal["world_model", "policy", "full"] = Field(
+    mode: Literal[MODES] = Field(
         default="world_model",
         description="world_model: frames from given actions; policy: actions from recorded "
         "frames; full: the model predicts both.",
@@ -249,131 +238,4 @@ class JobSpec(_Section):
 
     def public_dict(self) -> dict[str, Any]:
         """The spec as plain data with credentials stripped from every URL (for manifests)."""
-        return _redact(self.model_dump(mode="json"))
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    if isinstance(value, str) and "://" in value:
-        parts = urlsplit(value)
-        host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    return value
-
-
-def _field_path(loc: Iterable[Any], err_type: str) -> str:
-    """Dotted YAML path of a pydantic error location, without union-member tags."""
-    loc = list(loc)
-    model: type[BaseModel] | None = JobSpec
-    out: list[str] = []
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out[-1:] = [f"{out[-1]}[{part}]"] if out else [f"[{part}]"]
-        elif model is not None and part in model.model_fields:
-            out.append(part)
-            model = _submodel(model.model_fields[part].annotation)
-        elif err_type == "extra_forbidden" and i == len(loc) - 1:
-            out.append(str(part))
-    return ".".join(out) or "(top level)"
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) is not None:
-        for arg in get_args(annotation):
-            found = _submodel(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def format_validation_error(exc: ValidationError) -> list[str]:
-    """One line per bad field: `path: message`; alternatives of a union are merged."""
-    by_path: dict[str, list[str]] = {}
-    for err in exc.errors():
-        path = _field_path(err["loc"], err["type"])
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `wham-batch validate` for the schema)"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-        if msg not in by_path.setdefault(path, []):
-            by_path[path].append(msg)
-    return [f"{path}: {' or '.join(msgs)}" for path, msgs in by_path.items()]
-
-
-def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
-    """`a.b=c` strings -> (["a", "b"], value) with the value parsed as a YAML scalar."""
-    import yaml
-
-    parsed = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(p.strip() for p in parts):
-            raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. rollouts.steps=8")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw  # e.g. `run.run_id={name}-x`: not YAML, meant literally
-        if isinstance(value, dict) and all(v is None for v in value.values()):
-            value = raw  # `{date}` reads as a YAML set; a template placeholder was meant
-        parsed.append(([p.strip() for p in parts], value))
-    return parsed
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    for parts, value in parse_overrides(overrides):
-        node = data
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise UserError(f"--set {'.'.join(parts)}: {where} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
-def spec_from_data(data: Any, *, source: str = "job spec") -> JobSpec:
-    if not isinstance(data, dict):
-        raise UserError(f"{source}: expected a mapping of sections (run, model, seeds, ...)")
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as exc:
-        lines = format_validation_error(exc)
-        raise UserError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
-
-
-def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
-    """Read a job YAML, apply `--set` overrides and validate it (UserError on any problem)."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read job spec {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except RecursionError:
-        raise UserError(f"{path}: YAML nested too deeply to be a job spec") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
-    data = {} if data is None else data
-    if isinstance(data, dict):
-        data = apply_overrides(data, overrides)
-    return spec_from_data(data, source=str(path))
-
-
-def dump_spec(spec: JobSpec) -> str:
-    import yaml
-
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        return public_data(self.model_dump(mode="json"))

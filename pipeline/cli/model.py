@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import UserError
+import numpy as np
 
-MODES = ("world_model", "policy", "full")
-DTYPES = ("float32", "bfloat16")
+from pipeline.choices import DTYPES, MODES
+from pipeline.cli.command import Command
+from pipeline.errors import UserError
+from workers import wham
+from workers.encode import auto_preview_scale, encode_gif
+from workers.replica import load_replica, resolve_device
+
 MAX_CONTEXT = 10
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    dream = subparsers.add_parser(
-        "dream", help="generate rollouts from one context clip on this machine",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _dream_arguments(dream: argparse.ArgumentParser) -> None:
     _add_model_arguments(dream, preset_help="random weights of a named preset (for trials)")
     dream.add_argument("--context", required=True, metavar="FILE.npz",
                        help="clip with `images` uint8 (T,3,H,W) and `actions` (T,16)")
@@ -54,32 +58,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dream.add_argument("--gif", metavar="OUT.gif",
                        help="also write rollout 0 (context + watermarked frames) as a GIF")
     dream.add_argument("--json", action="store_true", help="print one JSON line of timings")
-    dream.set_defaults(func=cmd_dream)
 
-    convert = subparsers.add_parser(
-        "convert", help="convert an official WHAM .ckpt into a native model folder",
-        description="Read an official Lightning checkpoint without running its pickled code "
-        "and write config.json + model.safetensors into OUT_DIR.")
+
+def _convert_arguments(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("checkpoint", metavar="OFFICIAL.ckpt")
     convert.add_argument("out_dir", metavar="OUT_DIR")
-    convert.set_defaults(func=cmd_convert)
 
-    bench = subparsers.add_parser(
-        "bench-engine", help="measure rollout speed with random weights",
-        description="Full-mode rollouts from a random context of image tokens (the pixel "
-        "tokenizer is not timed): tokens/s, frames/s and peak memory.")
+
+def _bench_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--preset", required=True, help="model preset, e.g. tiny or wham-200m")
     bench.add_argument("--batch", type=int, default=1, metavar="B")
     bench.add_argument("--steps", type=int, default=2, metavar="N")
     bench.add_argument("--context-steps", type=int, default=MAX_CONTEXT, metavar="K",
                        help="context steps (default 10: the window is full and slides)")
-    bench.add_argument("--dtype", choices=DTYPES, default=None)
+    bench.add_argument("--dtype", choices=DTYPES, default="auto")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     bench.add_argument("--naive", action="store_true",
                        help="time the full-recompute reference sampler instead of the engine")
     bench.add_argument("--compile", action="store_true", help="compiled decode (CUDA only)")
     bench.add_argument("--json", action="store_true", help="print one JSON line")
-    bench.set_defaults(func=cmd_bench_engine)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, *, preset_help: str) -> None:
@@ -87,38 +84,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, preset_help: str) -
     source.add_argument("--checkpoint", metavar="PATH",
                         help="native model folder or official .ckpt")
     source.add_argument("--preset", metavar="NAME", help=preset_help)
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="transformer precision (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="transformer precision (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
-def _device_dtype(device: str, dtype: str | None):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"--device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device: CUDA is not available on this machine; use --device cpu")
-    name = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-    return dev, getattr(torch, name)
-
-
 def _load(args: argparse.Namespace):
-    from workers.wham import load_model, random_model
-
-    device, dtype = _device_dtype(args.device, args.dtype)
-    if args.preset is not None:
-        return random_model(args.preset, seed=0, device=device, dtype=dtype)
-    return load_model(args.checkpoint, device=device, dtype=dtype)
+    return load_replica(checkpoint=args.checkpoint, preset=args.preset, device=args.device,
+                        dtype=args.dtype)
 
 
 def _read_npz(path: str, keys: tuple[str, ...], *, what: str) -> dict:
-    import numpy as np
-
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{what} {path}: no such file")
@@ -135,17 +111,13 @@ def _read_npz(path: str, keys: tuple[str, ...], *, what: str) -> dict:
 
 def _clip(args: argparse.Namespace, model) -> dict:
     """Context, and the given actions/observations, from the files named on the command line."""
-    import numpy as np
-
-    from workers.wham import validate_actions
-
     data = _read_npz(args.context, ("images", "actions"), what="--context")
     images, actions = data["images"], data["actions"]
     h, w = model.image_size
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, h, w):
         raise UserError(f"--context {args.context}: images must be uint8 (T, 3, {h}, {w}) "
                         f"for this model, got {images.dtype} {images.shape}")
-    actions = validate_actions(actions, name=f"--context {args.context}: actions")
+    actions = wham.validate_actions(actions, name=f"--context {args.context}: actions")
     if actions.shape != (len(images), 16):
         raise UserError(f"--context {args.context}: actions must be ({len(images)}, 16) like "
                         f"the images, got {actions.shape}")
@@ -169,7 +141,7 @@ def _clip(args: argparse.Namespace, model) -> dict:
     if args.mode == "world_model":
         if args.actions:
             given = _read_npz(args.actions, ("actions",), what="--actions")["actions"]
-            given = validate_actions(given, name=f"--actions {args.actions}")
+            given = wham.validate_actions(given, name=f"--actions {args.actions}")
             source = f"--actions {args.actions}"
         else:
             given, source = actions[k:], f"the steps after the context in {args.context}"
@@ -186,30 +158,13 @@ def _check_counts(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} must be at least {low}, got {value}")
 
 
-def _watermarked(frame):
-    """(3,H,W) uint8 -> (H,W,3) with "Generated by WHAM" in the bottom-right corner."""
-    from PIL import Image, ImageDraw
-
-    image = Image.fromarray(frame.transpose(1, 2, 0))
-    draw = ImageDraw.Draw(image)
-    text = "Generated by WHAM"
-    left, top, right, bottom = draw.textbbox((0, 0), text)
-    x, y = image.width - (right - left) - 2, image.height - (bottom - top) - 2
-    draw.text((x, y - top), text, fill=(255, 255, 255))
-    return image
-
-
 def cmd_dream(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from workers.wham import RolloutEngine, SamplingParams
-
     _check_counts(args)
     out = Path(args.out)
     for path in (out, Path(args.gif) if args.gif else None):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{path}: folder {path.parent} does not exist")
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    sampling = wham.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               greedy=args.greedy)
     model = _load(args)
     clip = _clip(args, model)
@@ -218,7 +173,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
     def tile(x):
         return None if x is None else np.repeat(x[None], batch, axis=0)
 
-    engine = RolloutEngine(model, max_batch=batch)
+    engine = wham.RolloutEngine(model, max_batch=batch)
     t0 = time.perf_counter()
     outputs = list(engine.rollout(
         context_images=tile(clip["context_images"]),
@@ -238,7 +193,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
         np.savez(fh, **result)
     if args.gif:
         _write_gif(args.gif, clip["context_images"], result["images"][0],
-                   watermark=args.mode != "policy")
+                   watermark=args.mode != "policy", model_id=model.model_id)
     tokens = batch * args.steps * tokens_per_step
     summary = {
         "generate_seconds": round(seconds, 4), "tokens": tokens,
@@ -256,29 +211,24 @@ def cmd_dream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_gif(path: str, context, frames_out, *, watermark: bool) -> None:
-    """Context frames as they are, then the rollout's frames (watermarked when generated)."""
-    import imageio.v3 as iio
-    import numpy as np
-
-    frames = [np.asarray(f.transpose(1, 2, 0)) for f in context]
-    frames += [np.asarray(_watermarked(f)) if watermark else f.transpose(1, 2, 0)
-               for f in frames_out]
-    iio.imwrite(path, np.stack(frames), extension=".gif", duration=100, loop=0)
+def _write_gif(path: str, context, frames_out, *, watermark: bool, model_id: str) -> None:
+    """Context frames as they are, then the rollout's frames (marked when generated), upscaled
+    like the pipeline's previews so small frames are visible."""
+    frames = [(f, False) for f in context] + [(f, watermark) for f in frames_out]
+    scale = auto_preview_scale(*context.shape[-2:])
+    data = encode_gif(frames, scale=scale, watermark=watermark,
+                      comment=f"generator=WHAM world model (wham-batch dream); model_id={model_id}")
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from workers.wham import convert_checkpoint
-
-    folder = convert_checkpoint(args.checkpoint, args.out_dir)
+    folder = wham.convert_checkpoint(args.checkpoint, args.out_dir)
     print(f"wrote {folder}")
     return 0
 
 
 def _peak_memory_bytes(device) -> int:
-    import resource
-    import sys
-
     import torch
 
     if device.type == "cuda":
@@ -290,13 +240,11 @@ def _peak_memory_bytes(device) -> int:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     import torch
 
-    from workers.wham import RolloutEngine, SamplingParams, naive_rollout, random_model
-
     _check_counts(args)
     if not 1 <= args.context_steps <= MAX_CONTEXT:
         raise UserError(f"--context-steps must be 1..{MAX_CONTEXT}, got {args.context_steps}")
-    device, dtype = _device_dtype(args.device, args.dtype)
-    model = random_model(args.preset, seed=0, device=device, dtype=dtype)
+    device, dtype = resolve_device(args.device, args.dtype)
+    model = wham.random_model(args.preset, seed=0, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     b, t = args.batch, args.context_steps
     inputs = {
@@ -304,17 +252,17 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
                                         (b, t, model.tokens_per_image), generator=g),
         "context_actions": torch.cat([torch.randint(0, 2, (b, t, 12), generator=g),
                                       torch.randint(0, 11, (b, t, 4), generator=g)], dim=2),
-        "steps": args.steps, "mode": "full", "sampling": SamplingParams(),
+        "steps": args.steps, "mode": "full", "sampling": wham.SamplingParams(),
         "seeds": list(range(b)),
     }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if args.naive:
         t0 = time.perf_counter()
-        naive_rollout(model, **inputs)
+        wham.naive_rollout(model, **inputs)
         seconds = time.perf_counter() - t0
     else:
-        engine = RolloutEngine(model, max_batch=b, compile=args.compile)
+        engine = wham.RolloutEngine(model, max_batch=b, compile=args.compile)
         list(engine.rollout(**{**inputs, "steps": 1}, decode_images=False))  # warm-up
         t0 = time.perf_counter()
         list(engine.rollout(**inputs, decode_images=False))
@@ -333,3 +281,17 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     else:
         print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
+
+
+DREAM = Command("dream", "generate rollouts from one context clip on this machine",
+                _dream_arguments, cmd_dream, description=__doc__, raw_description=True)
+CONVERT = Command(
+    "convert", "convert an official WHAM .ckpt into a native model folder", _convert_arguments,
+    cmd_convert,
+    description="Read an official Lightning checkpoint without running its pickled code and "
+    "write config.json + model.safetensors into OUT_DIR.")
+BENCH_ENGINE = Command(
+    "bench-engine", "measure rollout speed with random weights", _bench_arguments,
+    cmd_bench_engine,
+    description="Full-mode rollouts from a random context of image tokens (the pixel "
+    "tokenizer is not timed): tokens/s, frames/s and peak memory.")

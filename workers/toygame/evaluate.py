@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-from workers.toygame import make_dataset
+from workers import wham
+from workers.toygame.clips import make_dataset
 
 #: First game seed of the held-out clips; training uses seeds 0 .. clips-1 (far below).
 HELD_OUT_SEED = 1_000_000
@@ -47,15 +48,13 @@ def evaluate(model, *, clips: int = 32, context: int = 5,
     Returns `{"horizons": {"h": {model_psnr, copy_last_psnr, recon_psnr, model_token_acc}},
     "clips": N}`.
     """
-    from workers.wham import RolloutEngine, SamplingParams
-
     steps = max(horizons)
     images, actions = held_out_clips(clips, context + steps)
-    engine = RolloutEngine(model, max_batch=clips)
+    engine = wham.RolloutEngine(model, max_batch=clips)
     outputs = list(engine.rollout(
         context_images=images[:, :context], context_actions=actions[:, :context],
         steps=steps, mode="world_model", actions=actions[:, context:context + steps],
-        sampling=SamplingParams(greedy=True), seeds=list(range(clips)),
+        sampling=wham.SamplingParams(greedy=True), seeds=list(range(clips)),
     ))
     real = images[:, context:context + steps]  # (B, steps, 3, H, W): frames the rollout predicts
     real_tokens = model.encode_images(real).cpu()  # (B, steps, n)

@@ -1,27 +1,35 @@
-"""The `wham-batch` command line.
+"""The `wham-batch` command line: an explicit table of commands.
 
-Each group of subcommands lives in its own module and registers itself through
-`register(subparsers)`. Modules keep torch, Ray and pyarrow imports inside their command
-functions, so `wham-batch --help` and light commands start quickly.
+Each command (pipeline/cli/*.py) names its arguments and the function it runs; heavy
+libraries (torch, Ray, pyarrow's dataset layer) load when a command first needs them, so
+`wham-batch --help` and light commands start quickly.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from pipeline.cli import cluster, demo, model, query, run
+from pipeline.cli.command import Command
 from pipeline.errors import UserError
 from workers.wham.errors import WHAMError
 
-# Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = (
-    "pipeline.cli_run",  # run, validate
-    "pipeline.cli_query",  # query
-    "pipeline.cli_cluster",  # submit, status, logs, stop, runs
-    "pipeline.cli_model",  # dream, convert, bench-engine
-    "pipeline.cli_demo",  # eval-demo
-)
+#: Every command, in the order `--help` lists them.
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    run.RUN,
+    run.VALIDATE,
+    query.QUERY,
+    cluster.SUBMIT,
+    cluster.STATUS,
+    cluster.LOGS,
+    cluster.STOP,
+    cluster.RUNS,
+    model.DREAM,
+    model.CONVERT,
+    model.BENCH_ENGINE,
+    demo.EVAL_DEMO,
+)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Batch rollouts of the WHAM world model on Ray, written to S3 or a folder.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for command in COMMANDS.values():
+        command.add_to(subparsers)
     return parser
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pipeline.spec import JobSpec
+from pipeline.cli.command import Command
+from pipeline.driver import run_job
+from pipeline.logs import setup_logging
+from pipeline.spec import JobSpec, dump_spec, load_spec
+from workers.actor import RolloutActor
 
 
 def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,27 +19,14 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a field, e.g. --set rollouts.steps=8 (repeatable; YAML scalar values)")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    run = subparsers.add_parser(
-        "run", help="run a job on Ray (resumes a run id that exists)",
-        description="Run a batch job: plan work units, fan them out to Ray actors, write "
-        "frames and Parquet tables, then the run manifest and _SUCCESS.")
-    add_spec_arguments(run)
-    run.add_argument("--fresh", action="store_true",
-                     help="delete this run id's previous outputs first instead of resuming")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
-    run.set_defaults(func=cmd_run)
-    validate = subparsers.add_parser(
-        "validate", help="check a job YAML and print it resolved",
-        description="Validate a job YAML (with overrides) and print the resolved spec, or "
-        "every error with its field path.")
-    add_spec_arguments(validate)
-    validate.set_defaults(func=cmd_validate)
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_arguments(parser)
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete this run id's previous outputs first instead of resuming")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.spec import dump_spec, load_spec
-
     spec = load_spec(args.config, args.overrides)
     sys.stdout.write(dump_spec(spec))
     return 0
@@ -45,11 +34,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False) -> int:
     """Run the driver, print the summary and where to look; exit status for the CLI."""
-    from pipeline.driver import run_job
-    from pipeline.logs import setup_logging
-
     setup_logging()
-    summary = run_job(spec, fresh=fresh, progress=not quiet)
+    summary = run_job(spec, actor_cls=RolloutActor, fresh=fresh, progress=not quiet)
     print(summary.line())
     print(f"outputs: {summary.output_uri}  (run_date={summary.run_date}, run_id={summary.run_id})")
     shown_url = spec.public_dict()["output"]["endpoint_url"]  # no user:password@ part
@@ -71,7 +57,15 @@ def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False) -
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.spec import load_spec
-
     spec = load_spec(args.config, args.overrides)
     return run_and_report(spec, fresh=args.fresh, quiet=args.quiet)
+
+
+RUN = Command(
+    "run", "run a job on Ray (resumes a run id that exists)", _run_arguments, cmd_run,
+    description="Run a batch job: plan work units, fan them out to Ray actors, write frames "
+    "and Parquet tables, then the run manifest and _SUCCESS.")
+VALIDATE = Command(
+    "validate", "check a job YAML and print it resolved", add_spec_arguments, cmd_validate,
+    description="Validate a job YAML (with overrides) and print the resolved spec, or every "
+    "error with its field path.")

@@ -1,0 +1,16 @@
+"""The named choices of a job in one place: the spec's Literals and the CLI's choices are
+derived from these tuples, so adding a choice is one edit here plus its implementation."""
+
+from __future__ import annotations
+
+from workers.wham.modes import MODES
+
+#: Where seeds come from (pipeline.sources, pipeline.driver.discovery, workers.inputs).
+SEED_FORMATS = ("images", "wham-npz", "manifest")
+#: Where the given actions of world-model rollouts come from (workers.inputs.make_actions).
+ACTION_KINDS = ("random", "constant", "file", "replay")
+#: Where a replica runs and in which precision.
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+__all__ = ["ACTION_KINDS", "DEVICES", "DTYPES", "MODES", "SEED_FORMATS"]

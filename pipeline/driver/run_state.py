@@ -1,0 +1,181 @@
+"""A run's state on storage: its manifest, its fingerprint, its commit markers' totals.
+
+Everything here reads or writes the `_runs/run_date=.../run_id=.../` folder of the layout
+(docs/outputs.md, "Output layout"). The driver writes the manifest when a run starts and
+ends; `runs` and the nightly entry point read it back. Markers are read in parallel, since a
+resumed S3 run may have thousands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline import layout
+from pipeline.driver.progress import Totals
+from pipeline.plan import WorkUnit, plan_fingerprint
+from pipeline.spec import JobSpec
+from pipeline.storage import Storage, open_storage
+
+MARKER_READERS = 16  # parallel reads of commit markers
+OUTPUT_FOLDERS = (layout.STEPS_TABLE, layout.ROLLOUTS_TABLE, layout.FRAMES_DIR,
+                  layout.PREVIEWS_DIR, layout.RUNS_DIR)
+
+
+def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
+    """The JSON object at `key`; None if absent, {} if unreadable or not an object."""
+    try:
+        data = json.loads(storage.get_bytes(key))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_fingerprint(spec: JobSpec, units: Sequence[WorkUnit]) -> str:
+    """The plan plus every setting that changes what a unit writes: a resumed run must
+    match it, or its old and new units would disagree."""
+    settings = {
+        "plan": plan_fingerprint(units),
+        "model": spec.model.model_dump(mode="json", include={"checkpoint", "preset"}),
+        "seeds": spec.seeds.model_dump(mode="json", include={"format", "context_steps"}),
+        "rollouts": spec.rollouts.model_dump(mode="json"),
+        "output": spec.output.model_dump(mode="json", include={"frames", "image_tokens",
+                                                               "watermark"}),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_bytes(spec: JobSpec, *, status: str, fingerprint: str, totals: Totals,
+                   model: dict[str, Any], started_at: float, wall: float) -> bytes:
+    body = {
+        "schema_version": layout.SCHEMA_VERSION,
+        "status": status,
+        "run_id": spec.run.run_id,
+        "run_date": spec.run.run_date.isoformat(),
+        "plan_fingerprint": fingerprint,
+        "model": model,
+        "counts": asdict(totals),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "wall_seconds": round(wall, 3),
+        "frames_per_second": round(totals.frames / wall, 3) if wall > 0 else 0.0,
+        "spec": spec.public_dict(),
+    }
+    return json.dumps(body, indent=2).encode()
+
+
+def delete_run(storage: Storage, *, run_date: str, run_id: str) -> int:
+    """Delete every object of one run (tables, frames, previews, run state)."""
+    return sum(storage.delete_prefix(layout.run_prefix(folder, run_date, run_id))
+               for folder in OUTPUT_FOLDERS)
+
+
+@dataclass(slots=True)
+class MarkerTotals:
+    """Sums over commit markers: rollouts ok and failed, step rows, frame objects written."""
+
+    units: int = 0
+    ok: int = 0
+    failed: int = 0
+    steps: int = 0
+    frames: int = 0
+
+
+def marker_totals(storage: Storage, *, run_date: str, run_id: str,
+                  unit_ids: Iterable[str] | None = None) -> MarkerTotals:
+    """Totals of the given units' commit markers (all of the run's markers by default)."""
+    if unit_ids is None:
+        keys = list(storage.list_keys(layout.commits_prefix(run_date, run_id)))
+    else:
+        keys = [layout.commit_key(run_date, run_id, uid) for uid in unit_ids]
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        markers = list(pool.map(lambda key: read_json(storage, key) or {}, keys))
+    out = MarkerTotals(units=len(markers))
+    for marker in markers:
+        out.ok += int(marker.get("ok", 0))
+        out.failed += int(marker.get("failed", 0))
+        out.steps += int(marker.get("steps", 0))
+        out.frames += int(marker.get("frames", 0))
+    return out
+
+
+# ---------------------------------------------------------------- every run under a root
+
+
+def read_runs(storage: Storage) -> list[dict[str, Any]]:
+    """One entry per run under the root: run_date, run_id, units_committed, success,
+    manifest (None when absent or unreadable), oldest first."""
+    runs: dict[tuple[str, str], dict[str, Any]] = {}
+    for key in storage.list_keys(f"{layout.RUNS_DIR}/"):
+        parsed = layout.parse_run_key(key)
+        if parsed is None:
+            continue
+        run_date, run_id, rest = parsed
+        run = runs.setdefault((run_date, run_id), {
+            "run_date": run_date, "run_id": run_id, "units_committed": 0, "success": False,
+            "manifest": None,
+        })
+        if layout.commit_unit_id(rest) is not None:
+            run["units_committed"] += 1
+        elif rest == "_SUCCESS":
+            run["success"] = True
+        elif rest == "manifest.json":
+            run["manifest"] = read_json(storage, key) or None
+    return [runs[k] for k in sorted(runs)]
+
+
+@dataclass
+class RunInfo:
+    run_date: str
+    run_id: str
+    status: str  # complete | partial
+    units_committed: int
+    units_planned: int | None
+    rollouts_ok: int
+    rollouts_failed: int
+    frames: int
+    wall_seconds: float | None
+    frames_per_second: float | None
+    started_at: str | None
+
+
+def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None = None,
+              run_date: str | None = None) -> list[RunInfo]:
+    """Every run under `root`'s `_runs/` (optionally of one date), oldest first.
+
+    A run is complete when `_SUCCESS` exists; its counts come from the manifest. A partial
+    run's counts are summed from its commit markers (its manifest may predate them).
+    """
+    wanted = layout.run_date_str(run_date) if run_date is not None else None
+    storage = open_storage(root, endpoint_url=endpoint_url, region=region)
+    out = []
+    for run in read_runs(storage):
+        date, run_id = run["run_date"], run["run_id"]
+        if wanted is not None and date != wanted:
+            continue
+        manifest = run["manifest"] or {}
+        counts = manifest.get("counts") or {}
+        complete = bool(run["success"])
+        if complete:
+            ok, failed, frames = (int(counts.get(k, 0)) for k in
+                                  ("rollouts_ok", "rollouts_failed", "frames"))
+        else:
+            sums = marker_totals(storage, run_date=date, run_id=run_id)
+            ok, failed, frames = sums.ok, sums.failed, sums.frames
+        planned = counts.get("units_total")
+        out.append(RunInfo(
+            run_date=date, run_id=run_id, status="complete" if complete else "partial",
+            units_committed=int(run["units_committed"]),
+            units_planned=int(planned) if planned is not None else None,
+            rollouts_ok=ok, rollouts_failed=failed, frames=frames,
+            wall_seconds=manifest.get("wall_seconds") if complete else None,
+            frames_per_second=manifest.get("frames_per_second") if complete else None,
+            started_at=manifest.get("started_at"),
+        ))
+    return out

@@ -1,0 +1,215 @@
+"""Fan-out: keep every actor busy with work units until none are left.
+
+The scheduler starts the actors (the class is given to it; the driver side never imports
+the actor side), probes them until they are ready, keeps up to `units_in_flight` units on
+each, and handles what comes back: a receipt, a unit that raised, an actor that died (Ray
+restarts it; its units are resubmitted, up to `max_unit_attempts`), an actor that never
+starts, a unit that overruns `unit_timeout_s`. Every wait on Ray has a timeout, so a stuck
+actor is detected (and killed for a restart) instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.driver.progress import Progress
+from pipeline.errors import UserError
+from pipeline.metrics import Metrics
+from pipeline.plan import UnitReceipt, WorkUnit
+from pipeline.spec import JobSpec
+
+log = logging.getLogger("pipeline.driver")
+WAIT_S = 1.0  # longest single ray.wait; the loop re-checks timeouts between waits
+REPROBE_S = 0.5  # pause between liveness probes of a restarting actor
+ACTOR_START_TIMEOUT_S = float(os.environ.get("WHAM_ACTOR_START_TIMEOUT_S", "1800"))
+#: Facts of a ready actor that go into the run manifest's `model` entry.
+MODEL_FACTS = ("model_id", "sha256", "batch_size", "device", "dtype")
+
+
+def actor_name(run_id: str, index: int) -> str:
+    """Ray name of a run's actor: tools (and tests) find a run's actors by it, and a second
+    driver for the same run id in the same namespace fails to create them."""
+    return f"wham-batch:{run_id}:actor-{index:03d}"
+
+
+@dataclass
+class _Slot:
+    """One actor as the driver sees it: its handle, state and units in flight."""
+
+    name: str
+    handle: Any
+    state: str = "starting"  # starting | ready | probing | dead
+    probe: Any = None  # ready() ref while starting/probing
+    since: float = field(default_factory=time.monotonic)
+    inflight: dict[Any, tuple[WorkUnit, int, float]] = field(default_factory=dict)
+    reprobe_at: float | None = None  # when to ask a restarting actor again
+
+
+class Scheduler:
+    """Runs `todo` on up to `resources.actors` actors of `actor_cls`; `run()` returns the
+    model facts the actors reported (model_id, sha256, batch_size, device, dtype)."""
+
+    def __init__(self, spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type,
+                 prog: Progress, script: Any = None) -> None:
+        self.spec = spec
+        self.prog = prog
+        self.queue: deque[tuple[WorkUnit, int]] = deque((u, 1) for u in todo)
+        self.model_info: dict[str, Any] = {}
+        self.metrics = Metrics(spec.run.run_id)
+        self.slots = self._start_actors(actor_cls, count=min(spec.resources.actors, len(todo)),
+                                        script=script)
+
+    def _start_actors(self, actor_cls: type, *, count: int, script: Any) -> list[_Slot]:
+        import ray
+
+        r = self.spec.resources
+        remote_cls = ray.remote(
+            num_gpus=r.gpus_per_actor, num_cpus=r.cpus_per_actor, max_restarts=r.max_restarts,
+            max_task_retries=0, max_concurrency=2,
+        )(actor_cls)
+        slots = []
+        for i in range(count):
+            name = f"actor-{i:03d}"
+            handle = remote_cls.options(name=actor_name(self.spec.run.run_id, i)).remote(
+                self.spec, worker=name, script=script)
+            slots.append(_Slot(name=name, handle=handle, probe=handle.ready.remote()))
+        return slots
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> dict[str, Any]:
+        try:
+            while self.queue or any(s.inflight for s in self.slots):
+                live = [s for s in self.slots if s.state != "dead"]
+                if not live:
+                    raise UserError("every actor failed; see the errors above (last: "
+                                    f"{self.model_info.get('error', 'unknown')})")
+                self._submit(live)
+                self._collect(live)
+                self._check_timeouts()
+        finally:
+            self.shutdown()
+        return self.model_info
+
+    def _submit(self, live: list[_Slot]) -> None:
+        """Re-probe restarting actors when due; top up every ready actor's units."""
+        limit = self.spec.resources.units_in_flight
+        for s in live:
+            if s.reprobe_at is not None and time.monotonic() >= s.reprobe_at:
+                s.reprobe_at, s.probe = None, s.handle.ready.remote()
+            while s.state == "ready" and self.queue and len(s.inflight) < limit:
+                unit, attempt = self.queue.popleft()
+                s.inflight[s.handle.run_unit.remote(unit)] = (unit, attempt, time.monotonic())
+
+    def _collect(self, live: list[_Slot]) -> None:
+        """Wait (at most WAIT_S) for receipts and probes, then handle all that are done."""
+        import ray
+
+        owners = {ref: s for s in live for ref in s.inflight}
+        self.metrics.set_units_in_flight(len(owners))
+        probes = {s.probe: s for s in live if s.probe is not None}
+        refs = list(owners) + list(probes)
+        done, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
+        if done:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in done:
+            if ref in probes:
+                self._probe_done(probes[ref], ref)
+            else:
+                self._receipt_done(owners[ref], ref)
+
+    def _receipt_done(self, slot: _Slot, ref: Any) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        unit, attempt, _ = slot.inflight.pop(ref)
+        try:
+            receipt: UnitReceipt = ray.get(ref, timeout=WAIT_S)
+        except RayActorError as exc:
+            self.lose(unit, attempt, f"{slot.name} died: {type(exc).__name__}")
+            if slot.state == "ready":
+                slot.state, slot.probe = "probing", slot.handle.ready.remote()
+                slot.since = time.monotonic()
+            return
+        except Exception as exc:  # the unit raised inside a live actor
+            self.lose(unit, attempt, f"{type(exc).__name__}: {str(exc)[-300:]}")
+            return
+        self.prog.unit_done(receipt)
+        self.metrics.record_receipt(receipt)
+        self.metrics.record_unit_committed()
+
+    def _probe_done(self, slot: _Slot, ref: Any) -> None:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        slot.probe = None
+        try:
+            info = ray.get(ref, timeout=WAIT_S)
+        except ActorUnavailableError:
+            slot.reprobe_at = time.monotonic() + REPROBE_S  # restarting: ask again shortly
+            return
+        except RayActorError as exc:
+            slot.state = "dead"
+            cause = str(exc).strip().splitlines()
+            self.model_info.setdefault("error", cause[-1] if cause else type(exc).__name__)
+            log.error("%s is dead and will not restart: %s", slot.name, self.model_info["error"])
+            return
+        slot.state = "ready"
+        for key in MODEL_FACTS:
+            if key in info:
+                self.model_info.setdefault(key, info[key])
+        log.info("%s ready: %s", slot.name, info)
+        self.prog.emit("actor_ready", detail=slot.name)
+
+    # ---------------------------------------------------------------- failures
+
+    def lose(self, unit: WorkUnit, attempt: int, why: str) -> None:
+        """A unit came back without a receipt: retry it, or count it lost for good."""
+        if attempt < self.spec.resources.max_unit_attempts:
+            self.prog.totals.units_retried += 1
+            self.queue.appendleft((unit, attempt + 1))
+            self.prog.emit("unit_retried", unit_id=unit.unit_id, detail=why)
+            log.warning("unit %s attempt %d lost (%s); retrying", unit.unit_id, attempt, why)
+        else:
+            self.prog.totals.units_lost += 1
+            self.prog.emit("unit_lost", unit_id=unit.unit_id, detail=why)
+            log.error("unit %s lost after %d attempts: %s", unit.unit_id, attempt, why)
+
+    def _check_timeouts(self) -> None:
+        """Kill (for a restart) an actor whose unit overran unit_timeout_s or that never
+        started."""
+        import ray
+
+        now = time.monotonic()
+        timeout = self.spec.resources.unit_timeout_s
+        for s in self.slots:
+            if s.state == "dead":
+                continue
+            overdue = [ref for ref, (_, _, t) in s.inflight.items() if now - t > timeout]
+            if s.probe is not None and now - s.since > ACTOR_START_TIMEOUT_S:
+                s.state = "dead"
+                for unit, attempt, _ in s.inflight.values():
+                    self.lose(unit, attempt,
+                              f"{s.name} did not start within {ACTOR_START_TIMEOUT_S:.0f}s")
+                s.inflight.clear()
+                ray.kill(s.handle, no_restart=True)
+            elif overdue:
+                log.warning("%s: unit overran %.0fs; restarting the actor", s.name, timeout)
+                ray.kill(s.handle, no_restart=False)
+                # Restart the clock so the same overdue unit does not trigger a second kill
+                # before its error arrives.
+                for ref in overdue:
+                    unit, attempt, _ = s.inflight[ref]
+                    s.inflight[ref] = (unit, attempt, now)
+
+    def shutdown(self) -> None:
+        import ray
+
+        self.metrics.set_units_in_flight(0)
+        for s in self.slots:
+            ray.kill(s.handle, no_restart=True)

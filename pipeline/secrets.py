@@ -1,0 +1,71 @@
+"""Credentials never reach logs, manifests or outputs: the two rules that keep them out.
+
+- `redact(text)` replaces the value of every credential environment variable (AWS keys,
+  session tokens, the Ray auth token, the Muse API key) wherever it appears in a text.
+- `public_url(url)` is a URL without its user:password part, query and fragment (where
+  tokens hide), keeping IPv6 literals bracketed; it is what a URL looks like whenever it is
+  shown, logged, pickled or written into a manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+# Environment variables whose values are credentials; their values are masked in logs.
+SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "RAY_AUTH_TOKEN",
+    "WHAM_API_KEY",
+    "MUSE_API_KEY",
+)
+REDACTED = "***"
+# Values shorter than this are not masked: replacing a 1-3 character "secret" everywhere
+# would mangle ordinary text and protects nothing.
+_MIN_SECRET_LEN = 4
+
+
+def _secret_values() -> list[str]:
+    values = (os.environ.get(name, "") for name in SECRET_ENV_VARS)
+    return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every credential environment variable replaced by ***."""
+    for value in _secret_values():
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def public_url(url: str | None) -> str | None:
+    """`url` without user:password, query and fragment; None stays None.
+
+    Text that does not parse as a URL with a host comes back unchanged (a plain path).
+    """
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # e.g. a non-numeric port: show the scheme and host only
+        parts, port = urlsplit(url.split("@")[-1] if "@" in url else url), None
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6 literal
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def public_data(value: Any) -> Any:
+    """Plain data (dicts, lists, strings) with every URL in it made public."""
+    if isinstance(value, dict):
+        return {k: public_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_data(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return public_url(value)
+    return value

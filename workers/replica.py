@@ -1,0 +1,90 @@
+"""One WHAM replica on this process: where it runs, where its weights come from, how many
+rollouts it decodes at once. Used by the pipeline's actors and by `wham-batch dream`.
+
+torch is imported where a replica is built, not when this module is imported, so commands
+that never build one (validate, query, submit) start quickly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.storage import open_storage
+from workers import wham
+
+CPU_BATCH = 8  # batch_size auto on the CPU: decode is compute-bound there, bigger gains little
+MEMORY_HEADROOM = 0.85  # share of free accelerator memory the KV cache may take
+
+
+def resolve_device(device: str, dtype: str | None) -> tuple[Any, Any]:
+    """(torch.device, torch.dtype) for a device name ('auto', 'cpu', 'cuda', 'cuda:N') and a
+    dtype name (None or 'auto': bfloat16 on CUDA, float32 elsewhere)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+    name = dtype if dtype not in (None, "auto") else (
+        "bfloat16" if dev.type == "cuda" else "float32")
+    return dev, getattr(torch, name)
+
+
+def fetch_checkpoint(uri: str, *, endpoint_url: str | None, region: str | None) -> str:
+    """A local path for `uri`; s3:// objects or folders are streamed into a cache folder."""
+    if not uri.startswith("s3://"):
+        return uri
+    import pyarrow.fs as pafs
+
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    fs, base = open_storage(parent, endpoint_url=endpoint_url, region=region).arrow_fs()
+    cache = os.environ.get("WHAM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "wham-cache")
+    dest = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16], name)
+    if not os.path.exists(dest):
+        tmp = f"{dest}.partial-{os.getpid()}"
+        src = f"{base}/{name}"
+        is_folder = fs.get_file_info(src).type == pafs.FileType.Directory
+        os.makedirs(tmp if is_folder else os.path.dirname(dest), exist_ok=True)
+        pafs.copy_files(src, tmp, source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, dest)
+    return dest
+
+
+def load_replica(*, checkpoint: str | None, preset: str | None, device: str,
+                 dtype: str | None, seed: int = 0, threads: int | None = None,
+                 endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """A WHAMModel from a checkpoint (local or s3://) or a named preset with random weights.
+
+    `threads` caps torch's CPU threads (more threads than reserved cores thrash).
+    """
+    import torch
+
+    dev, dt = resolve_device(device, dtype)
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(max(1, int(threads)))
+    if preset is not None:
+        return wham.random_model(preset, seed=seed, device=dev, dtype=dt)
+    path = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url, region=region)
+    return wham.load_model(path, device=dev, dtype=dt)
+
+
+def batch_size_for(model: Any, requested: int | str) -> int:
+    """`requested`, or for 'auto' the largest batch whose KV cache fits in free accelerator
+    memory (a fixed CPU_BATCH on the CPU)."""
+    if requested != "auto":
+        return int(requested)
+    if model.device.type != "cuda":
+        return CPU_BATCH
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, wham.max_batch_for_memory(model, int(free * MEMORY_HEADROOM)))
