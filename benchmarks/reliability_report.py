@@ -20,9 +20,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_FILES = ("tests/test_faults.py", "tests/test_interruptions.py",
-              "tests/test_determinism.py", "tests/test_hostile_inputs.py",
-              "tests/test_secrets.py", "tests/test_load.py")
+TEST_FILES = ("tests/reliability",)
 
 
 def run_tests(figures: Path, *, load_seeds: int, skip_multinode: bool) -> int:

@@ -56,7 +56,7 @@ class StubActor:
 def make_spec(tmp_path: Path, *, seeds: int = 10, **resources: object) -> JobSpec:
     seed_dir = tmp_path / "seeds"
     seed_dir.mkdir(exist_ok=True)
-    src = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo" / "scene_00.png"
+    src = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo" / "scene_00.png"
     for i in range(seeds):
         (seed_dir / f"s{i:02d}.png").write_bytes(src.read_bytes())
     return spec_from_data({

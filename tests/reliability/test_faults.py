@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from faultproxy import FaultProxy, record_figures
 from PIL import Image
+from support.faultproxy import FaultProxy, record_figures
 
 from pipeline import layout
 from pipeline.driver import run_job
@@ -25,7 +25,7 @@ from pipeline.spec import spec_from_data
 from pipeline.storage import MULTIPART_THRESHOLD, open_storage
 from workers.actor import RolloutActor
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 DATE = "2026-03-04"
 PIPELINE_RATES = {"error500": 0.08, "slowdown": 0.03, "reset": 0.1, "delay": 0.05}
 

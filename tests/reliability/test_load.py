@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import ray
-from faultproxy import record_figures
 from PIL import Image
+from support.faultproxy import record_figures
 
 from pipeline.driver import run_job
 from pipeline.layout import commits_prefix

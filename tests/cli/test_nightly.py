@@ -15,7 +15,7 @@ from jobs.nightly import nightly_overrides, resolve_date
 from pipeline.errors import UserError
 from pipeline.logs import set_log_context
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEEDS = ROOT / "configs" / "seeds" / "demo"
 # Two seeds x one rollout x two steps, one rollout per unit: two units per night.
 SMALL_NIGHT = ["rollouts.per_seed=1", "rollouts.steps=2", "seeds.limit=2",

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from faultproxy import record_figures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from support.faultproxy import record_figures
 
 from pipeline.cli import main as cli_main
 from pipeline.driver.discovery import discover_seeds

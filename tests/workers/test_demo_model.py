@@ -15,7 +15,7 @@ from workers.toygame import SIZE, make_clip
 from workers.toygame.evaluate import HELD_OUT_SEED, psnr
 from workers.wham import RolloutEngine, SamplingParams, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = Path(os.environ.get("DEMO_MODEL", ROOT / "models" / "demo"))
 SEEDS = ROOT / "configs" / "seeds" / "toygame"
 CONTEXT, STEPS = 4, 5

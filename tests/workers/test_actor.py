@@ -18,7 +18,7 @@ from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
 from workers.actor import RolloutActor
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 DATE = "2026-01-02"
 
 

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import free_port, session_pids
+from support.procs import free_port, session_pids
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 HEAD_START_TIMEOUT_S = 90.0
 CLI_TIMEOUT_S = 180.0

@@ -36,7 +36,7 @@ from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
 from workers.actor import RolloutActor
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "seeds" / "demo"
 DATE = "2026-01-02"
 pytestmark = pytest.mark.usefixtures("ray_local")

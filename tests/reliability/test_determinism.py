@@ -15,14 +15,14 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import yaml
-from faultproxy import record_figures
 from PIL import Image
+from support.faultproxy import record_figures
 
 from pipeline.cli import main as cli_main
 from pipeline.spec import spec_from_data
 from pipeline.storage import open_storage
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 

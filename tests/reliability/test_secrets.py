@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from faultproxy import record_figures
+from support.faultproxy import record_figures
 
 from pipeline.errors import UserError
 from pipeline.layout import manifest_key, success_key
 from pipeline.storage import open_storage
 from workers.actor import RolloutActor
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "seeds" / "demo"
 MARKERS = {
     "AWS_ACCESS_KEY_ID": "AKIAKEYMARKER0000042",

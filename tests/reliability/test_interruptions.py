@@ -26,8 +26,8 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 import yaml
-from faultproxy import record_figures
-from procs import free_port, session_pids
+from support.faultproxy import record_figures
+from support.procs import free_port, session_pids
 
 from pipeline import layout
 from pipeline.driver import actor_name, run_job
@@ -38,7 +38,8 @@ from pipeline.storage import open_storage
 from workers.actor import RolloutActor
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 DEMO = REPO / "configs" / "seeds" / "demo"
 DATE = "2026-05-06"
 GATE_TIMEOUT_S = 120.0
@@ -148,13 +149,13 @@ def _wait_actor_gone(run_id: str) -> None:
 
 def _driver(config: Path) -> subprocess.Popen:
     """`run_job` with GatedActor in a child process attached to the test's Ray instance."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/..'];"
             "from test_interruptions import GatedActor;"
             "from pipeline.spec import load_spec; from pipeline.driver import run_job;"
             "s = run_job(load_spec(sys.argv[2]), actor_cls=GatedActor, progress=False);"
             "print(s.line())")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    return subprocess.Popen([sys.executable, "-c", code, str(REPO / "tests"), str(config)],
+    return subprocess.Popen([sys.executable, "-c", code, str(HERE), str(config)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -367,7 +368,7 @@ def test_worker_node_killed_mid_run_completes_on_the_head(
     (gate / "after-held").touch()
     with two_node_cluster() as (address, worker, tmp):
         wait_for("both nodes", lambda: _cluster_cpus(address, tmp) >= 2, timeout=90)
-        code = ("import sys; sys.path.insert(0, sys.argv[1]);"
+        code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/..'];"
                 "from test_interruptions import GatedActor;"
                 "from pipeline.spec import load_spec; from pipeline.driver import run_job;"
                 "s = run_job(load_spec(sys.argv[2]), actor_cls=GatedActor, progress=False);"
@@ -375,7 +376,7 @@ def test_worker_node_killed_mid_run_completes_on_the_head(
         log = tmp / "driver.log"
         with open(log, "wb") as out:
             driver = subprocess.Popen(
-                [sys.executable, "-c", code, str(REPO / "tests"), str(config)], cwd=REPO,
+                [sys.executable, "-c", code, str(HERE), str(config)], cwd=REPO,
                 env=_ray_env(tmp / "d", RAY_ADDRESS=address), stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
