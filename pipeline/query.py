@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline import layout
@@ -28,6 +29,7 @@ from pipeline.errors import UserError
 from pipeline.storage import open_storage
 
 _PART = re.compile(r"^part-(?P<unit>u\d+)\.parquet$")
+FOOTER_READERS = 16  # parallel reads of part footers when checking schema versions
 
 
 def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
@@ -39,6 +41,32 @@ def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
         if unit is not None:
             found.add((parsed[0], parsed[1], unit))
     return found
+
+
+def check_versions(dataset: Any) -> None:
+    """UserError if a run's parts were written with a newer schema than this code reads.
+
+    One part per run folder is checked (a run is written by one version); its footer is
+    read, so an unreadable part is reported by name here too.
+    """
+    import pyarrow as pa
+
+    first: dict[str, Any] = {}
+    for fragment in dataset.get_fragments():
+        first.setdefault(fragment.path.rsplit("/", 1)[0], fragment)
+
+    def version(fragment: Any) -> tuple[str, bytes | None]:
+        try:
+            metadata = fragment.physical_schema.metadata or {}
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"table part {fragment.path} cannot be read ({exc})") from None
+        return fragment.path, metadata.get(layout.SCHEMA_VERSION_KEY)
+
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:
+        for path, found in pool.map(version, first.values()):
+            if found is not None:
+                layout.check_schema_version(found.decode(errors="replace"),
+                                            where=f"table part {path}")
 
 
 def open_table(
@@ -68,6 +96,7 @@ def open_table(
         raise UserError(
             f"no {table} table under {storage.uri} (nothing written there yet?)"
         ) from None
+    check_versions(dataset)
     if not committed_only:
         return dataset
     committed = _committed_units(storage)

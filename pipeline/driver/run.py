@@ -133,7 +133,11 @@ def _plan(spec: JobSpec, prep: Prepared, *,
     run_date, run_id = spec.run.run_date.isoformat(), spec.run.run_id
     units = plan_for_spec(spec, prep.seeds)
     fingerprint = run_fingerprint(spec, units)
-    previous = read_json(prep.storage, layout.manifest_key(run_date, run_id))
+    manifest_key = layout.manifest_key(run_date, run_id)
+    previous = read_json(prep.storage, manifest_key)
+    if previous:
+        layout.check_schema_version(previous.get("schema_version", layout.SCHEMA_VERSION),
+                                    where=f"{prep.storage.key_uri(manifest_key)}")
     if previous and previous.get("plan_fingerprint") not in (None, fingerprint):
         raise UserError(f"run {run_id} already has outputs from a different plan (other "
                         "seeds, model or rollout settings); pass --fresh to replace them or use "

@@ -97,7 +97,9 @@ def marker_totals(storage: Storage, *, run_date: str, run_id: str,
     with ThreadPoolExecutor(MARKER_READERS) as pool:
         markers = list(pool.map(lambda key: read_json(storage, key) or {}, keys))
     out = MarkerTotals(units=len(markers))
-    for marker in markers:
+    for key, marker in zip(keys, markers, strict=True):
+        layout.check_schema_version(marker.get("schema_version", layout.SCHEMA_VERSION),
+                                    where=storage.key_uri(key))
         out.ok += int(marker.get("ok", 0))
         out.failed += int(marker.get("failed", 0))
         out.steps += int(marker.get("steps", 0))

@@ -179,3 +179,14 @@ def test_progress_logs_plain_lines_without_a_tty(caplog: pytest.LogCaptureFixtur
     prog.close()
     assert "r: 2/4 rollouts (1 failed), 3 frames" in caplog.text
     assert (totals.rollouts_ok, totals.rollouts_failed, totals.units_done) == (1, 1, 1)
+
+
+def test_resume_refuses_a_run_written_by_a_newer_schema(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, seeds=2)
+    run_job(spec, actor_cls=StubActor, progress=False)
+    storage = open_storage(spec.output.root)
+    key = manifest_key("2026-01-02", "drv")
+    manifest = json.loads(storage.get_bytes(key))
+    storage.put_bytes(key, json.dumps({**manifest, "schema_version": 99}).encode())
+    with pytest.raises(UserError, match="schema version 99, newer than"):
+        run_job(spec, actor_cls=StubActor, progress=False)

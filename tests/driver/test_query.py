@@ -287,3 +287,30 @@ def test_duckdb_reads_the_same_layout(tmp_path):
         (r, arrow.column("run_id").to_pylist().count(r)) for r in {"nightly-a", "nightly-b"}
     )
     assert rows == expected == [("nightly-a", 9), ("nightly-b", 9)]
+
+
+def test_parts_of_a_newer_schema_or_unreadable_parts_are_named(tmp_path):
+    storage = open_storage(str(tmp_path / "out"))
+    write_run(storage, *RUNS[0])
+    key = layout.steps_part_key(*RUNS[0], "u000000")  # the part checked for the run
+    table = pq.read_table(io.BytesIO(storage.get_bytes(key)))
+    newer = table.replace_schema_metadata(
+        {**table.schema.metadata, layout.SCHEMA_VERSION_KEY: str(layout.SCHEMA_VERSION + 1)})
+    sink = io.BytesIO()
+    pq.write_table(newer, sink)
+    storage.put_bytes(key, sink.getvalue())
+    with pytest.raises(UserError, match=r"newer than the \d+ this wham-batch reads"):
+        query(str(tmp_path / "out"))
+    storage.put_bytes(key, sink.getvalue()[: len(sink.getvalue()) // 2])  # truncated
+    with pytest.raises(UserError, match="part-u000000.parquet cannot be read"):
+        query(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(("version", "ok"), [(1, True), ("1", True), (0, True),
+                                             (layout.SCHEMA_VERSION + 1, False), ("x", False)])
+def test_check_schema_version(version, ok):
+    if ok:
+        layout.check_schema_version(version, where="m")
+    else:
+        with pytest.raises(UserError, match="^m"):
+            layout.check_schema_version(version, where="m")
