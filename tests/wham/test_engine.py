@@ -11,7 +11,6 @@ from workers.wham.engine import RolloutEngine, StaticDecode
 from workers.wham.errors import InputError
 from workers.wham.model import random_model
 from workers.wham.naive import naive_rollout
-from workers.wham.resources import max_batch_for_memory
 from workers.wham.sampling import (
     SamplingParams,
     sample_tokens,
@@ -264,10 +263,3 @@ def test_batch_and_mode_requirements(model) -> None:
     kw = _inputs(model, batch=1, context=1, steps=2, mode="policy")
     with pytest.raises(InputError, match="observations: policy mode needs"):
         engine.rollout(**{**kw, "observations": None})
-
-
-def test_memory_helpers(model) -> None:
-    per_row = RolloutEngine.kv_cache_bytes(model, 1)
-    assert RolloutEngine.kv_cache_bytes(model, 8) == 8 * per_row
-    assert max_batch_for_memory(model, 0) == 0
-    assert max_batch_for_memory(model, 10**9) > max_batch_for_memory(model, 10**8) > 0

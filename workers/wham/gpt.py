@@ -62,6 +62,17 @@ class KVCache:
         return self.k[:, :batch], self.v[:, :batch]
 
 
+def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One query per row over every cached key: q [B, H, 1, hd], keys/values [B, H, S, hd].
+
+    Written out rather than through SDPA: on the CPU this is as fast for a single query, and
+    SDPA's kernel splits the keys across threads when the batch has few heads, so a row's
+    result would depend on how many other rows share the batch.
+    """
+    scores = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, 1, S]
+    return scores.softmax(dim=-1) @ values  # [B, H, 1, hd]
+
+
 def _layer_norm(n_embd: int, *, parametric: bool, bias: bool) -> nn.LayerNorm:
     if not parametric:
         return nn.LayerNorm(n_embd, eps=1e-5, elementwise_affine=False)
@@ -111,8 +122,9 @@ class CausalSelfAttention(nn.Module):
         k_cache[:, :, start:end] = k  # k_cache: [B, H, S, hd]
         v_cache[:, :, start:end] = v
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        causal = mask is None and x.shape[1] > 1
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+        if x.shape[1] == 1:
+            return self._out(_attend_one(q, keys, values))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
         return self._out(y)
 
     def decode_step(

@@ -5,9 +5,11 @@ On the CPU, torch's default float32 matmul goes through a BLAS whose small-batch
 with the weight reordered once into its blocked layout reads the weights at close to the
 bandwidth and costs about the same for 1 and 4 rows. `prepack_linears(module)` turns this on
 for every `Linear` in a module. The maths is the same matrix product (results may differ from
-the BLAS path in the last bits, and do not depend on how many other rows are in the batch
-beyond one). The packed copy is extra memory the size of the weights; it is rebuilt when the
-weight changes in place (its version counter moves) and is used only without autograd.
+the BLAS path in the last bits). A row's result does not depend on the other rows in the
+batch: a single row is computed as two, because oneDNN's one-row kernel sums in a different
+order than its many-row one. The packed copy is extra memory the size of the weights; it is
+rebuilt when the weight changes in place (its version counter moves) and is used only
+without autograd.
 """
 
 from __future__ import annotations
@@ -38,10 +40,18 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepacked and x.device.type == "cpu" and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self._packed_weight(), self.bias, "none", [], ""
-            )
+            return self._packed_forward(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # [N, in]
+        n = rows.shape[0]
+        if n == 1:  # oneDNN's one-row kernel sums in another order than its many-row one
+            rows = rows.expand(2, -1)
+        y = torch.ops.mkldnn._linear_pointwise(
+            rows.contiguous(), self._packed_weight(), self.bias, "none", [], ""
+        )
+        return y[:n].reshape(*x.shape[:-1], y.shape[-1])
 
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
