@@ -7,9 +7,11 @@ bandwidth and costs about the same for 1 and 4 rows. `prepack_linears(module)` t
 for every `Linear` in a module. The maths is the same matrix product (results may differ from
 the BLAS path in the last bits). A row's result does not depend on the other rows in the
 batch: a single row is computed as two, because oneDNN's one-row kernel sums in a different
-order than its many-row one. The packed copy is extra memory the size of the weights; it is
-rebuilt when the weight changes in place (its version counter moves) and is used only
-without autograd.
+order than its many-row one (the BLAS path gives no such guarantee, which is why even small
+layers, where oneDNN's per-call cost makes it slower than the BLAS by ~10 us, are packed:
+a rollout's samples must not depend on its batch). The packed copy is extra memory the size
+of the weights; it is rebuilt when the weight changes in place (its version counter moves)
+and is used only without autograd.
 """
 
 from __future__ import annotations
