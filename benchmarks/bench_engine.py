@@ -109,6 +109,7 @@ def _rollout(model, *, batch: int, steps: int = 1, context: int = CONTEXT_STEPS)
 def measure_decode(model, *, batch: int, tokens: int = 8) -> dict:
     """Prefill of the 2-step window and ms per decoded token (stats on / off), engine's own
     step API; then one real generated step end to end."""
+    tokens = min(tokens, model.tokens_per_step - 1)  # stay within one step
     engine = RolloutEngine(model, max_batch=batch)
     r = _rollout(model, batch=batch)
     decoder = engine.decoder(batch)
