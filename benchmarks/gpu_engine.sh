@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Rollout engine speed on a CUDA machine: the WHAM 200M transformer shape with random weights
-# in bfloat16, full-mode rollouts at batch 1, 8 and 32 (eager decode, then the compiled CUDA
-# graph decode while time allows). Prints ONE JSON line: device, copy bandwidth, and per run
-# tokens/s, frames/s, prefill seconds, decode ms/token and its share of the copy bandwidth.
+# Rollout engine speed on a CUDA machine: the WHAM 200M transformer over the 540-token ViT
+# layout (preset wham-200m-540) with random weights in bfloat16, full-mode rollouts at batch 1,
+# 8 and 32 (the auto decode path, flash-attn when installed, then the compiled CUDA-graph
+# static decode while time allows). Prints ONE JSON line: device, read bandwidth, and per run
+# the decode path, tokens/s, frames/s, prefill seconds and decode ms/token.
 # Bounded to under five minutes. Without CUDA it runs a tiny CPU smoke measurement instead.
 #
 #   bash benchmarks/gpu_engine.sh

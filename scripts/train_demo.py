@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workers.toygame import SIZE, make_dataset  # noqa: E402
 from workers.toygame.game import TILE_COLOURS  # noqa: E402
 from workers.wham.actions import ACTION_DIM, ACTION_VOCAB_SIZE, actions_to_tokens  # noqa: E402
-from workers.wham.config import GPTConfig  # noqa: E402
-from workers.wham.model import WHAMConfig, WHAMModel, load_model, save_native  # noqa: E402
-from workers.wham.taming_vqgan import TamingConfig  # noqa: E402
+from workers.wham.checkpoints import load_model, save_native  # noqa: E402
+from workers.wham.config import GPTConfig, WHAMConfig  # noqa: E402
+from workers.wham.model import WHAMModel  # noqa: E402
+from workers.wham.tokenizers import TamingConfig  # noqa: E402
 
 SEQ_LEN = 10
 # The smallest taming shape that reaches 8x8 patches: every level 32 channels, no encoder

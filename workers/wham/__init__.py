@@ -1,7 +1,18 @@
 """WHAM model package: transformer, tokenizers, checkpoint loading and the rollout engine.
 
-Names are resolved lazily (PEP 562) so `import workers.wham` stays cheap and torch is only
-imported when a model-side name is first used.
+Layout (imports only go down this list; nothing here imports the pipeline or Ray):
+    errors, actions              plain Python + numpy
+    tokenizers/                  image <-> tokens (taming VQ-GAN, ViT-VQGAN)
+    config                       GPTConfig, GPT_SIZES, WHAMConfig, PRESETS
+    linear, gpt                  the transformer and its KV cache
+    model                        WHAMModel, random weights, the weight fingerprint
+    checkpoints/                 native folders, official .ckpt files, safe unpickling
+    sampling, rollout            sampler; validated inputs and step bookkeeping
+    engine, naive, resources     the cached engine, the slow reference, batch/thread sizing
+
+Names are resolved lazily (PEP 562): the command line imports `workers.wham.errors` for
+every command, and importing the package must not pull in torch (about a second) for
+commands that never touch a model.
 """
 
 from __future__ import annotations
@@ -17,18 +28,24 @@ _LAZY = {
     "GPTConfig": "workers.wham.config",
     "GPT_SIZES": "workers.wham.config",
     "gpt_config_for": "workers.wham.config",
+    "WHAMConfig": "workers.wham.config",
+    "PRESETS": "workers.wham.config",
     "SamplingParams": "workers.wham.sampling",
+    "Rollout": "workers.wham.rollout",
+    "StepOutput": "workers.wham.rollout",
+    "prepare_rollout": "workers.wham.rollout",
     "RolloutEngine": "workers.wham.engine",
-    "StepOutput": "workers.wham.engine",
-    "max_batch_for_memory": "workers.wham.engine",
-    "naive_rollout": "workers.wham.engine",
+    "Decoder": "workers.wham.engine",
+    "decode_n_tokens": "workers.wham.engine",
+    "naive_rollout": "workers.wham.naive",
+    "max_batch_for_memory": "workers.wham.resources",
+    "auto_batch_size": "workers.wham.resources",
+    "set_cpu_threads": "workers.wham.resources",
     "WHAMModel": "workers.wham.model",
-    "WHAMConfig": "workers.wham.model",
-    "PRESETS": "workers.wham.model",
     "random_model": "workers.wham.model",
-    "load_model": "workers.wham.model",
-    "save_native": "workers.wham.model",
-    "convert_checkpoint": "workers.wham.checkpoint",
+    "load_model": "workers.wham.checkpoints",
+    "save_native": "workers.wham.checkpoints",
+    "convert_checkpoint": "workers.wham.checkpoints",
     "BUTTON_NAMES": "workers.wham.actions",
     "STICK_NAMES": "workers.wham.actions",
     "ACTION_NAMES": "workers.wham.actions",

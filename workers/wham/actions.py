@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from workers.wham.errors import InputError
 
 BUTTON_NAMES: tuple[str, ...] = (
     "trigger_LT",

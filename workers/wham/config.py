@@ -1,14 +1,17 @@
-"""Transformer hyperparameters and the named sizes of the reference code.
+"""Model hyperparameters: the transformer's named sizes, `WHAMConfig` and the presets.
 
 The head count cannot be recovered from weight shapes, so loaders resolve a size name (or
-explicit numbers) through `GPT_SIZES` rather than guessing from the state dict.
+explicit numbers) through `GPT_SIZES` rather than guessing from the state dict. Every GPT
+config built from a size name goes through `gpt_config_for`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from workers.wham.actions import ACTION_DIM, ACTION_VOCAB_SIZE
 from workers.wham.errors import CheckpointError
+from workers.wham.tokenizers import TOKENIZER_CONFIGS, TamingConfig, TokenizerConfig, ViTConfig
 
 # name -> (n_layer, n_head, n_embd). The first four are the reference code's sizes; the rest
 # are small shapes for tests and benchmarks on a CPU.
@@ -91,3 +94,95 @@ def gpt_config_for(
         version=version,
         bias=bias,
     )
+
+
+@dataclass(frozen=True)
+class WHAMConfig:
+    """Everything needed to build a WHAMModel (weights aside)."""
+
+    gpt: GPTConfig
+    tokenizer: TokenizerConfig
+    seq_len: int = DEFAULT_SEQ_LEN
+    gpt_size: str | None = None  # the size name when it is one of GPT_SIZES
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tokenizer.tokens_per_image + ACTION_DIM
+
+    @classmethod
+    def for_tokenizer(
+        cls,
+        tokenizer: TokenizerConfig,
+        *,
+        gpt_size: str,
+        seq_len: int = DEFAULT_SEQ_LEN,
+        version: int = 1,
+        bias: bool = True,
+    ) -> WHAMConfig:
+        """Size the GPT for a tokenizer: vocab = V_img + 68, block = seq_len * tokens/step."""
+        gpt = gpt_config_for(
+            gpt_size,
+            vocab_size=tokenizer.vocab_size + ACTION_VOCAB_SIZE,
+            tokens_per_step=tokenizer.tokens_per_image + ACTION_DIM,
+            seq_len=seq_len,
+            version=version,
+            bias=bias,
+        )
+        return cls(gpt=gpt, tokenizer=tokenizer, seq_len=seq_len, gpt_size=gpt_size)
+
+    def to_dict(self) -> dict:
+        return {
+            "seq_len": self.seq_len,
+            "gpt_size": self.gpt_size,
+            "gpt": asdict(self.gpt),
+            "tokenizer": {"kind": self.tokenizer.kind, **self.tokenizer.to_dict()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, *, source: str) -> WHAMConfig:
+        try:
+            tok = dict(data["tokenizer"])
+            tok_cls = TOKENIZER_CONFIGS[tok.pop("kind")]
+            return cls(
+                gpt=GPTConfig(**data["gpt"]),
+                tokenizer=tok_cls(**tok),
+                seq_len=int(data["seq_len"]),
+                gpt_size=data.get("gpt_size"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{source}: bad model config ({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+# The ViT-VQGAN layout of WHAM 1.6B: 300x180 frames, patch 10 -> 30x18 = 540 tokens, 16K codes.
+# Its hidden sizes are stand-ins (the checkpoint holds the real ones).
+_VIT_540 = ViTConfig(image_size=(180, 300), patch_size=10, transf_dim=768, embedding_dim=32,
+                     num_layers=12, head_size=64, vocab_size=16384)
+
+# Real WHAM shapes. The transformer sizes are the reference table's; the tokenizers'
+# hidden sizes are not published outside the checkpoints, so these are stand-ins with the
+# published image sizes and token counts (1.6B: 300x180, patch 10 -> 540 tokens, 16K codes;
+# 200M: 128x128 taming VQ-GAN). Load the real checkpoints for the real tokenizers.
+# `wham-200m-540` is the 200M transformer over the 540-token layout: the shape the engine's
+# speed is measured on against the official code.
+PRESETS: dict[str, WHAMConfig] = {
+    "tiny": WHAMConfig.for_tokenizer(
+        TamingConfig(image_size=(16, 16), n_embed=64, embed_dim=8, ch=32, ch_mult=(1, 1, 1),
+                     num_res_blocks=1, attn_resolutions=(4,), z_channels=16),
+        gpt_size="tiny",
+    ),
+    "tiny-vit": WHAMConfig.for_tokenizer(
+        ViTConfig(image_size=(10, 18), patch_size=4, transf_dim=32, embedding_dim=8,
+                  num_layers=1, head_size=16, vocab_size=64),
+        gpt_size="tiny",
+    ),
+    "wham-200m": WHAMConfig.for_tokenizer(
+        TamingConfig(image_size=(128, 128), n_embed=4096, embed_dim=256, ch=128,
+                     ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                     z_channels=256),
+        gpt_size="chinchilla-251M",
+    ),
+    "wham-200m-540": WHAMConfig.for_tokenizer(_VIT_540, gpt_size="chinchilla-251M"),
+    "wham-1.6b": WHAMConfig.for_tokenizer(_VIT_540, gpt_size="wham-4kvocab-1.6b"),
+}

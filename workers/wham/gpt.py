@@ -10,7 +10,11 @@ Three ways to run it:
   `start..start+L-1`, writing their keys/values into a preallocated `KVCache` and attending
   to everything cached before them (prefill, extend and eager decode).
 - `decode_step(idx, cache, pos)`: one token at a position given as a tensor, attending over
-  the whole static cache with a mask; fixed shapes, so it can be compiled or graph-captured.
+  the whole static cache with a mask (or through flash-attn's KV-cache kernel); fixed shapes,
+  so it can be compiled or graph-captured.
+
+The linear layers are `workers.wham.linear.Linear` (an nn.Linear that can use prepacked CPU
+weights); the state dict is the same as with plain nn.Linear.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.wham.config import GPTConfig
+from workers.wham.linear import Linear
 
 try:  # optional fused decode kernel; only used on CUDA with half precision
     from flash_attn import flash_attn_with_kvcache
@@ -57,6 +62,17 @@ class KVCache:
         return self.k[:, :batch], self.v[:, :batch]
 
 
+def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One query per row over every cached key: q [B, H, 1, hd], keys/values [B, H, S, hd].
+
+    Written out rather than through SDPA: on the CPU this is as fast for a single query, and
+    SDPA's kernel splits the keys across threads when the batch has few heads, so a row's
+    result would depend on how many other rows share the batch.
+    """
+    scores = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, 1, S]
+    return scores.softmax(dim=-1) @ values  # [B, H, 1, hd]
+
+
 def _layer_norm(n_embd: int, *, parametric: bool, bias: bool) -> nn.LayerNorm:
     if not parametric:
         return nn.LayerNorm(n_embd, eps=1e-5, elementwise_affine=False)
@@ -68,8 +84,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, length, d = x.shape  # [B, L, D]
@@ -91,22 +107,24 @@ class CausalSelfAttention(nn.Module):
         return self._out(att @ v)
 
     def forward_cached(
-        self, x: torch.Tensor, *, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int
+        self,
+        x: torch.Tensor,
+        *,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """mask: None for one token (it sees the whole cache) or a chunk from position 0
+        (causal); else [L, end], query i seeing keys <= start + i."""
         q, k, v = self._qkv(x)  # [B, H, L, hd]
-        length = x.shape[1]
-        end = start + length
+        end = start + x.shape[1]
         k_cache[:, :, start:end] = k  # k_cache: [B, H, S, hd]
         v_cache[:, :, start:end] = v
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
-        if length == 1:  # one new token sees every cached position
-            y = F.scaled_dot_product_attention(q, keys, values)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-        else:  # a chunk appended after cached tokens: query i sees keys <= start + i
-            q_pos = torch.arange(start, end, device=x.device)
-            mask = torch.arange(end, device=x.device)[None, :] <= q_pos[:, None]  # [L, end]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if x.shape[1] == 1:
+            return self._out(_attend_one(q, keys, values))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
         return self._out(y)
 
     def decode_step(
@@ -116,10 +134,12 @@ class CausalSelfAttention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         pos: torch.Tensor,
-        use_flash: bool,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """mask [1, S] (positions <= pos) for the masked whole-cache attention; None selects
+        flash-attn's KV-cache kernel, which appends k/v in place at cache_seqlens = pos."""
         q, k, v = self._qkv(x)  # [B, H, 1, hd]
-        if use_flash:
+        if mask is None:
             # flash-attn wants [B, S, H, hd]; a transposed view keeps the last dim contiguous
             # and the kernel writes the new key/value in place at cache_seqlens.
             seqlens = pos.to(torch.int32).expand(x.shape[0]).contiguous()
@@ -135,7 +155,6 @@ class CausalSelfAttention(nn.Module):
             return self._out(y.transpose(1, 2))
         k_cache.index_copy_(2, pos, k)  # k_cache: [B, H, S, hd]
         v_cache.index_copy_(2, pos, v)
-        mask = (torch.arange(k_cache.shape[2], device=x.device) <= pos)[None]  # [1, S]
         y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         return self._out(y)
 
@@ -143,8 +162,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
@@ -186,7 +205,7 @@ class GPT(nn.Module):
                 "ln_f": _layer_norm(config.n_embd, parametric=True, bias=config.bias),
             }
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in the checkpoints
         self.reset_parameters()
 
@@ -231,10 +250,16 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """idx [B, L] at positions start..start+L-1 -> logits [B, V] of the last token
         (or [B, L, V] with all_logits). Caches are [n_layer, B, H, S, hd]."""
-        end = start + idx.shape[1]
-        x = self._embed(idx, torch.arange(start, end, device=idx.device))
+        length = idx.shape[1]
+        end = start + length
+        positions = torch.arange(start, end, device=idx.device)
+        mask = None
+        if length > 1 and start > 0:  # query i sees keys <= start + i: [L, end]
+            mask = torch.arange(end, device=idx.device)[None, :] <= positions[:, None]
+        x = self._embed(idx, positions)
         for i, block in enumerate(self.transformer.h):
-            x = block.forward_cached(x, k_cache=k_cache[i], v_cache=v_cache[i], start=start)
+            x = block.forward_cached(x, k_cache=k_cache[i], v_cache=v_cache[i], start=start,
+                                     mask=mask)
         return self._head(x if all_logits else x[:, -1])
 
     def decode_step(
@@ -246,19 +271,22 @@ class GPT(nn.Module):
         pos: torch.Tensor,
         use_flash: bool = False,
     ) -> torch.Tensor:
-        """idx [B, 1] at position pos (LongTensor [1]) -> logits [B, V]; fixed shapes."""
+        """idx [B, 1] at position pos (LongTensor [1]) -> logits [B, V]; fixed shapes.
+        Caches are [n_layer, B, H, S, hd]; use_flash selects flash-attn's KV-cache kernel."""
+        mask = None
+        if not use_flash:  # the whole static cache, masked to the filled positions: [1, S]
+            mask = (torch.arange(k_cache.shape[3], device=idx.device) <= pos)[None]
         x = self._embed(idx, pos)
         for i, block in enumerate(self.transformer.h):
-            x = block.decode_step(
-                x, k_cache=k_cache[i], v_cache=v_cache[i], pos=pos, use_flash=use_flash
-            )
+            x = block.decode_step(x, k_cache=k_cache[i], v_cache=v_cache[i], pos=pos, mask=mask)
         return self._head(x[:, -1])
+
+
+def flash_installed() -> bool:
+    """flash-attn's KV-cache kernel (or a stand-in put in its place) is importable."""
+    return flash_attn_with_kvcache is not None
 
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     """The fused kernel runs only on CUDA in half precision and when flash-attn imports."""
-    return (
-        flash_attn_with_kvcache is not None
-        and device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-    )
+    return flash_installed() and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)

@@ -1,10 +1,20 @@
-"""Token sampling: temperature, top-k/top-p, per-position valid ranges, per-rollout noise.
+"""Token sampling: temperature, top-k/top-p, per-position valid ranges, per-rollout noise,
+and the quality statistics of what was sampled.
 
 Sampling is Gumbel-max: `argmax(logits / T + g)` with `g = -log(-log(u))` draws exactly from
 `softmax(logits / T)`. The uniform `u` is not taken from a stateful generator: it is a hash
 of (rollout seed, token counter, vocabulary index) computed with int64 tensor ops on the
 device. So a rollout's samples depend only on its own seed and inputs, never on which other
 rollouts share the batch, and the per-token step needs no host sync and no per-row loop.
+
+A position only takes tokens from its own range, so the sampler works on the slice
+`logits[:, lo:hi + 1]`: no mask, and noise only for that slice. Everything that does not
+depend on the token (ranges, the hashed vocabulary indices) is built once per `Sampler`.
+
+Quality statistics are taken on the model's own distribution at temperature 1 restricted to
+the position's valid range, whatever the sampling settings: the log-probability of the token
+drawn, `s[tok] - logsumexp(s)`, and the entropy `logsumexp(s) - sum(softmax(s) * s)`, summed
+per row on the device and averaged per step (`Sampler.take_stats`).
 """
 
 from __future__ import annotations
@@ -86,6 +96,9 @@ def seeds_to_tensor(seeds, *, batch: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(wrapped, dtype=torch.long, device=device)
 
 
+_MASK64 = (1 << 64) - 1
+
+
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
     return (x >> bits) & ((1 << (64 - bits)) - 1)
@@ -98,32 +111,31 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def uniform_noise(
-    seeds: torch.Tensor, counter: int | torch.Tensor, vocab_size: int
-) -> torch.Tensor:
-    """Uniforms in (0, 1) for [B, V], a pure function of (seed, counter, vocab index)."""
-    row = _mix64(seeds ^ _mix64(torch.as_tensor(counter, device=seeds.device) * _GOLDEN + 1))
-    vocab = torch.arange(1, vocab_size + 1, device=seeds.device, dtype=torch.long)
-    bits = _mix64(row[:, None] + vocab[None, :] * _GOLDEN)  # [B, V]
+def _mix64_int(z: int) -> int:
+    """`_mix64` on a Python int (same bits), for values known on the host."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * (_MIX1 & _MASK64)) & _MASK64
+    z = ((z ^ (z >> 27)) * (_MIX2 & _MASK64)) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >> 63 else z
+
+
+def vocab_hash(vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """The per-vocabulary-index term of the noise hash, [V] int64 (build once, slice per use)."""
+    return torch.arange(1, vocab_size + 1, device=device, dtype=torch.long) * _GOLDEN
+
+
+def uniform_noise(seeds: torch.Tensor, counter: int, hashed: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1), [B, W]: a pure function of (seed, counter, vocabulary index) for the
+    indices whose `vocab_hash` entries are ``hashed`` [W]."""
+    row = _mix64(seeds ^ _mix64_int(counter * (_GOLDEN & _MASK64) + 1))  # [B]
+    bits = _mix64(row[:, None] + hashed[None, :])  # [B, W]
     return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits -> float32
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    *,
-    params: SamplingParams,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    seeds: torch.Tensor,
-    counter: int | torch.Tensor,
-) -> torch.Tensor:
-    """logits [B, V] -> tokens [B] drawn within [lo, hi] (inclusive, 0-d tensors)."""
-    vocab = torch.arange(logits.shape[-1], device=logits.device)
-    valid = (vocab >= lo) & (vocab <= hi)  # [V]
-    scores = (logits.float() / params.effective_temperature).masked_fill(~valid, float("-inf"))
-    if params.greedy:
-        return scores.argmax(dim=-1)
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
+def _filter(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Top-k then top-p on [B, W] scores (dropped tokens get -inf)."""
+    if params.top_k is not None and params.top_k < scores.shape[-1]:
         kth = scores.topk(params.top_k, dim=-1).values[:, -1:]  # [B, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
@@ -132,5 +144,84 @@ def sample_tokens(
         drop = cumulative > params.top_p
         drop[:, 0] = False
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, counter, logits.shape[-1])))
-    return (scores + gumbel).argmax(dim=-1)
+    return scores
+
+
+def draw(
+    logits: torch.Tensor, *, params: SamplingParams, lo: int, hi: int, seeds: torch.Tensor,
+    counter: int, hashed: torch.Tensor,
+) -> torch.Tensor:
+    """logits [B, V] -> tokens [B] drawn within [lo, hi] (inclusive); ``hashed`` is
+    `vocab_hash` of the whole vocabulary."""
+    scores = logits[:, lo:hi + 1].float() / params.effective_temperature  # [B, W]
+    if not params.greedy:
+        scores = _filter(scores, params)
+        u = uniform_noise(seeds, counter, hashed[lo:hi + 1])
+        scores = scores - torch.log(-torch.log(u))
+    return scores.argmax(dim=-1) + lo
+
+
+def sample_tokens(
+    logits: torch.Tensor, *, params: SamplingParams, lo: int, hi: int, seeds: torch.Tensor,
+    counter: int,
+) -> torch.Tensor:
+    """One draw without a Sampler (tests, one-off use): logits [B, V] -> tokens [B]."""
+    hashed = vocab_hash(logits.shape[-1], logits.device)
+    return draw(logits, params=params, lo=lo, hi=hi, seeds=seeds, counter=counter,
+                hashed=hashed)
+
+
+class Sampler:
+    """Draws the tokens of one rollout and keeps per-step quality statistics.
+
+    ranges: inclusive (lo, hi) of every position of a step; positions below
+    ``tokens_per_image`` are image tokens, the rest action tokens. The token counter of
+    position j in generated step i is ``i * len(ranges) + j``.
+    """
+
+    def __init__(
+        self, params: SamplingParams, *, ranges: list[tuple[int, int]], tokens_per_image: int,
+        seeds: torch.Tensor, vocab_size: int, stats: bool = True,
+    ) -> None:
+        self.params = params
+        self.ranges = ranges
+        self.tokens_per_image = tokens_per_image
+        self.seeds = seeds
+        self.stats = stats
+        self.hashed = vocab_hash(vocab_size, seeds.device)
+        batch = seeds.shape[0]
+        # [B, 2] sums for (image, action) positions, and how many of each were sampled
+        self._logprob = torch.zeros(batch, 2, device=seeds.device)
+        self._entropy = torch.zeros(batch, 2, device=seeds.device)
+        self._counts = [0, 0]
+
+    def sample(self, logits: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
+        """logits [B, V] of the token before `position` -> tokens [B]."""
+        lo, hi = self.ranges[position]
+        counter = step * len(self.ranges) + position
+        tokens = draw(logits, params=self.params, lo=lo, hi=hi, seeds=self.seeds,
+                      counter=counter, hashed=self.hashed)
+        if self.stats:
+            self._accumulate(logits[:, lo:hi + 1].float(), tokens - lo,
+                             kind=int(position >= self.tokens_per_image))
+        return tokens
+
+    def _accumulate(self, s: torch.Tensor, local: torch.Tensor, *, kind: int) -> None:
+        """s [B, W] temperature-1 logits over the valid range, local [B] the drawn index."""
+        lse = torch.logsumexp(s, dim=-1)  # [B]
+        self._logprob[:, kind] += s.gather(1, local[:, None])[:, 0] - lse
+        self._entropy[:, kind] += lse - (s.softmax(dim=-1) * s).sum(dim=-1)
+        self._counts[kind] += 1
+
+    def take_stats(self) -> dict[str, torch.Tensor]:
+        """Per-row means since the last call, [B] float32 on the CPU (NaN where nothing of that
+        kind was sampled), and start again."""
+        counts = torch.tensor(self._counts, dtype=torch.float32)
+        counts[counts == 0] = float("nan")
+        logprob = self._logprob.cpu() / counts
+        entropy = self._entropy.cpu() / counts
+        self._logprob.zero_()
+        self._entropy.zero_()
+        self._counts = [0, 0]
+        return {"image_logprob": logprob[:, 0], "image_entropy": entropy[:, 0],
+                "action_logprob": logprob[:, 1], "action_entropy": entropy[:, 1]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import InputError
+from workers.wham.errors import InputError
 
 
 def as_image_batch(

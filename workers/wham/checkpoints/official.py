@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .actions import ACTION_DIM, ACTION_VOCAB_SIZE
-from .config import GPT_SIZES, GPTConfig
-from .errors import CheckpointError
-from .model import WHAMConfig, WHAMModel, empty_model, save_native
-from .safe_pickle import Inert, LazyTensor, TorchZipReader
-from .taming_vqgan import TamingConfig
-from .vit_vqgan import ViTConfig
+from workers.wham.actions import ACTION_DIM, ACTION_VOCAB_SIZE
+from workers.wham.checkpoints.native import load_weights
+from workers.wham.checkpoints.safe_pickle import Inert, LazyTensor, TorchZipReader
+from workers.wham.config import GPT_SIZES, WHAMConfig, gpt_config_for
+from workers.wham.errors import CheckpointError
+from workers.wham.model import WHAMModel, empty_model
+from workers.wham.tokenizers import TamingConfig, ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +149,8 @@ def _vit_config(tok: dict, hparams: Any, source: str) -> ViTConfig:
     )
 
 
-def _gpt_config(gpt: dict, hparams: Any, *, tokens_per_step: int, source: str):
-    spec = _find_spec(hparams, "model_size")
-    vocab, n_embd = gpt["transformer.wte.weight"].shape
-    block = gpt["transformer.wpe.weight"].shape[0]
-    n_layer = _count(gpt, r"transformer\.h\.(\d+)\.")
-    version = 1 if "transformer.h.0.ln_1.weight" in gpt else 2
-    if "nanogpt_version" in spec and int(spec["nanogpt_version"]) != version:
-        raise CheckpointError(
-            f"{source}: hyperparameters say nanogpt_version {spec['nanogpt_version']} but the "
-            f"weights are version {version}"
-        )
+def _size_name(spec: dict, *, n_layer: int, n_embd: int, source: str) -> str:
+    """The transformer's size name: from the hyperparameters, else the one size that fits."""
     size = spec.get("model_size")
     if size is None:
         matches = [n for n, (lay, _, emb) in GPT_SIZES.items() if (lay, emb) == (n_layer, n_embd)]
@@ -177,15 +168,30 @@ def _gpt_config(gpt: dict, hparams: Any, *, tokens_per_step: int, source: str):
             f"{source}: model_size {size!r} is {GPT_SIZES[size]} but the weights have "
             f"n_layer={n_layer}, n_embd={n_embd}"
         )
+    return size
+
+
+def _gpt_config(gpt: dict, hparams: Any, *, tokens_per_step: int, source: str):
+    spec = _find_spec(hparams, "model_size")
+    vocab, n_embd = gpt["transformer.wte.weight"].shape
+    block = gpt["transformer.wpe.weight"].shape[0]
+    n_layer = _count(gpt, r"transformer\.h\.(\d+)\.")
+    version = 1 if "transformer.h.0.ln_1.weight" in gpt else 2
+    if "nanogpt_version" in spec and int(spec["nanogpt_version"]) != version:
+        raise CheckpointError(
+            f"{source}: hyperparameters say nanogpt_version {spec['nanogpt_version']} but the "
+            f"weights are version {version}"
+        )
+    size = _size_name(spec, n_layer=n_layer, n_embd=n_embd, source=source)
     if block % tokens_per_step:
         raise CheckpointError(
             f"{source}: {block} positions are not a whole number of {tokens_per_step}-token steps"
         )
-    config = GPTConfig(
-        n_layer=n_layer, n_head=GPT_SIZES[size][1], n_embd=n_embd, vocab_size=vocab,
-        block_size=block, version=version, bias="transformer.h.0.attn.c_attn.bias" in gpt,
-    )
-    return config, size, block // tokens_per_step
+    seq_len = block // tokens_per_step
+    config = gpt_config_for(size, vocab_size=vocab, tokens_per_step=tokens_per_step,
+                            seq_len=seq_len, version=version,
+                            bias="transformer.h.0.attn.c_attn.bias" in gpt)
+    return config, size, seq_len
 
 
 def load_official(path: str | os.PathLike) -> WHAMModel:
@@ -227,11 +233,5 @@ def load_official(path: str | os.PathLike) -> WHAMModel:
     ignored = sorted(set(state) - expected)
     if ignored:
         log.warning("%s: ignoring %d unused weights, e.g. %s", source, len(ignored), ignored[:3])
-    model.load_native_state_dict({k: v for k, v in state.items() if k in expected},
-                                 source=source)
+    load_weights(model, {k: v for k, v in state.items() if k in expected}, source=source)
     return model
-
-
-def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert an official .ckpt into a native folder; returns the folder."""
-    return save_native(load_official(src), out_dir)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from workers.wham import InputError
-from workers.wham.model import PRESETS
-from workers.wham.taming_vqgan import AttnBlock, TamingConfig, TamingVQGAN
-from workers.wham.vit_vqgan import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, ViTVQGAN
+from workers.wham.config import PRESETS
+from workers.wham.tokenizers.taming import AttnBlock, TamingConfig, TamingVQGAN
+from workers.wham.tokenizers.vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, ViTVQGAN
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
-from .imagetok import as_image_batch, as_token_batch
+from workers.wham.errors import InputError
+from workers.wham.tokenizers.base import as_image_batch, as_token_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -7,14 +7,10 @@ import pytest
 import torch
 
 from workers.wham.actions import validate_actions
-from workers.wham.engine import (
-    RolloutEngine,
-    StaticDecode,
-    max_batch_for_memory,
-    naive_rollout,
-)
+from workers.wham.engine import RolloutEngine, StaticDecode
 from workers.wham.errors import InputError
 from workers.wham.model import random_model
+from workers.wham.naive import naive_rollout
 from workers.wham.sampling import (
     SamplingParams,
     sample_tokens,
@@ -189,7 +185,7 @@ def test_temperature_is_clamped_and_validated() -> None:
     assert SamplingParams(temperature=0.5).effective_temperature == 0.5
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     seeds = torch.arange(4)
-    kw = {"lo": torch.tensor(0), "hi": torch.tensor(49), "seeds": seeds, "counter": 3}
+    kw = {"lo": 0, "hi": 49, "seeds": seeds, "counter": 3}
     cold = sample_tokens(logits, params=SamplingParams(temperature=0.0), **kw)
     clamped = sample_tokens(logits, params=SamplingParams(temperature=0.1), **kw)
     assert torch.equal(cold, clamped)
@@ -201,7 +197,7 @@ def test_temperature_is_clamped_and_validated() -> None:
 
 def test_gumbel_sampler_draws_from_the_softmax() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0]])
-    kw = {"lo": torch.tensor(0), "hi": torch.tensor(3), "seeds": torch.tensor([42])}
+    kw = {"lo": 0, "hi": 3, "seeds": torch.tensor([42])}
     params = SamplingParams(temperature=1.0)
     draws = torch.stack([sample_tokens(logits, params=params, counter=c, **kw)
                          for c in range(4000)]).flatten()
@@ -267,10 +263,3 @@ def test_batch_and_mode_requirements(model) -> None:
     kw = _inputs(model, batch=1, context=1, steps=2, mode="policy")
     with pytest.raises(InputError, match="observations: policy mode needs"):
         engine.rollout(**{**kw, "observations": None})
-
-
-def test_memory_helpers(model) -> None:
-    per_row = RolloutEngine.kv_cache_bytes(model, 1)
-    assert RolloutEngine.kv_cache_bytes(model, 8) == 8 * per_row
-    assert max_batch_for_memory(model, 0) == 0
-    assert max_batch_for_memory(model, 10**9) > max_batch_for_memory(model, 10**8) > 0

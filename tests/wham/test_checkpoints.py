@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from workers.wham import CheckpointError, load_model, random_model, save_native
-from workers.wham.model import CONFIG_FILE, PRESETS, WEIGHTS_FILE
+from workers.wham.checkpoints.native import CONFIG_FILE, WEIGHTS_FILE
+from workers.wham.config import PRESETS
 
 
 def _images(model, *, seed: int = 0, batch: int = 2, steps: int = 2) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from workers.wham.errors import CheckpointError
 
 # Modules whose names only appear in a pickle that wants to run code; a checkpoint naming one
 # is refused outright. Every other unknown name loads as an inert stand-in, which is what keeps

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
-from .imagetok import as_image_batch, as_token_batch
+from workers.wham.errors import InputError
+from workers.wham.tokenizers.base import as_image_batch, as_token_batch
 
 
 @dataclass(frozen=True)
