@@ -14,10 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "workers", "jobs")
 CONFIG = ROOT / ".importlinter"
-# workers/wham/model.py and checkpoint.py still import each other (the native and official
-# checkpoint formats); the model library's own restructuring splits them. Strict, so the
-# marker must go when that lands.
-_WHAM_CYCLE = pytest.mark.xfail(strict=True, reason="workers.wham.model <-> checkpoint cycle")
 
 
 def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -27,7 +23,6 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(cwd)})
 
 
-@_WHAM_CYCLE
 def test_import_contracts_hold() -> None:
     result = _lint(ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -75,7 +70,6 @@ def _function_level_project_imports(path: Path) -> list[str]:
     return found
 
 
-@_WHAM_CYCLE
 def test_project_imports_sit_at_the_top_of_modules() -> None:
     found = [hit for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
              for hit in _function_level_project_imports(path)]

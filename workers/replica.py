@@ -16,9 +16,6 @@ from pipeline.errors import UserError
 from pipeline.storage import open_storage
 from workers import wham
 
-CPU_BATCH = 8  # batch_size auto on the CPU: decode is compute-bound there, bigger gains little
-MEMORY_HEADROOM = 0.85  # share of free accelerator memory the KV cache may take
-
 
 def resolve_device(device: str, dtype: str | None) -> tuple[Any, Any]:
     """(torch.device, torch.dtype) for a device name ('auto', 'cpu', 'cuda', 'cuda:N') and a
@@ -64,13 +61,12 @@ def load_replica(*, checkpoint: str | None, preset: str | None, device: str,
                  endpoint_url: str | None = None, region: str | None = None) -> Any:
     """A WHAMModel from a checkpoint (local or s3://) or a named preset with random weights.
 
-    `threads` caps torch's CPU threads (more threads than reserved cores thrash).
+    `threads` caps torch's CPU threads (never more than the cores this process may use:
+    more threads than cores thrash).
     """
-    import torch
-
     dev, dt = resolve_device(device, dtype)
     if dev.type == "cpu" and threads:
-        torch.set_num_threads(max(1, int(threads)))
+        wham.set_cpu_threads(max(1, int(threads)))
     if preset is not None:
         return wham.random_model(preset, seed=seed, device=dev, dtype=dt)
     path = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url, region=region)
@@ -79,12 +75,5 @@ def load_replica(*, checkpoint: str | None, preset: str | None, device: str,
 
 def batch_size_for(model: Any, requested: int | str) -> int:
     """`requested`, or for 'auto' the largest batch whose KV cache fits in free accelerator
-    memory (a fixed CPU_BATCH on the CPU)."""
-    if requested != "auto":
-        return int(requested)
-    if model.device.type != "cuda":
-        return CPU_BATCH
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(model.device)
-    return max(1, wham.max_batch_for_memory(model, int(free * MEMORY_HEADROOM)))
+    memory (a fixed default on the CPU)."""
+    return wham.auto_batch_size(model) if requested == "auto" else int(requested)

@@ -73,6 +73,7 @@ def _bench_arguments(bench: argparse.ArgumentParser) -> None:
                        help="context steps (default 10: the window is full and slides)")
     bench.add_argument("--dtype", choices=DTYPES, default="auto")
     bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    _add_threads_argument(bench)
     bench.add_argument("--naive", action="store_true",
                        help="time the full-recompute reference sampler instead of the engine")
     bench.add_argument("--compile", action="store_true", help="compiled decode (CUDA only)")
@@ -87,11 +88,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, preset_help: str) -
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="transformer precision (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    _add_threads_argument(parser)
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads, at most the cores this process may use "
+                        "(default: torch's choice)")
 
 
 def _load(args: argparse.Namespace):
     return load_replica(checkpoint=args.checkpoint, preset=args.preset, device=args.device,
-                        dtype=args.dtype)
+                        dtype=args.dtype, threads=args.threads)
 
 
 def _read_npz(path: str, keys: tuple[str, ...], *, what: str) -> dict:
@@ -244,6 +252,8 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     if not 1 <= args.context_steps <= MAX_CONTEXT:
         raise UserError(f"--context-steps must be 1..{MAX_CONTEXT}, got {args.context_steps}")
     device, dtype = resolve_device(args.device, args.dtype)
+    if device.type == "cpu" and args.threads:
+        wham.set_cpu_threads(args.threads)
     model = wham.random_model(args.preset, seed=0, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     b, t = args.batch, args.context_steps

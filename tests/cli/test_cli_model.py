@@ -61,10 +61,17 @@ def test_dream_writes_rollouts_gif_and_one_json_line(native, tmp_path, capsys) -
     assert not np.array_equal(first["image_tokens"][0], first["image_tokens"][1])
     gif = iio.imread(tmp_path / "out.gif", index=None)
     assert gif.shape[0] == 6 + 3  # the whole clip is context (<= 10 steps), then 3 generated
+    assert gif.shape[1:3] == (128, 128)  # 16x16 frames upscaled like the pipeline's previews
 
-    # same seed, same output; a rollout matches the engine run on its own with seed 5 + b
-    code, again = _dream(native, tmp_path, "--steps", "3", "--batch", "2", "--seed", "5",
-                         name="again.npz")
+    # same seed, same output (whatever the thread count); a rollout matches the engine run
+    # on its own with seed 5 + b
+    threads = torch.get_num_threads()
+    try:
+        code, again = _dream(native, tmp_path, "--steps", "3", "--batch", "2", "--seed", "5",
+                             "--threads", "1", name="again.npz")
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     with np.load(again) as data:
         assert all(np.array_equal(first[k], data[k]) for k in first)
     code, single = _dream(native, tmp_path, "--steps", "3", "--seed", "6", name="one.npz")

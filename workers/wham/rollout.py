@@ -17,9 +17,8 @@ import torch
 from workers.wham.actions import ACTION_DIM, action_token_ranges, validate_actions
 from workers.wham.errors import InputError
 from workers.wham.model import WHAMModel
+from workers.wham.modes import MODES
 from workers.wham.sampling import SamplingParams, seeds_to_tensor
-
-MODES = ("world_model", "policy", "full")
 
 
 @dataclass
