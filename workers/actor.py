@@ -213,7 +213,9 @@ class RolloutActor:
     def _fail(self, unit: WorkUnit, items: list[RolloutItem], exc: BaseException, *,
               started: dt.datetime, errors: list[str]) -> int:
         message = _short(exc)
-        errors.append(message)
+        seeds = sorted({item.seed_id for item in items})
+        errors.append(f"seed {seeds[0]}: {message}" if len(seeds) == 1
+                      else f"{len(items)} rollouts of seeds {', '.join(seeds)}: {message}")
         for item in items:
             self.writer.finish_rollout(unit.unit_id, self._row(
                 item, status="failed", error=message, started=started, context_steps=0,

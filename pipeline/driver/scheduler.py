@@ -37,6 +37,16 @@ def actor_name(run_id: str, index: int) -> str:
     return f"wham-batch:{run_id}:actor-{index:03d}"
 
 
+def describe_actor(info: dict[str, Any]) -> str:
+    """A ready actor's facts as one readable phrase (not a dict)."""
+    sha = str(info.get("sha256") or "")[:12]
+    model = f"model {info.get('model_id', '?')}" + (f" ({sha})" if sha else "")
+    where = " ".join(str(info[k]) for k in ("device", "dtype") if info.get(k))
+    parts = [model, f"batch {info['batch_size']}" if "batch_size" in info else "", where,
+             f"pid {info['pid']}" if "pid" in info else ""]
+    return ", ".join(p for p in parts if p)
+
+
 @dataclass
 class _Slot:
     """One actor as the driver sees it: its handle, state and units in flight."""
@@ -63,6 +73,7 @@ class Scheduler:
         self.metrics = Metrics(spec.run.run_id)
         self.slots = self._start_actors(actor_cls, count=min(spec.resources.actors, len(todo)),
                                         script=script)
+        prog.start(actors=len(self.slots))
 
     def _start_actors(self, actor_cls: type, *, count: int, script: Any) -> list[_Slot]:
         import ray
@@ -92,6 +103,7 @@ class Scheduler:
                 self._submit(live)
                 self._collect(live)
                 self._check_timeouts()
+                self.prog.tick()
         finally:
             self.shutdown()
         return self.model_info
@@ -139,6 +151,8 @@ class Scheduler:
         except Exception as exc:  # the unit raised inside a live actor
             self.lose(unit, attempt, f"{type(exc).__name__}: {str(exc)[-300:]}")
             return
+        for error in receipt.errors:  # seeds that could not be read, batches that raised
+            log.warning("unit %s: rollouts failed: %s", unit.unit_id, error)
         self.prog.unit_done(receipt)
         self.metrics.record_receipt(receipt)
         self.metrics.record_unit_committed()
@@ -163,8 +177,8 @@ class Scheduler:
         for key in MODEL_FACTS:
             if key in info:
                 self.model_info.setdefault(key, info[key])
-        log.info("%s ready: %s", slot.name, info)
-        self.prog.emit("actor_ready", detail=slot.name)
+        log.info("%s ready: %s", slot.name, describe_actor(info))
+        self.prog.actor_ready(slot.name)
 
     # ---------------------------------------------------------------- failures
 
