@@ -294,6 +294,19 @@ def test_relative_output_root_or_lost_input_is_refused_with_what_to_use(tmp_path
     assert "seeds.source: 'seeds/toygame'" in message and "output.root" not in message
 
 
+def test_status_without_a_cluster_fails_fast_with_a_message() -> None:
+    # RAY_ADDRESS as `ray.init` users set it (a GCS HOST:PORT): Ray's job client would look
+    # the dashboard up through the GCS and wait ~40 s before a raw RpcError traceback.
+    start = time.monotonic()
+    closed = cli("status", env={"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
+    assert closed.returncode == 2 and "cannot reach the Ray dashboard" in closed.stderr
+    assert "Traceback" not in closed.stderr and time.monotonic() - start < 30
+    gcs = cli("status", env={"RAY_ADDRESS": "127.0.0.1:6379"})
+    assert gcs.returncode == 2 and "not a Ray dashboard address" in gcs.stderr
+    client = cli("logs", "raysubmit_x", "--address", "ray://127.0.0.1:10001")
+    assert client.returncode == 2 and "http://HEAD:8265" in client.stderr
+
+
 # ---------------------------------------------------------------- on the Ray head
 
 
