@@ -107,7 +107,7 @@ class Progress:
 
             self._bar = tqdm(total=self.totals.rollouts_total, initial=self._done(),
                              unit="rollout", desc=self.run_id, dynamic_ncols=True)
-        self.log_line()
+        self.tick(force=True)
         self.emit("started")
 
     def actor_ready(self, name: str) -> None:

@@ -309,3 +309,42 @@ def test_dream_gif_marks_small_frames_like_the_pipeline_previews(tmp_path: Path)
     ys, xs = np.nonzero(mark)
     assert mark.mean() < 0.1  # a corner mark, not a third of the frame
     assert ys.min() > dreamt.shape[0] * 0.8 and xs.min() > dreamt.shape[1] * 0.25
+
+
+# ---------------------------------------------------------------- progress off a terminal
+
+
+def test_progress_off_a_terminal_logs_at_least_every_five_seconds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.driver.progress import LOG_EVERY_S, Progress, StatusLine, Totals
+    from pipeline.plan import UnitReceipt
+
+    assert LOG_EVERY_S <= 5
+    now = [0.0]
+    prog = Progress(run_id="r", totals=Totals(rollouts_total=4), tty=False,
+                    clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="pipeline.driver"):
+        prog.start(actors=2)
+        for second in range(1, 12):  # the scheduler ticks about once a second
+            now[0] = float(second)
+            prog.tick()
+        starting = [r.getMessage() for r in caplog.records]
+        assert len(starting) == 3  # at 0 s, 5 s and 10 s
+        assert starting[-1] == "r: starting actors (loading the model): 0/2 ready, 10s"
+        prog.actor_ready("actor-000")
+        prog.unit_done(UnitReceipt(unit_id="u000000", ok=1, failed=1, frames=3, tokens=0,
+                                   generate_seconds=0.1, write_seconds=0.0, worker="w"))
+        now[0] = 16.0
+        prog.tick()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[-1].startswith("r: 2/4 rollouts (1 failed), 3 frames this attempt")
+    # A blocking step (Ray starting) logs too, from its own thread.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.driver"), \
+            StatusLine("starting something", log_every_s=0.1, stream=io.StringIO()):
+        deadline = time.monotonic() + 20
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "starting something ..."
+    assert messages[1].startswith("starting something, ") and messages[1].endswith("s ...")
