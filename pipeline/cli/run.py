@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pipeline.cli.command import Command
 from pipeline.driver import RunSummary, run_job
 from pipeline.driver.preflight import CONNECT_TIMEOUT_S
 from pipeline.errors import UserError
-from pipeline.logs import LOG_LEVEL_ENV, setup_logging
+from pipeline.logs import setup_logging
 from pipeline.spec import JobSpec, dump_spec, load_spec
 from pipeline.spec.load import spec_schema
 from pipeline.spec.paths import is_uri, missing_local_paths, remote_paths
@@ -125,12 +124,11 @@ def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False,
                    address: str | None = None,
                    connect_timeout_s: float = CONNECT_TIMEOUT_S) -> int:
     """Run the driver, print the summary and where to look; exit status for the CLI."""
-    if quiet:
-        # Actors of a private Ray instance inherit this process's environment.
-        os.environ[LOG_LEVEL_ENV] = "WARNING"
-    setup_logging(level="WARNING" if quiet else None)
+    level = "WARNING" if quiet else None
+    setup_logging(level=level)
     summary = run_job(spec, actor_cls=RolloutActor, fresh=fresh, progress=not quiet,
-                      ray_address=address, connect_timeout_s=connect_timeout_s)
+                      ray_address=address, connect_timeout_s=connect_timeout_s,
+                      actor_log_level=level)
     return print_summary(spec, summary, hints=not quiet)
 
 

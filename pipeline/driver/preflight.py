@@ -23,8 +23,8 @@ from workers import wham
 #: Seconds to wait for a named cluster's address to answer (`wham-batch run --connect-timeout`).
 CONNECT_TIMEOUT_S = 30.0
 GCS_PORT = 6379
-_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 RAY_CLIENT_PORT = 10001
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @dataclass(slots=True)

@@ -146,14 +146,16 @@ class _Run:
 
 def run_job(spec: JobSpec, *, actor_cls: type, fresh: bool = False, progress: bool = True,
             on_event: EventHook | None = None, ray_address: str | None = None,
-            connect_timeout_s: float = CONNECT_TIMEOUT_S) -> RunSummary:
+            connect_timeout_s: float = CONNECT_TIMEOUT_S,
+            actor_log_level: str | None = None) -> RunSummary:
     """Run a job to completion (or resume it) with actors of `actor_cls`; its summary.
 
     Ray: the cluster at `ray_address` (else RAY_ADDRESS), else a private local instance
     (`connect_ray`). Raises UserError for anything found before actors start (bad model
     source, unwritable output, no seeds, a changed plan, an unreachable cluster, not enough
     cluster resources). Lost units are retried up to `resources.max_unit_attempts`; a run
-    that still misses units returns complete=False.
+    that still misses units returns complete=False. `actor_log_level` (e.g. "WARNING")
+    overrides the actors' WHAM_LOG_LEVEL.
     """
     clock = (time.time(), time.monotonic())
     prep = preflight(spec)
@@ -167,8 +169,8 @@ def run_job(spec: JobSpec, *, actor_cls: type, fresh: bool = False, progress: bo
              len(run.units), run.totals.units_skipped, run.totals.rollouts_total,
              prep.storage.uri)
     if todo:
-        _generate(run, todo, actor_cls=actor_cls, prog=prog,
-                  ray_address=ray_address, connect_timeout_s=connect_timeout_s)
+        _generate(run, todo, actor_cls=actor_cls, prog=prog, ray_address=ray_address,
+                  connect_timeout_s=connect_timeout_s, actor_log_level=actor_log_level)
     summary = _commit(run)
     prog.emit("finished", detail=summary.line())  # the caller prints the summary
     return summary
@@ -210,7 +212,8 @@ def _plan(spec: JobSpec, prep: Prepared, *,
 
 
 def _generate(run: _Run, todo: list[WorkUnit], *, actor_cls: type, prog: Progress,
-              ray_address: str | None, connect_timeout_s: float) -> None:
+              ray_address: str | None, connect_timeout_s: float,
+              actor_log_level: str | None) -> None:
     """Start or join Ray, fan the units out, and record what the actors report."""
     import ray
 
@@ -224,7 +227,7 @@ def _generate(run: _Run, todo: list[WorkUnit], *, actor_cls: type, prog: Progres
         check_cluster(run.spec)
         run.write_manifest("running")
         scheduler = Scheduler(run.spec, todo, actor_cls=actor_cls, prog=prog,
-                              script=run.prep.script)
+                              script=run.prep.script, log_level=actor_log_level)
         run.model_info.update(scheduler.run())
     finally:
         prog.close()
@@ -233,7 +236,8 @@ def _generate(run: _Run, todo: list[WorkUnit], *, actor_cls: type, prog: Progres
 
 
 def _commit(run: _Run) -> RunSummary:
-    """Write the final manifest, and _SUCCESS when every unit is committed."""
+    """Write the final manifest, and _SUCCESS when the run is complete (every unit
+    committed, failed rollouts within the budget)."""
     totals = run.totals
     wall = time.monotonic() - run.t0
     attempt = run.attempt()

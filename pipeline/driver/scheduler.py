@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.driver.progress import Progress
 from pipeline.errors import UserError
+from pipeline.logs import LOG_LEVEL_ENV
 from pipeline.metrics import Metrics
 from pipeline.plan import UnitReceipt, WorkUnit
 from pipeline.spec import JobSpec
@@ -65,20 +66,24 @@ class Scheduler:
     model facts the actors reported (model_id, sha256, batch_size, device, dtype)."""
 
     def __init__(self, spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type,
-                 prog: Progress, script: Any = None) -> None:
+                 prog: Progress, script: Any = None, log_level: str | None = None) -> None:
         self.spec = spec
         self.prog = prog
         self.queue: deque[tuple[WorkUnit, int]] = deque((u, 1) for u in todo)
         self.model_info: dict[str, Any] = {}
         self.metrics = Metrics(spec.run.run_id)
         self.slots = self._start_actors(actor_cls, count=min(spec.resources.actors, len(todo)),
-                                        script=script)
+                                        script=script, log_level=log_level)
         prog.start(actors=len(self.slots))
 
-    def _start_actors(self, actor_cls: type, *, count: int, script: Any) -> list[_Slot]:
+    def _start_actors(self, actor_cls: type, *, count: int, script: Any,
+                      log_level: str | None) -> list[_Slot]:
         import ray
 
         r = self.spec.resources
+        # Actors read their log level from the environment (pipeline.logs); Ray merges these
+        # variables into the job's own.
+        env = {"runtime_env": {"env_vars": {LOG_LEVEL_ENV: log_level}}} if log_level else {}
         remote_cls = ray.remote(
             num_gpus=r.gpus_per_actor, num_cpus=r.cpus_per_actor, max_restarts=r.max_restarts,
             max_task_retries=0, max_concurrency=2,
@@ -86,7 +91,7 @@ class Scheduler:
         slots = []
         for i in range(count):
             name = f"actor-{i:03d}"
-            handle = remote_cls.options(name=actor_name(self.spec.run.run_id, i)).remote(
+            handle = remote_cls.options(name=actor_name(self.spec.run.run_id, i), **env).remote(
                 self.spec, worker=name, script=script)
             slots.append(_Slot(name=name, handle=handle, probe=handle.ready.remote()))
         return slots
