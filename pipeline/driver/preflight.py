@@ -137,9 +137,10 @@ def _probe(target: str, source: str, timeout_s: float) -> None:
         with socket.create_connection((host, port), timeout=timeout_s):
             return
     except OSError as exc:
-        why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        why = (f"no answer within {timeout_s:g}s" if isinstance(exc, TimeoutError)
+               else (exc.strerror or str(exc)).lower())
     raise UserError(
-        f"cannot reach the Ray cluster at {target} ({source}): {why} within {timeout_s:g}s; "
+        f"cannot reach the Ray cluster at {target} ({source}): {why}; "
         f"check the address (HEAD:{GCS_PORT} or ray://HEAD:{RAY_CLIENT_PORT}) and that the "
         "cluster is up, or unset it to run on a private local Ray instance")
 
