@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import sys
 
+from pipeline.cli.command import interrupted_status, stop_on_sigterm
 from pipeline.cli.run import run_and_report
 from pipeline.errors import UserError
 from pipeline.layout import success_key
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="KEY=VALUE", help="override a field (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     try:
         run_date = resolve_date(args.date)
         spec = load_spec(args.config, nightly_overrides(run_date, args.overrides))
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, WHAMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        return interrupted_status(exc)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pipeline.sources import NEUTRAL_ACTION, constant_action
 from pipeline.spec import JobSpec
 from pipeline.storage import open_storage
 from workers import wham
+from workers.encode import auto_preview_scale
 from workers.inputs import load_seed, make_actions
 from workers.replica import batch_size_for, load_replica
 from workers.writer import OutputWriter
@@ -74,10 +75,12 @@ class RolloutActor:
         self.sampling = wham.SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                        greedy=s.greedy)
         o = spec.output
+        preview_scale = (auto_preview_scale(*self.model.image_size)
+                         if o.preview_scale == "auto" else o.preview_scale)
         self.storage = open_storage(o.root, endpoint_url=o.endpoint_url, region=o.region)
         self.writer = OutputWriter(
             self.storage, run_date=spec.run.run_date.isoformat(), run_id=spec.run.run_id,
-            frames=o.frames, previews=o.previews, preview_scale=o.preview_scale,
+            frames=o.frames, previews=o.previews, preview_scale=preview_scale,
             image_tokens=o.image_tokens, watermark=o.watermark, model_id=self.model.model_id,
             threads=o.writer_threads,
             tokens_per_image=self.model.tokens_per_image if o.image_tokens else None)
@@ -210,7 +213,9 @@ class RolloutActor:
     def _fail(self, unit: WorkUnit, items: list[RolloutItem], exc: BaseException, *,
               started: dt.datetime, errors: list[str]) -> int:
         message = _short(exc)
-        errors.append(message)
+        seeds = sorted({item.seed_id for item in items})
+        errors.append(f"seed {seeds[0]}: {message}" if len(seeds) == 1
+                      else f"{len(items)} rollouts of seeds {', '.join(seeds)}: {message}")
         for item in items:
             self.writer.finish_rollout(unit.unit_id, self._row(
                 item, status="failed", error=message, started=started, context_steps=0,

@@ -11,8 +11,9 @@ import argparse
 import sys
 
 from pipeline.cli import cluster, demo, model, query, run
-from pipeline.cli.command import Command
+from pipeline.cli.command import Command, interrupted_status, stop_on_sigterm
 from pipeline.errors import UserError
+from pipeline.versions import version_line
 from workers.wham.errors import WHAMError
 
 #: Every command, in the order `--help` lists them.
@@ -32,11 +33,25 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
 )}
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, computed only when asked (it reads package metadata and git)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wham-batch",
         description="Batch rollouts of the WHAM world model on Ray, written to S3 or a folder.",
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of wham-batch, torch, Ray, pyarrow, Python "
+                        "and the git commit, then exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS.values():
         command.add_to(subparsers)
@@ -49,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except (UserError, WHAMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return interrupted_status(exc)
 
 
 if __name__ == "__main__":

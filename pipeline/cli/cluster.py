@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -37,6 +38,10 @@ def _submit_arguments(submit: argparse.ArgumentParser) -> None:
                       "project containing the current directory)")
     code.add_argument("--image-has-package", action="store_true",
                       help="the cluster's image has wham-batch installed: upload only the config")
+    submit.add_argument("--absolute-paths", action="store_true",
+                        help="send relative paths of the spec as this machine's absolute paths "
+                        "(for a cluster that shares this machine's files, e.g. a head started "
+                        "here); without it a relative output.root is refused")
     submit.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                         help="extra non-secret environment variable for the job (repeatable)")
     submit.add_argument("--submission-id", default=None, help="job id to use (default: Ray's)")
@@ -95,7 +100,14 @@ def _print_failure_tail(client: Any, job_id: str) -> None:
         print(redact("\n".join(f"  {line}" for line in lines)), file=sys.stderr)
 
 
-def _finish(client: Any, job_id: str, status: str | None, timeout_s: float) -> int:
+def job_exit_status(status: str) -> int:
+    """One rule for `submit --wait`, `status JOB_ID` and `stop --wait`: 0 unless the job
+    FAILED or was STOPPED (a run's own exit status decides whether its job FAILED)."""
+    return EXIT_JOB_FAILED if status in ("FAILED", "STOPPED") else 0
+
+
+def _finish(client: Any, job_id: str, status: str | None, timeout_s: float, *,
+            submission: sub.Submission) -> int:
     if status is None:
         print(f"job {job_id} still running after {timeout_s:g}s; it keeps running on the "
               f"cluster (`wham-batch stop {job_id}` stops it)", file=sys.stderr)
@@ -104,6 +116,11 @@ def _finish(client: Any, job_id: str, status: str | None, timeout_s: float) -> i
     if status != "SUCCEEDED":
         _print_failure_tail(client, job_id)
         return EXIT_JOB_FAILED
+    root = shlex.quote(submission.output_root)
+    print(f"outputs: {submission.output_root}  (run_id={submission.run_id})")
+    print(f"try:     wham-batch runs {root}\n"
+          f"         wham-batch query {root} --run-id {submission.run_id} --table rollouts "
+          "--limit 5")
     return 0
 
 
@@ -112,8 +129,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # the cluster.
     submission = sub.build_submission(
         args.config, overrides=args.overrides, working_dir=args.working_dir,
-        image_has_package=args.image_has_package, env=args.env)
-    print(f"spec ok: run {submission.run_id}", file=sys.stderr)
+        image_has_package=args.image_has_package, env=args.env,
+        absolute_paths=args.absolute_paths)
+    print(f"spec ok: run {submission.run_id}, outputs to {submission.output_root}",
+          file=sys.stderr)
     try:
         client = sub.connect(args.address)
         job_id = sub.submit(client, submission, submission_id=args.submission_id)
@@ -126,12 +145,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     started = time.monotonic()
     if args.follow and not sub.follow_logs(client, job_id, timeout_s=args.timeout):
-        return _finish(client, job_id, None, args.timeout)
+        return _finish(client, job_id, None, args.timeout, submission=submission)
     remaining = max(args.timeout - (time.monotonic() - started), 1.0)
     status = sub.wait_for_job(
         client, job_id, timeout_s=remaining,
         on_change=lambda s: print(f"job {job_id}: {s}", file=sys.stderr))
-    return _finish(client, job_id, status, args.timeout)
+    return _finish(client, job_id, status, args.timeout, submission=submission)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -146,14 +165,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        return 0
-    if args.job_id is None:
+    elif args.job_id is None:
         for row in rows:
             print(f"{row['job_id'] or '-':<28} {row['status']:<10} {row['entrypoint']}")
-        return 0
-    for key, value in rows[0].items():
-        print(f"{key:<11} {value}")
-    return 0
+    else:
+        for key, value in rows[0].items():
+            print(f"{key:<11} {value}")
+    return job_exit_status(rows[0]["status"]) if args.job_id is not None else 0
 
 
 def _job_row(info: Any) -> dict[str, Any]:
@@ -196,7 +214,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
             print(f"job {args.job_id} has not stopped after {args.timeout:g}s", file=sys.stderr)
             return EXIT_TIMEOUT
         print(f"job {args.job_id} {final}")
-    return 0
+    return 0  # stopping is what was asked for
 
 
 # ---------------------------------------------------------------- runs
@@ -230,12 +248,15 @@ SUBMIT = Command(
     "Ray cluster through the Jobs API and print the job id. Credentials are never sent with "
     "the job: the cluster uses its own environment or role.")
 STATUS = Command("status", "status of a job (or list jobs)", _status_arguments, cmd_status,
-                 description="Show one job's status, or all jobs without an id.")
+                 description="Show one job's status, or all jobs without an id. With an id the "
+                 "exit status is 1 for a FAILED or STOPPED job, as with `submit --wait`.")
 LOGS = Command("logs", "print a job's logs", _logs_arguments, cmd_logs,
                description="Print a job's driver logs.")
 STOP = Command("stop", "stop a running job", _stop_arguments, cmd_stop,
                description="Ask the cluster to stop a job.")
 RUNS = Command(
     "runs", "list the runs under an output root with their status", _runs_arguments, cmd_runs,
-    description="List runs under ROOT/_runs: complete (has _SUCCESS) or partial, with "
-    "committed/planned units, rollout and frame counts and throughput.")
+    description="List runs under ROOT/_runs: complete (has _SUCCESS: every unit committed and "
+    "failed rollouts within run.max_failed_fraction, the runs that exited 0), failed (every "
+    "unit committed, too many failed rollouts) or partial, with committed/planned units, "
+    "rollout and frame counts and throughput.")

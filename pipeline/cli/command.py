@@ -1,8 +1,12 @@
-"""One `wham-batch` subcommand: its name, help, how to add its arguments and what it runs."""
+"""One `wham-batch` subcommand (its name, help, arguments and what it runs), and how every
+command stops on SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,3 +27,26 @@ class Command:
                              else argparse.HelpFormatter))
         self.add_arguments(parser)
         parser.set_defaults(func=self.run)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwind like Ctrl-C (Ray actors are stopped, waits end)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end a waiting command the way Ctrl-C does (exit status 143)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted_status(exc: KeyboardInterrupt) -> int:
+    """Print why the command stopped; its exit status (143 for SIGTERM, 130 for Ctrl-C)."""
+    if isinstance(exc, Terminated):
+        print("stopped (SIGTERM)", file=sys.stderr)
+        return 143
+    print("interrupted", file=sys.stderr)
+    return 130

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from pipeline.cli.command import Command
 from pipeline.errors import UserError
@@ -18,13 +19,14 @@ from workers import wham
 from workers.toygame import SIZE
 from workers.toygame.evaluate import HORIZONS, evaluate
 
-DEFAULT_MODEL = "models/demo"
+#: The demo model in the project folder, found from whatever folder the command runs in.
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"native model folder trained on the toy game "
-                        f"(default {DEFAULT_MODEL})")
+                        help="native model folder trained on the toy game (default: the "
+                        "project's models/demo)")
     parser.add_argument("--clips", type=int, default=32, help="held-out clips (default 32)")
     parser.add_argument("--context", type=int, default=5,
                         help="context steps given to the model, 1..9 (default 5)")

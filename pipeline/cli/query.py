@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import layout
 from pipeline.cli.command import Command
 from pipeline.errors import UserError
 from pipeline.query import query
+from pipeline.storage import open_storage
 
 FORMATS = ("table", "csv", "json", "parquet")
 #: Rows the text table shows when no --limit is given.
@@ -88,6 +90,18 @@ def _encode(table: Any, fmt: str) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _check_run_exists(args: argparse.Namespace) -> None:
+    """UserError when --run-id names no run under the root (an empty answer would hide a
+    typo); listed only after a query came back empty."""
+    storage = open_storage(args.root, endpoint_url=args.endpoint_url, region=args.region)
+    runs = sorted({parsed[1] for key in storage.list_keys(f"{layout.RUNS_DIR}/")
+                   if (parsed := layout.parse_run_key(key)) is not None})
+    if args.run_id not in runs:
+        listed = ", ".join(runs[-10:]) if runs else "none"
+        raise UserError(f"--run-id {args.run_id}: no such run under {args.root} (runs there: "
+                        f"{listed}; `wham-batch runs {args.root}` lists them)")
+
+
 def run_query(args: argparse.Namespace) -> int:
     if args.format == "parquet" and not args.out:
         raise UserError("--format parquet writes binary data: pass --out FILE")
@@ -106,6 +120,8 @@ def run_query(args: argparse.Namespace) -> int:
         region=args.region,
         committed_only=args.committed_only,
     )
+    if table.num_rows == 0 and args.run_id:
+        _check_run_exists(args)
     if args.format == "table":
         more = args.limit is None and table.num_rows > TABLE_DEFAULT_ROWS
         data = format_table(

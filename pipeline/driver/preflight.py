@@ -7,7 +7,9 @@ UserError naming the field or resource (docs/reliability.md).
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,12 @@ from pipeline.sources import SeedRef
 from pipeline.spec import JobSpec
 from pipeline.storage import Storage, open_storage
 from workers import wham
+
+#: Seconds to wait for a named cluster's address to answer (`wham-batch run --connect-timeout`).
+CONNECT_TIMEOUT_S = 30.0
+GCS_PORT = 6379
+RAY_CLIENT_PORT = 10001
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @dataclass(slots=True)
@@ -81,14 +89,99 @@ def check_cluster(spec: JobSpec) -> None:
                 f"resources.{kind.lower()}s_per_actor")
 
 
-def connect_ray() -> bool:
-    """Connect to RAY_ADDRESS when set, else start a private local instance. True if started."""
+@dataclass(frozen=True, slots=True)
+class RayConnection:
+    """How a run reached Ray: a private local instance it started, or a cluster it joined."""
+
+    started: bool  # True: this process started a private instance and shuts it down
+    address: str | None  # the cluster's address; None for a private instance
+    reused: bool = False  # Ray was already initialised in this process (tests, notebooks)
+    source: str = ""  # where the address came from: --address or RAY_ADDRESS
+
+    def describe(self) -> str:
+        import ray
+
+        res = ray.cluster_resources()
+        size = f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+        if self.reused:
+            return f"using the Ray instance this process already has ({size})"
+        if self.started:
+            return f"started a private local Ray instance ({size})"
+        return f"joined the Ray cluster at {self.address} ({self.source}), {size}"
+
+
+def cluster_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster a run joins and where that came from: `--address`, else RAY_ADDRESS,
+    else (None, "") for a private local instance."""
+    if address:
+        return address.strip(), "--address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    return (env, "RAY_ADDRESS") if env else (None, "")
+
+
+def _host_port(target: str) -> tuple[str, int]:
+    """(host, port) of a GCS address (HOST[:6379]) or a Ray Client one (ray://HOST[:10001])."""
+    client = target.startswith("ray://")
+    rest = target.removeprefix("ray://").rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        host, port = rest, str(RAY_CLIENT_PORT if client else GCS_PORT)
+    return host.strip("[]"), int(port)
+
+
+def _probe(target: str, source: str, timeout_s: float) -> None:
+    """UserError unless a TCP connection to the cluster's address opens within timeout_s:
+    Ray's own connect retries for many minutes against an address that does not answer."""
+    host, port = _host_port(target)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        why = (f"no answer within {timeout_s:g}s" if isinstance(exc, TimeoutError)
+               else (exc.strerror or str(exc)).lower())
+    raise UserError(
+        f"cannot reach the Ray cluster at {target} ({source}): {why}; "
+        f"check the address (HEAD:{GCS_PORT} or ray://HEAD:{RAY_CLIENT_PORT}) and that the "
+        "cluster is up, or unset it to run on a private local Ray instance")
+
+
+def connect_ray(address: str | None = None, *,
+                timeout_s: float = CONNECT_TIMEOUT_S) -> RayConnection:
+    """Join the cluster named by `address` or RAY_ADDRESS, else start a private local
+    instance (never an unnamed cluster that happens to run on this machine).
+
+    An address that does not answer fails within `timeout_s` with a UserError, as does a
+    dashboard URL (http://HEAD:8265 is for `wham-batch submit`). Ray's own INFO lines and
+    its token-auth notice are kept off the terminal.
+    """
     import ray
 
     if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
-    return True
+        return RayConnection(started=False, address=None, reused=True)
+    target, source = cluster_address(address)
+    if target is None or target == "local":
+        # Ray turns token auth on for a new local instance (good) and warns each time that
+        # it did (noise on every run): keep its secure default, drop the notice.
+        logging.getLogger(_RAY_AUTH_LOGGER).setLevel(logging.ERROR)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
+                 logging_level=logging.WARNING)
+        return RayConnection(started=True, address=None)
+    if target.split("://", 1)[0] in ("http", "https"):
+        raise UserError(
+            f"{source} {target} is a Ray dashboard (Jobs API) address: `wham-batch run` "
+            f"joins a cluster by its GCS address (HEAD:{GCS_PORT}) or Ray Client address "
+            f"(ray://HEAD:{RAY_CLIENT_PORT}); to run the job on the cluster itself use "
+            f"`wham-batch submit CONFIG --address {target}`")
+    if target != "auto":
+        _probe(target, source, timeout_s)
+        # One connection attempt instead of Ray's default twenty once the port answers.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
+    from ray.exceptions import RayError
+
+    try:
+        ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot connect to the Ray cluster at {target} ({source}): {first}"
+                        ) from None
+    return RayConnection(started=False, address=target, source=source)

@@ -21,6 +21,7 @@ from pipeline.driver.progress import Totals
 from pipeline.plan import WorkUnit, plan_fingerprint
 from pipeline.spec import JobSpec
 from pipeline.storage import Storage, open_storage
+from pipeline.versions import software_versions
 
 MARKER_READERS = 16  # parallel reads of commit markers
 OUTPUT_FOLDERS = (layout.STEPS_TABLE, layout.ROLLOUTS_TABLE, layout.FRAMES_DIR,
@@ -53,7 +54,11 @@ def run_fingerprint(spec: JobSpec, units: Sequence[WorkUnit]) -> str:
 
 
 def manifest_bytes(spec: JobSpec, *, status: str, fingerprint: str, totals: Totals,
-                   model: dict[str, Any], started_at: float, wall: float) -> bytes:
+                   model: dict[str, Any], started_at: float, wall: float,
+                   attempt: dict[str, int] | None = None) -> bytes:
+    """The run manifest: `counts` over every attempt, `attempt` what this one added (its
+    wall time and frames per second are this attempt's), and the software that ran it."""
+    attempt = attempt or {"frames": totals.frames}
     body = {
         "schema_version": layout.SCHEMA_VERSION,
         "status": status,
@@ -62,9 +67,11 @@ def manifest_bytes(spec: JobSpec, *, status: str, fingerprint: str, totals: Tota
         "plan_fingerprint": fingerprint,
         "model": model,
         "counts": asdict(totals),
+        "attempt": attempt,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "wall_seconds": round(wall, 3),
-        "frames_per_second": round(totals.frames / wall, 3) if wall > 0 else 0.0,
+        "frames_per_second": round(attempt["frames"] / wall, 3) if wall > 0 else 0.0,
+        "software": software_versions(),
         "spec": spec.public_dict(),
     }
     return json.dumps(body, indent=2).encode()
@@ -132,11 +139,19 @@ def read_runs(storage: Storage) -> list[dict[str, Any]]:
     return [runs[k] for k in sorted(runs)]
 
 
+def _run_status(success: bool, manifest: dict[str, Any]) -> str:
+    """complete (_SUCCESS), failed (every unit committed, failure budget exceeded: the
+    manifest says so) or partial; the same rule as the driver's exit status."""
+    if success:
+        return "complete"
+    return "failed" if manifest.get("status") == "failed" else "partial"
+
+
 @dataclass
 class RunInfo:
     run_date: str
     run_id: str
-    status: str  # complete | partial
+    status: str  # complete | failed (too many failed rollouts) | partial
     units_committed: int
     units_planned: int | None
     rollouts_ok: int
@@ -151,8 +166,9 @@ def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None 
               run_date: str | None = None) -> list[RunInfo]:
     """Every run under `root`'s `_runs/` (optionally of one date), oldest first.
 
-    A run is complete when `_SUCCESS` exists; its counts come from the manifest. A partial
-    run's counts are summed from its commit markers (its manifest may predate them).
+    A run is complete when `_SUCCESS` exists; its counts come from the manifest. One whose
+    units are all committed but whose failed rollouts exceed its budget is failed; any other
+    is partial. Their counts are summed from the commit markers (a manifest may predate them).
     """
     wanted = layout.run_date_str(run_date) if run_date is not None else None
     storage = open_storage(root, endpoint_url=endpoint_url, region=region)
@@ -172,7 +188,7 @@ def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None 
             ok, failed, frames = sums.ok, sums.failed, sums.frames
         planned = counts.get("units_total")
         out.append(RunInfo(
-            run_date=date, run_id=run_id, status="complete" if complete else "partial",
+            run_date=date, run_id=run_id, status=_run_status(complete, manifest),
             units_committed=int(run["units_committed"]),
             units_planned=int(planned) if planned is not None else None,
             rollouts_ok=ok, rollouts_failed=failed, frames=frames,

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.driver.progress import Progress
 from pipeline.errors import UserError
+from pipeline.logs import LOG_LEVEL_ENV
 from pipeline.metrics import Metrics
 from pipeline.plan import UnitReceipt, WorkUnit
 from pipeline.spec import JobSpec
@@ -35,6 +36,16 @@ def actor_name(run_id: str, index: int) -> str:
     """Ray name of a run's actor: tools (and tests) find a run's actors by it, and a second
     driver for the same run id in the same namespace fails to create them."""
     return f"wham-batch:{run_id}:actor-{index:03d}"
+
+
+def describe_actor(info: dict[str, Any]) -> str:
+    """A ready actor's facts as one readable phrase (not a dict)."""
+    sha = str(info.get("sha256") or "")[:12]
+    model = f"model {info.get('model_id', '?')}" + (f" ({sha})" if sha else "")
+    where = " ".join(str(info[k]) for k in ("device", "dtype") if info.get(k))
+    parts = [model, f"batch {info['batch_size']}" if "batch_size" in info else "", where,
+             f"pid {info['pid']}" if "pid" in info else ""]
+    return ", ".join(p for p in parts if p)
 
 
 @dataclass
@@ -55,19 +66,24 @@ class Scheduler:
     model facts the actors reported (model_id, sha256, batch_size, device, dtype)."""
 
     def __init__(self, spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type,
-                 prog: Progress, script: Any = None) -> None:
+                 prog: Progress, script: Any = None, log_level: str | None = None) -> None:
         self.spec = spec
         self.prog = prog
         self.queue: deque[tuple[WorkUnit, int]] = deque((u, 1) for u in todo)
         self.model_info: dict[str, Any] = {}
         self.metrics = Metrics(spec.run.run_id)
         self.slots = self._start_actors(actor_cls, count=min(spec.resources.actors, len(todo)),
-                                        script=script)
+                                        script=script, log_level=log_level)
+        prog.start(actors=len(self.slots))
 
-    def _start_actors(self, actor_cls: type, *, count: int, script: Any) -> list[_Slot]:
+    def _start_actors(self, actor_cls: type, *, count: int, script: Any,
+                      log_level: str | None) -> list[_Slot]:
         import ray
 
         r = self.spec.resources
+        # Actors read their log level from the environment (pipeline.logs); Ray merges these
+        # variables into the job's own.
+        env = {"runtime_env": {"env_vars": {LOG_LEVEL_ENV: log_level}}} if log_level else {}
         remote_cls = ray.remote(
             num_gpus=r.gpus_per_actor, num_cpus=r.cpus_per_actor, max_restarts=r.max_restarts,
             max_task_retries=0, max_concurrency=2,
@@ -75,7 +91,7 @@ class Scheduler:
         slots = []
         for i in range(count):
             name = f"actor-{i:03d}"
-            handle = remote_cls.options(name=actor_name(self.spec.run.run_id, i)).remote(
+            handle = remote_cls.options(name=actor_name(self.spec.run.run_id, i), **env).remote(
                 self.spec, worker=name, script=script)
             slots.append(_Slot(name=name, handle=handle, probe=handle.ready.remote()))
         return slots
@@ -92,6 +108,7 @@ class Scheduler:
                 self._submit(live)
                 self._collect(live)
                 self._check_timeouts()
+                self.prog.tick()
         finally:
             self.shutdown()
         return self.model_info
@@ -139,6 +156,8 @@ class Scheduler:
         except Exception as exc:  # the unit raised inside a live actor
             self.lose(unit, attempt, f"{type(exc).__name__}: {str(exc)[-300:]}")
             return
+        for error in receipt.errors:  # seeds that could not be read, batches that raised
+            log.warning("unit %s: rollouts failed: %s", unit.unit_id, error)
         self.prog.unit_done(receipt)
         self.metrics.record_receipt(receipt)
         self.metrics.record_unit_committed()
@@ -163,8 +182,8 @@ class Scheduler:
         for key in MODEL_FACTS:
             if key in info:
                 self.model_info.setdefault(key, info[key])
-        log.info("%s ready: %s", slot.name, info)
-        self.prog.emit("actor_ready", detail=slot.name)
+        log.info("%s ready: %s", slot.name, describe_actor(info))
+        self.prog.actor_ready(slot.name)
 
     # ---------------------------------------------------------------- failures
 

@@ -1,11 +1,15 @@
 """Reading a job YAML into a JobSpec: `--set` overrides and errors that name every bad field.
 
-`load_spec` reads the YAML, applies `--set a.b=c` overrides and turns every problem into one
-`UserError` that lists each bad field by its dotted path; callers never see a traceback.
+`load_spec` reads the YAML, makes its relative paths relative to the YAML's folder
+(`pipeline.spec.paths`), applies `--set a.b=c` overrides (relative paths there: from the
+current folder) and turns every problem into one `UserError` that lists each bad field by
+its dotted path, with a close key name for a misspelt one; callers never see a traceback.
+`spec_schema` is the JSON Schema of a job YAML (`wham-batch validate --schema`).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -14,23 +18,40 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import UserError
+from pipeline.spec.paths import resolve_paths
 from pipeline.spec.sections import JobSpec
 
 
-def _field_path(loc: Iterable[Any], err_type: str) -> str:
-    """Dotted YAML path of a pydantic error location, without union-member tags."""
+def _field_path(loc: Iterable[Any], err_type: str) -> tuple[str, type[BaseModel] | None]:
+    """Dotted YAML path of a pydantic error location, without union-member tags, and the
+    section model the last key was looked up in."""
     loc = list(loc)
     model: type[BaseModel] | None = JobSpec
+    parent: type[BaseModel] | None = None
     out: list[str] = []
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out[-1:] = [f"{out[-1]}[{part}]"] if out else [f"[{part}]"]
         elif model is not None and part in model.model_fields:
             out.append(part)
-            model = _submodel(model.model_fields[part].annotation)
+            parent, model = model, _submodel(model.model_fields[part].annotation)
         elif err_type == "extra_forbidden" and i == len(loc) - 1:
             out.append(str(part))
-    return ".".join(out) or "(top level)"
+            parent = model
+    return ".".join(out) or "(top level)", parent
+
+
+def _close_key(key: str, section: type[BaseModel] | None, path: str) -> str:
+    """` (did you mean ...?)` for a misspelt key: a close name in its own section, else the
+    same name in another section."""
+    if section is not None:
+        close = difflib.get_close_matches(key, list(section.model_fields), n=1, cutoff=0.6)
+        if close:
+            prefix = path.rpartition(".")[0]
+            return f"; did you mean `{prefix + '.' if prefix else ''}{close[0]}`?"
+    elsewhere = [f"{name}.{key}" for name, field in JobSpec.model_fields.items()
+                 if (sub := _submodel(field.annotation)) is not None and key in sub.model_fields]
+    return f"; did you mean `{elsewhere[0]}`?" if elsewhere else ""
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
@@ -48,9 +69,11 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     """One line per bad field: `path: message`; alternatives of a union are merged."""
     by_path: dict[str, list[str]] = {}
     for err in exc.errors():
-        path = _field_path(err["loc"], err["type"])
+        path, section = _field_path(err["loc"], err["type"])
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `wham-batch validate` for the schema)"
+            key = str(err["loc"][-1])
+            msg = ("unknown key" + (_close_key(key, section, path) or
+                                    " (see `wham-batch validate --schema` for every key)"))
         else:
             msg = err["msg"].removeprefix("Value error, ")
         if msg not in by_path.setdefault(path, []):
@@ -100,8 +123,21 @@ def spec_from_data(data: Any, *, source: str = "job spec") -> JobSpec:
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
-    """Read a job YAML, apply `--set` overrides and validate it (UserError on any problem)."""
+    """Read a job YAML, apply `--set` overrides and validate it (UserError on any problem).
+
+    Relative paths in the YAML are taken from the YAML's folder, those in overrides from the
+    current folder; the spec holds them as absolute paths.
+    """
     path = Path(path)
+    data = read_spec_data(path)
+    if isinstance(data, dict):
+        resolve_paths(data, path.parent)
+        data = resolve_paths(apply_overrides(data, overrides), Path.cwd())
+    return spec_from_data(data, source=str(path))
+
+
+def read_spec_data(path: Path) -> Any:
+    """The YAML document of a job spec as plain data ({} for an empty file), paths as written."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -115,11 +151,15 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise UserError(f"{path}: YAML syntax error{where}: {problem}") from None
-    data = {} if data is None else data
-    if isinstance(data, dict):
-        data = apply_overrides(data, overrides)
-    return spec_from_data(data, source=str(path))
+    return {} if data is None else data
 
 
 def dump_spec(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def spec_schema() -> dict[str, Any]:
+    """The JSON Schema of a job YAML, with every field's description and default."""
+    schema = JobSpec.model_json_schema()
+    schema["title"] = "wham-batch job spec"
+    return schema

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 # (connect, read) seconds for each call to the dashboard; Ray's client has no default.
 REQUEST_TIMEOUT_S = (10.0, 120.0)
+GCS_PORT = 6379
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 DEFAULT_POLL_S = 2.0
 
 
@@ -71,13 +73,21 @@ def _client_class() -> type[JobSubmissionClient]:
 
 
 def resolve_address(address: str | None) -> str:
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    if not address:
+    """The dashboard URL (http[s]://HEAD:PORT) from --address, RAY_API_SERVER_ADDRESS or
+    RAY_ADDRESS; HOST:PORT gets http://. Anything else is a UserError, before any wait."""
+    given = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not given:
         raise UserError("no cluster address: pass --address http://HEAD:8265 "
                         "(the Ray dashboard) or set RAY_ADDRESS")
-    if "://" not in address:
-        address = f"http://{address}"
-    return address.rstrip("/")
+    url = given.strip() if "://" in given else f"http://{given.strip()}"
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.partition("/")[0].rpartition(":")
+    if scheme not in ("http", "https") or not rest or port == str(GCS_PORT):
+        raise UserError(
+            f"{given} is not a Ray dashboard address: the Jobs API is the dashboard's "
+            "http://HEAD:8265 (a GCS address HEAD:6379 or ray://HEAD:10001 is what "
+            "`wham-batch run --address` takes)")
+    return url.rstrip("/")
 
 
 class ClusterUnreachable(UserError):
@@ -104,12 +114,33 @@ def cluster_errors(address: str) -> Iterator[None]:
             "(http://HEAD:8265) and that the cluster is up") from None
 
 
+@contextmanager
+def _dashboard_url_only(url: str) -> Iterator[None]:
+    """Ray's client reads RAY_API_SERVER_ADDRESS / RAY_ADDRESS over the address it is given,
+    and for a GCS address looks the dashboard up through the GCS (a 40 s wait when nothing
+    answers). Pin the resolved URL for the client's construction."""
+    saved = os.environ.get(_API_SERVER_ENV)
+    os.environ[_API_SERVER_ENV] = url
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_API_SERVER_ENV, None)
+        else:
+            os.environ[_API_SERVER_ENV] = saved
+
+
 def connect(address: str | None) -> JobSubmissionClient:
     """A Jobs API client for `address` (with the auth token when token auth is on)."""
     address = resolve_address(address)
     headers = auth_headers()
-    with cluster_errors(address):
-        return _client_class()(address, headers=headers or None)
+    with cluster_errors(address), _dashboard_url_only(address):
+        try:
+            return _client_class()(address, headers=headers or None)
+        except RuntimeError as exc:  # answered, but not as a Ray 2 dashboard
+            raise UserError(f"{address} did not answer as a Ray dashboard ("
+                            f"{str(exc).splitlines()[0][:200]}); check --address "
+                            "(http://HEAD:8265)") from None
 
 
 def submit(client: JobSubmissionClient, submission: Submission, *,

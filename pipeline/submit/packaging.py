@@ -31,6 +31,9 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.spec import JobSpec, load_spec
+from pipeline.spec.paths import get_field
+from pipeline.submit.paths import cluster_overrides
+from pipeline.versions import GIT_COMMIT_ENV, PROJECT_DIR, git_commit
 
 ENTRY_MODULE = "jobs.run"
 # Package folders shipped as py_modules when the config lives outside the project folder.
@@ -73,6 +76,7 @@ class Submission:
     runtime_env: dict[str, Any]
     metadata: dict[str, str]
     run_id: str
+    output_root: str  # where the job writes, as this machine names it (s3:// or absolute)
     # Temporary folders to delete once the upload is done.
     cleanup: list[Path] = field(default_factory=list)
 
@@ -169,6 +173,7 @@ class _Code:
     runtime_env: dict[str, Any]
     config_arg: str
     cleanup: list[Path] = field(default_factory=list)
+    upload_root: Path | None = None  # the project folder uploaded as the working folder
 
 
 def _config_only(config: Path, working_dir: str | os.PathLike | None) -> _Code:
@@ -210,7 +215,8 @@ def _with_project(config: Path, working_dir: str | os.PathLike | None) -> _Code:
             f"{config_arg} is git-ignored or in an excluded folder, so it would not be "
             "uploaded with the project; move it, or submit a copy kept outside the project "
             "folder (it is then shipped on its own)")
-    return _Code({"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}, config_arg)
+    return _Code({"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}, config_arg,
+                 upload_root=root)
 
 
 def build_submission(
@@ -220,18 +226,35 @@ def build_submission(
     working_dir: str | os.PathLike | None = None,
     image_has_package: bool = False,
     env: Iterable[str] = (),
+    absolute_paths: bool = False,
 ) -> Submission:
-    """Validate the config and assemble the entrypoint and runtime_env for it."""
+    """Validate the config and assemble the entrypoint and runtime_env for it.
+
+    Relative paths that would not work on the cluster are refused (`pipeline.submit.paths`),
+    or sent as this machine's absolute paths with `absolute_paths`.
+    """
     config = Path(config)
     overrides = list(overrides)
     _refuse_credentials(overrides)
     spec = validate_config(config, overrides)
-    # Pin the run date resolved here so the run id printed now is the one the job writes,
-    # even if the job starts after midnight UTC.
-    overrides = [*overrides, f"run.run_date={spec.run.run_date.isoformat()}"]
     env_vars = job_env_vars(env)
     code = (_config_only(config, working_dir) if image_has_package
             else _with_project(config, working_dir))
+    try:
+        root = code.upload_root
+        paths = cluster_overrides(
+            config, overrides, spec, upload_root=root, absolute_paths=absolute_paths,
+            uploaded=lambda rel: root is not None and not _upload_skips(root, rel))
+    except UserError:
+        for folder in code.cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # Pin the run date resolved here so the run id printed now is the one the job writes,
+    # even if the job starts after midnight UTC.
+    overrides = [*overrides, *paths, f"run.run_date={spec.run.run_date.isoformat()}"]
+    if code.upload_root == PROJECT_DIR and (commit := git_commit()):
+        # The uploaded copy has no .git: tell the job's manifest which code it runs.
+        env_vars[GIT_COMMIT_ENV] = commit["commit"] + ("+dirty" if commit["dirty"] else "")
     if env_vars:
         code.runtime_env["env_vars"] = env_vars
     args = ["python", "-m", ENTRY_MODULE, code.config_arg]
@@ -246,5 +269,6 @@ def build_submission(
             "wham_batch_run_date": spec.run.run_date.isoformat(),
         },
         run_id=spec.run.run_id,
+        output_root=get_field(load_spec(config, overrides).model_dump(), "output.root"),
         cleanup=code.cleanup,
     )

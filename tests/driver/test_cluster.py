@@ -66,28 +66,27 @@ def _head_env(tmp: Path, *, auth: str = "disabled", token: str | None = None) ->
 
 
 @contextlib.contextmanager
-def running_head(*, auth: str = "disabled", token: str | None = None
-                 ) -> Iterator[tuple[str, int]]:
+def running_head(*, auth: str = "disabled", token: str | None = None) -> Iterator[dict]:
     """A head in its own short temp dir (Ray's socket paths must stay under 108 bytes);
-    yields (dashboard URL, metrics port) once the Jobs API answers, stops it afterwards."""
+    yields {address (dashboard URL), metrics_port, gcs_port, tmp} once the Jobs API
+    answers, stops it afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="wray-"))
     try:
-        proc, url, metrics = _start_head(tmp, auth=auth, token=token)
+        proc, head = _start_head(tmp, auth=auth, token=token)
         try:
-            yield url, metrics
+            yield head
         finally:
             _stop_head(proc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _start_head(tmp: Path, *, auth: str, token: str | None
-                ) -> tuple[subprocess.Popen, str, int]:
-    dashboard, metrics = free_port(), free_port()
+def _start_head(tmp: Path, *, auth: str, token: str | None) -> tuple[subprocess.Popen, dict]:
+    dashboard, metrics, gcs = free_port(), free_port(), free_port()
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--num-cpus=2", "--num-gpus=0",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}", f"--port={free_port()}",
+        f"--dashboard-port={dashboard}", f"--port={gcs}",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
         f"--dashboard-agent-grpc-port={free_port()}",
@@ -112,13 +111,13 @@ def _start_head(tmp: Path, *, auth: str, token: str | None
             _stop_head(proc)
             raise RuntimeError(f"ray head did not start:\n{(tmp / 'head.log').read_text()[-3000:]}")
         time.sleep(0.3)
-    return proc, url, metrics
+    return proc, {"address": url, "metrics_port": metrics, "gcs_port": gcs, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
 def ray_head(s3_server: str) -> Iterator[dict]:
-    with running_head() as (url, metrics):
-        yield {"address": url, "metrics_port": metrics}
+    with running_head() as head:
+        yield head
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S
@@ -223,25 +222,38 @@ def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
         "Authorization": "Bearer t3"}
 
 
-def test_submission_layout_for_project_outside_and_image_configs(tmp_path: Path) -> None:
+def test_submission_layout_for_project_outside_and_image_configs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.errors import UserError
     from pipeline.submit import build_submission
 
-    inside = build_submission(ROOT / "configs" / "demo.yaml", overrides=["rollouts.steps=3"],
-                              working_dir=ROOT)
+    monkeypatch.chdir(ROOT / "configs")  # a --set path is relative to the current folder
+    inside = build_submission(ROOT / "configs" / "demo.yaml", working_dir=ROOT, overrides=[
+        "rollouts.steps=3", "output.root=s3://bucket/out", "seeds.source=seeds/demo"])
     assert inside.runtime_env["working_dir"] == str(ROOT)
     assert {".venv", ".git", "out"} <= set(inside.runtime_env["excludes"])
-    assert inside.entrypoint.startswith("python -m jobs.run configs/demo.yaml --set "
-                                        "rollouts.steps=3 --set run.run_date=")
+    # The uploaded seeds are re-sent relative to the project folder, where the job starts;
+    # the demo's checkpoint (relative to its YAML) needs nothing.
+    assert inside.entrypoint.startswith(
+        "python -m jobs.run configs/demo.yaml --set rollouts.steps=3 --set "
+        "output.root=s3://bucket/out --set seeds.source=seeds/demo --set "
+        "seeds.source=configs/seeds/demo --set run.run_date=")
+    assert "model.checkpoint" not in inside.entrypoint
+    assert inside.output_root == "s3://bucket/out"
     outside_cfg = tmp_path / "my job.yaml"
     shutil.copy(ROOT / "configs" / "demo.yaml", outside_cfg)
-    outside = build_submission(outside_cfg, working_dir=ROOT)
+    outside = build_submission(outside_cfg, working_dir=ROOT, absolute_paths=True)
     try:
         staged = Path(outside.runtime_env["working_dir"])
         assert sorted(p.name for p in staged.iterdir()) == ["my job.yaml"]
         assert outside.runtime_env["py_modules"] == [str(ROOT / n) for n in
                                                      ("pipeline", "workers", "jobs")]
         assert "'my job.yaml'" in outside.entrypoint
+        # Its relative paths meant files next to it here: they go as absolute paths.
+        for field, path in (("model.checkpoint", tmp_path.parent / "models" / "demo"),
+                            ("seeds.source", tmp_path / "seeds" / "toygame"),
+                            ("output.root", tmp_path.parent / "out" / "demo")):
+            assert f"--set {field}={path}" in outside.entrypoint.replace("'", "")
     finally:
         outside.remove_staging()
     assert not staged.exists()
@@ -254,9 +266,45 @@ def test_submission_layout_for_project_outside_and_image_configs(tmp_path: Path)
     shutil.copy(ROOT / "configs" / "demo.yaml", project / "out" / "job.yaml")
     with pytest.raises(UserError, match="would not be uploaded"):
         build_submission(project / "out" / "job.yaml", working_dir=project)
-    image = build_submission(ROOT / "configs" / "demo.yaml", image_has_package=True)
+    image = build_submission(ROOT / "configs" / "demo.yaml", image_has_package=True,
+                             absolute_paths=True)
     image.remove_staging()
     assert "py_modules" not in image.runtime_env and "excludes" not in image.runtime_env
+    assert f"--set model.checkpoint={ROOT / 'models' / 'demo'}" in image.entrypoint
+
+
+def test_relative_output_root_or_lost_input_is_refused_with_what_to_use(tmp_path: Path) -> None:
+    from pipeline.errors import UserError
+    from pipeline.submit import build_submission
+
+    with pytest.raises(UserError) as refused:  # the demo writes to ../out/demo
+        build_submission(ROOT / "configs" / "demo.yaml", working_dir=ROOT)
+    message = str(refused.value)
+    assert "output.root: '../out/demo' is a relative path" in message
+    assert "Ray's temporary copy of the upload" in message
+    assert "--set output.root=s3://bucket/prefix" in message and "--absolute-paths" in message
+    assert "model.checkpoint" not in message  # travels with the project folder
+    outside = tmp_path / "job.yaml"
+    shutil.copy(ROOT / "configs" / "demo.yaml", outside)
+    with pytest.raises(UserError) as refused:
+        build_submission(outside, working_dir=ROOT, overrides=["output.root=s3://b/p"])
+    message = str(refused.value)
+    assert "model.checkpoint: '../models/demo' is a relative path and it is not uploaded" \
+        in message
+    assert "seeds.source: 'seeds/toygame'" in message and "output.root" not in message
+
+
+def test_status_without_a_cluster_fails_fast_with_a_message() -> None:
+    # RAY_ADDRESS as `ray.init` users set it (a GCS HOST:PORT): Ray's job client would look
+    # the dashboard up through the GCS and wait ~40 s before a raw RpcError traceback.
+    start = time.monotonic()
+    closed = cli("status", env={"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
+    assert closed.returncode == 2 and "cannot reach the Ray dashboard" in closed.stderr
+    assert "Traceback" not in closed.stderr and time.monotonic() - start < 30
+    gcs = cli("status", env={"RAY_ADDRESS": "127.0.0.1:6379"})
+    assert gcs.returncode == 2 and "not a Ray dashboard address" in gcs.stderr
+    client = cli("logs", "raysubmit_x", "--address", "ray://127.0.0.1:10001")
+    assert client.returncode == 2 and "http://HEAD:8265" in client.stderr
 
 
 # ---------------------------------------------------------------- on the Ray head
@@ -329,11 +377,12 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
                                                tmp_path: Path) -> None:
     address = ray_head["address"]
     # A config outside the project travels alone; the package goes as py_modules.
-    config = tmp_path / "elsewhere.yaml"
-    text = (ROOT / "configs" / "demo.yaml").read_text()
-    for rel in ("configs/seeds/toygame", "models/demo"):  # the demo's project-relative paths
-        text = text.replace(rel, str(ROOT / rel))
-    config.write_text(text)
+    # Its inputs are named by absolute paths, which this head (on this machine) can read.
+    config = tmp_path / "configs" / "elsewhere.yaml"
+    config.parent.mkdir()
+    config.write_text((ROOT / "configs" / "demo.yaml").read_text().replace(
+        "../models/demo", str(ROOT / "models" / "demo")).replace(
+        "seeds/toygame", str(ROOT / "configs" / "seeds" / "toygame")))
     sets = [*SMALL_RUN, f"output.root={s3_bucket}", "run.run_id=outside"]
     result = cli("submit", str(config), "--address", address, "--follow", "--timeout", "150",
                  *_sets(sets))
@@ -345,11 +394,15 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
     # package (this head's environment plays the image), so its error names the field.
     failing = [*SMALL_RUN, f"output.root={s3_bucket}", f"seeds.source={tmp_path / 'none'}"]
     result = cli("submit", "configs/demo.yaml", "--address", address, "--wait",
-                 "--image-has-package", "--timeout", "120", *_sets(failing))
+                 "--image-has-package", "--absolute-paths", "--timeout", "120", *_sets(failing))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stdout and "seeds.source" in result.stderr
-    sent = _client(address).get_job_info(result.stdout.splitlines()[0].strip()).runtime_env
+    job_id = result.stdout.splitlines()[0].strip()
+    sent = _client(address).get_job_info(job_id).runtime_env
     assert "py_modules" not in sent and "excludes" not in sent
+    # `status` agrees with `submit --wait`: a FAILED job exits 1.
+    status = cli("status", job_id, "--address", address)
+    assert status.returncode == 1 and "FAILED" in status.stdout
 
 
 def test_stop_a_running_job_leaves_a_partial_run(
@@ -406,11 +459,81 @@ def test_wait_rides_out_an_unreachable_dashboard_until_its_deadline(ray_head: di
     assert 1.5 <= time.monotonic() - start < 15
 
 
+def _relative_job(folder: Path) -> Path:
+    """A job YAML whose seeds and output root are relative to it, with one broken seed."""
+    seeds = folder / "seeds"
+    seeds.mkdir(parents=True)
+    for i, picture in enumerate(sorted((ROOT / "configs" / "seeds" / "demo").glob("*.png"))[:2]):
+        shutil.copy(picture, seeds / f"s{i}.png")
+    (seeds / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    config = folder / "job.yaml"
+    config.write_text(
+        "run: {name: rel, run_id: \"rel-{date}\", max_failed_fraction: 0.5}\n"
+        "model: {preset: tiny, device: cpu}\n"
+        "seeds: {source: seeds}\n"
+        "rollouts: {steps: 2}\n"
+        "resources: {actors: 1, batch_size: 4}\n"
+        "output: {root: out, previews: false}\n")
+    return config
+
+
+def test_relative_root_on_a_head_is_refused_or_lands_where_the_user_looks(
+        ray_head: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    address = ray_head["address"]
+    config = _relative_job(tmp_path / "job")
+    before = len(_client(address).list_jobs())
+    refused = wb(capsys, "submit", str(config), "--address", address, "--wait")
+    assert refused.returncode == 2
+    assert "output.root: 'out' is a relative path" in refused.stderr
+    assert "s3://" in refused.stderr and "--absolute-paths" in refused.stderr
+    assert len(_client(address).list_jobs()) == before  # nothing was sent
+
+    result = cli("submit", str(config), "--address", address, "--wait", "--absolute-paths",
+                 "--timeout", "150")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "job" / "out"
+    assert f"outputs: {out}" in result.stdout
+    assert f"wham-batch query {out} --run-id rel-" in result.stdout
+    run_id = result.stdout.split("--run-id ", 1)[1].split()[0]
+    rows = wb(capsys, "query", str(out), "--run-id", run_id, "--table", "rollouts",
+              "--format", "json")
+    assert rows.returncode == 0, rows.stderr
+    statuses = sorted(json.loads(line)["status"] for line in rows.stdout.splitlines())
+    assert statuses == ["failed", "ok", "ok"]
+    runs = wb(capsys, "runs", str(out), "--json")
+    assert json.loads(runs.stdout)["status"] == "complete"
+    # Nothing went to Ray's copy of the upload, and the job's log names the bad seed.
+    assert not [p for p in Path(ray_head["tmp"]).rglob(f"run_id={run_id}")]
+    job_id = result.stdout.splitlines()[0].strip()
+    logs = wb(capsys, "logs", job_id, "--address", address)
+    assert "rollouts failed: seed zz_broken:" in logs.stdout
+
+
+def test_run_joins_only_the_cluster_it_is_given(ray_head: dict, tmp_path: Path) -> None:
+    config = _relative_job(tmp_path / "job")
+    (config.parent / "seeds" / "zz_broken.png").unlink()
+    small = _sets(["seeds.limit=1", "rollouts.steps=1"])
+    loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    joined = cli("run", str(config), "--address", f"127.0.0.1:{ray_head['gcs_port']}",
+                 *small, env=loopback)
+    assert joined.returncode == 0, joined.stderr
+    assert f"joined the Ray cluster at 127.0.0.1:{ray_head['gcs_port']} (--address)" \
+        in joined.stderr
+    # A plain run, even where Ray would find that head on its own (its RAY_TMPDIR), starts a
+    # private instance instead of joining whatever cluster happens to run.
+    private = cli("run", str(config), "--fresh", *small,
+                  env={**loopback, "RAY_TMPDIR": str(ray_head["tmp"])})
+    assert private.returncode == 0, private.stderr
+    assert "started a private local Ray instance" in private.stderr
+    assert "joined" not in private.stderr
+
+
 def test_token_authenticated_cluster(s3_server: str, tmp_path: Path) -> None:
     import secrets
 
     token = secrets.token_hex(16)
-    with running_head(auth="token", token=token) as (address, _):
+    with running_head(auth="token", token=token) as head:
+        address = head["address"]
         refused = cli("status", "--address", address)
         assert refused.returncode == 2
         assert "RAY_AUTH_MODE=token" in refused.stderr and token not in refused.stderr

@@ -127,7 +127,7 @@ def test_engine_failure_becomes_failed_rows_and_actor_goes_on(tmp_path: Path) ->
     (unit,) = plan(spec)
     receipt = actor.run_unit(unit)
     assert (receipt.ok, receipt.failed) == (4, 2)
-    assert receipt.errors == ["RuntimeError: device fell over"]
+    assert receipt.errors == ["seed scene_01: RuntimeError: device fell over"]
     # the same actor keeps working
     again = actor.run_unit(unit)
     actor.close()
