@@ -36,21 +36,30 @@ class Prepared:
     script: Any = None  # np.ndarray (N,16) for rollouts.actions.kind == "file"
 
 
-def check_model_source(spec: JobSpec) -> None:
-    src = spec.model.checkpoint
-    if src is None:
-        if spec.model.preset not in wham.PRESETS:
-            raise UserError(f"model.preset: unknown preset {spec.model.preset!r}; "
-                            f"choose one of {', '.join(wham.PRESETS)}")
-        return
+def check_checkpoint(src: str, *, endpoint_url: str | None, region: str | None,
+                     field: str = "model.checkpoint") -> None:
+    """UserError naming `field` when the checkpoint (local or s3://) is not there."""
     if src.startswith("s3://"):
         parent, _, name = src.rstrip("/").rpartition("/")
-        store = open_storage(parent, endpoint_url=spec.model.endpoint_url,
-                             region=spec.model.region)
+        store = open_storage(parent, endpoint_url=endpoint_url, region=region)
         if not (store.exists(name) or store.exists(f"{name}/config.json")):
-            raise UserError(f"model.checkpoint: {src} not found (no such object or folder)")
+            raise UserError(f"{field}: {src} not found (no such object or folder)")
     elif not os.path.exists(src):
-        raise UserError(f"model.checkpoint: {src} does not exist")
+        raise UserError(f"{field}: {src} does not exist")
+
+
+def check_preset(name: str, *, field: str = "model.preset") -> None:
+    if name not in wham.PRESETS:
+        raise UserError(f"{field}: unknown preset {name!r}; choose one of "
+                        f"{', '.join(wham.PRESETS)}")
+
+
+def check_model_source(spec: JobSpec) -> None:
+    m = spec.model
+    if m.checkpoint is None:
+        check_preset(m.preset)
+    else:
+        check_checkpoint(m.checkpoint, endpoint_url=m.endpoint_url, region=m.region)
 
 
 def preflight(spec: JobSpec) -> Prepared:
