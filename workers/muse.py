@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -96,6 +98,7 @@ class ScoreRequest:
     top_k: int | None = None
     top_p: float = DEFAULT_TOP_P
     seed: int | None = None
+    image_keys: list[str | None] = field(default_factory=list)  # image_key of decoded images
 
     @property
     def sampling_key(self) -> tuple[float, int | None, float]:
@@ -230,8 +233,18 @@ def _parameters(value: Any) -> dict[str, Any]:
     return out
 
 
-def parse_request(body: bytes, *, shape: ModelShape) -> ScoreRequest:
-    """A request body -> ScoreRequest; ProtocolError naming the field for anything bad."""
+def image_key(data: str) -> str:
+    """A short digest of an entry's image text: the same text decodes to the same frame."""
+    return hashlib.blake2b(data.encode("ascii", "replace"), digest_size=16).hexdigest()
+
+
+def parse_request(body: bytes, *, shape: ModelShape,
+                  known: Callable[[str], np.ndarray | None] | None = None) -> ScoreRequest:
+    """A request body -> ScoreRequest; ProtocolError naming the field for anything bad.
+
+    `known(image_key)` may return the tokens of an image seen before (iterative clients
+    send their seed frames again with every step): such an image is not decoded again.
+    """
     if len(body) > MAX_BODY_BYTES:
         raise ProtocolError("body", f"larger than {MAX_BODY_BYTES} bytes", status=413)
     data = _mapping(read_json(body), "body")
@@ -246,19 +259,25 @@ def parse_request(body: bytes, *, shape: ModelShape) -> ScoreRequest:
     first = len(context) - min(len(context), shape.window)  # keep the newest entries
     images: list[np.ndarray | None] = []
     tokens: list[np.ndarray | None] = []
+    keys: list[str | None] = []
     actions = []
     for i in range(first, len(context)):
-        field = f"input_data.context[{i}]"
-        entry = _mapping(context[i], field)
+        where = f"input_data.context[{i}]"
+        entry = _mapping(context[i], where)
         if "actions" not in entry:
-            raise ProtocolError(f"{field}.actions", "missing (16 numbers: 12 buttons, 4 sticks)")
-        actions.append(official_to_model(entry["actions"], field=f"{field}.actions"))
-        given = _entry_tokens(entry.get("tokens"), field=f"{field}.tokens", shape=shape)
+            raise ProtocolError(f"{where}.actions", "missing (16 numbers: 12 buttons, 4 sticks)")
+        actions.append(official_to_model(entry["actions"], field=f"{where}.actions"))
+        given = _entry_tokens(entry.get("tokens"), field=f"{where}.tokens", shape=shape)
+        image, key = entry.get("image"), None
+        if given is None and known is not None and isinstance(image, str):
+            key = image_key(image)
+            given = known(key)
         tokens.append(given)
+        keys.append(key if given is None else None)
         images.append(None if given is not None else
-                      decode_frame(entry.get("image"), field=f"{field}.image",
-                                   size=shape.image_size))
-    return ScoreRequest(images=images, tokens=tokens, actions=np.stack(actions), **params)
+                      decode_frame(image, field=f"{where}.image", size=shape.image_size))
+    return ScoreRequest(images=images, tokens=tokens, actions=np.stack(actions),
+                        image_keys=keys, **params)
 
 
 def build_response(result: ScoreResult, *, text: dict[str, str] | None = None,

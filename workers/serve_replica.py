@@ -3,7 +3,8 @@
 A plain class: tests call it directly with Starlette requests; the serving app
 (`pipeline.serve`) wraps it with `serve.deployment(...)`. Per request, on the replica's
 event loop: authenticate, admit (or answer 503), read a bounded body, parse it in a thread
-(`workers.muse`), then wait in Serve's batch queue (`serve.batch`). Each batch runs on a
+(`workers.muse`; images seen before are not decoded again, their tokens are remembered),
+then wait in Serve's batch queue (`serve.batch`). Each batch runs on a
 worker thread, one at a time, as one `RolloutEngine` call per group of requests that can
 share one: the same context length and the same sampling settings (a shared window and
 sampler need both). Every step is a full-generation step (frame and action).
@@ -23,8 +24,9 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,9 @@ from workers.replica import load_replica
 log = logging.getLogger("workers.serve")
 SCORE_PATHS = ("/", "/score")
 HEALTH_PATH = "/health"
+#: Image tokens remembered per replica, by image text: a Muse client resends its seed frames
+#: with every step, and each would otherwise be decoded and encoded again.
+TOKEN_CACHE_ENTRIES = 4096
 
 
 def key_digest(key: str) -> str:
@@ -65,6 +70,29 @@ class _Reply:
         from starlette.responses import JSONResponse
 
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+class _TokenCache:
+    """A bounded map image_key -> tokens (least recently used out first), thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, tokens: np.ndarray) -> None:
+        with self._lock:
+            self._items[key] = tokens
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
 
 
 class MuseReplica:
@@ -88,6 +116,7 @@ class MuseReplica:
         self.watermark = watermark
         self._key_sha256 = api_key_sha256
         self._pending = 0  # admitted and not yet answered
+        self._tokens = _TokenCache(TOKEN_CACHE_ENTRIES)
         self.metrics = ServeMetrics(self.model.model_id)
         self._text = {"Software": "wham-batch", "generator": "WHAM world model (wham-batch serve)",
                       "model_id": self.model.model_id}
@@ -136,7 +165,8 @@ class MuseReplica:
     async def _score(self, request: Any) -> _Reply:
         try:
             body = await _read_body(request, limit=self.max_body_bytes)
-            parsed = await asyncio.to_thread(parse_request, body, shape=self.shape)
+            parsed = await asyncio.to_thread(parse_request, body, shape=self.shape,
+                                             known=self._tokens.get)
         except ProtocolError as exc:
             return _Reply(exc.status, exc.body())
         if parsed.seed is None:
@@ -200,7 +230,10 @@ class MuseReplica:
             images = torch.from_numpy(np.stack([request.images[i] for i in missing]))[None]
             codes = self.model.encode_images(images)[0].cpu()  # [k, n]
             encoded = dict(zip(missing, codes, strict=True))
-        return torch.stack([encoded[i] if t is None else torch.from_numpy(t)
+            for i in missing:
+                if request.image_keys and request.image_keys[i] is not None:
+                    self._tokens.put(request.image_keys[i], encoded[i].numpy())
+        return torch.stack([encoded[i] if t is None else torch.as_tensor(t)
                             for i, t in enumerate(request.tokens)]).long()
 
 

@@ -59,7 +59,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--max-batch", type=int, metavar="B",
                        help="requests per engine call (default 16)")
     scale.add_argument("--batch-wait-ms", type=float, metavar="T",
-                       help="how long a batch waits to fill (default 10)")
+                       help="how long a batch waits to fill (default 50)")
     scale.add_argument("--max-queue", type=int, metavar="Q",
                        help="requests waiting beyond a full batch before 503 (default 64)")
     scale.add_argument("--retry-after-s", type=int, metavar="S", help="default 1")

@@ -103,7 +103,8 @@ def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None
         serve.run(app, name=config.name, route_prefix="/", blocking=False)
     except RuntimeError as exc:  # Serve reports a replica that would not start this way
         stop(config, started_ray=started)
-        raise UserError(f"the model replicas did not start: {str(exc).strip()[-800:]}") from None
+        raise UserError(f"the model replicas did not start ({str(exc).strip()[-500:]}); the "
+                        "replica's own error is in the log lines above") from None
     except BaseException:
         stop(config, started_ray=started)
         raise

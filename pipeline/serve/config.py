@@ -51,8 +51,10 @@ class ServeConfig(BaseModel):
                                     description="CPUs per replica (also torch's CPU threads).")
     max_batch: int = Field(default=16, ge=1, le=1024,
                            description="Most requests one engine call carries.")
-    batch_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0,
-                                 description="How long a batch waits to fill before it runs.")
+    batch_wait_ms: float = Field(
+        default=50.0, ge=0.0, le=10_000.0,
+        description="How long a batch waits to fill before it runs; iterative clients batch "
+        "better with more (docs/benchmarks.md, Serve).")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="Requests a replica lets "
                            "wait beyond max_batch; more are answered 503 with Retry-After.")
     retry_after_s: int = Field(default=1, ge=1, le=3600,

@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.muse import ServeProcess
+from support.muse import SERVER_KEY, ServeProcess
 
-SERVER_KEY = "test-serve-key-4f1c2a9b7e"
 #: Small limits the protocol tests reach on purpose: the body limit (413) and the queue (503).
 SERVER_ARGS = ["--checkpoint", "models/demo", "--device", "cpu", "--max-batch", "16",
                "--batch-wait-ms", "100", "--max-queue", "2", "--max-body-mb", "1"]

@@ -16,8 +16,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from serve.conftest import SERVER_KEY
-from support.muse import MuseStub, ServeProcess
+from support.muse import SERVER_KEY, MuseStub, ServeProcess
 
 from pipeline.driver import run_job
 from pipeline.layout import commit_key, success_key

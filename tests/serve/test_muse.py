@@ -19,6 +19,7 @@ from workers.muse import (
     build_response,
     context_entry,
     decode_frame,
+    image_key,
     model_to_official,
     official_to_model,
     parse_request,
@@ -175,3 +176,13 @@ def test_a_response_and_a_request_round_trip() -> None:
 def test_unusable_responses_are_protocol_errors(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         parse_response(body, size=(16, 24), tokens_per_image=6)
+
+
+def test_known_images_are_not_decoded_again() -> None:
+    entry = _entry()
+    key = image_key(entry["image"])
+    cached = np.arange(6)
+    req = parse_request(_body([entry, _entry(image=_png(16, 24, value=7))]), shape=SHAPE,
+                        known={key: cached}.get)
+    assert req.images[0] is None and req.tokens[0] is cached and req.image_keys[0] is None
+    assert req.images[1] is not None and req.image_keys[1] == image_key(_png(16, 24, value=7))

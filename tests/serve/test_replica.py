@@ -132,3 +132,16 @@ def test_an_answer_is_the_engines_step(replica: MuseReplica) -> None:
     result = replica.score_batch([request])[0].body["results"][0]
     assert result["tokens"] == out.image_tokens[0].tolist()
     assert result["actions"] == model_to_official(out.actions[0].numpy())
+
+
+def test_a_resent_image_answers_the_same_from_remembered_tokens(replica: MuseReplica) -> None:
+    """The second request's seed frame comes from the token cache, not the tokenizer."""
+    request = _score_request(replica, steps=2, seed=8)
+    body = request_body([context_entry(image=i, action=a, tokens=None)
+                         for i, a in zip(request.images, request.actions, strict=True)],
+                        parameters={"seed": 8})
+    first = parse_request(body, shape=replica.shape, known=replica._tokens.get)
+    answer = replica.score_batch([first])[0].body
+    again = parse_request(body, shape=replica.shape, known=replica._tokens.get)
+    assert again.images == [None, None] and all(t is not None for t in again.tokens)
+    assert replica.score_batch([again])[0].body == answer

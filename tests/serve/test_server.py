@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from serve.conftest import SERVER_KEY
-from support.muse import ServeProcess
+from support.muse import SERVER_KEY, ServeProcess
 
 from pipeline.cli import main as cli_main
 from workers.encode import encode_png

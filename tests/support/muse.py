@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 60.0
 FAULTS = ("429", "500", "garbage", "hang")
+#: The key of the tests' server (tests/serve/conftest.py `muse_server`).
+SERVER_KEY = "test-serve-key-4f1c2a9b7e"
 
 
 class ServeProcess:
