@@ -275,3 +275,14 @@ def test_a_full_queue_answers_503_with_retry_after(muse_server: ServeProcess) ->
 def test_health_route_needs_no_key(muse_server: ServeProcess) -> None:
     status, _, reply = post(muse_server.url, b"", key=None, path="/health", method="GET")
     assert status == 200 and reply["status"] == "ok" and reply["model_id"] == "toygame-demo"
+
+
+def test_the_key_reaches_neither_the_log_nor_rays_session_folder(
+        muse_server: ServeProcess) -> None:
+    """The replicas hold the key's digest; the key itself stays in the server's environment."""
+    status, _, _ = post(muse_server.url, _req(_entry()))  # at least one authorised request
+    assert status == 200
+    files = [p for p in muse_server.ray_tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name.endswith((".out", ".err", ".log")) for p in files)
+    leaks = [str(p) for p in files if SERVER_KEY.encode() in p.read_bytes()]
+    assert leaks == [] and SERVER_KEY not in muse_server.log()
