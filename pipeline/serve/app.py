@@ -14,11 +14,9 @@ queue (every request passes through it briefly while a replica is chosen) holds
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.driver.preflight import check_checkpoint, check_preset, connect_ray
@@ -57,12 +55,9 @@ def replica_options(config: ServeConfig) -> dict[str, Any]:
 
 
 def replica_kwargs(config: ServeConfig, *, api_key_sha256: str | None) -> dict[str, Any]:
-    """The replica's constructor arguments (the checkpoint as an absolute path: replicas
-    run in other working folders)."""
-    checkpoint = config.checkpoint
-    if checkpoint is not None and not checkpoint.startswith("s3://"):
-        checkpoint = str(Path(checkpoint).resolve())
-    return {"checkpoint": checkpoint, "preset": config.preset, "device": config.device,
+    """The replica's constructor arguments (`load_config` made a local checkpoint path
+    absolute: replicas run in other working folders)."""
+    return {"checkpoint": config.checkpoint, "preset": config.preset, "device": config.device,
             "dtype": config.dtype, "threads": max(1, int(config.cpus_per_replica)),
             "max_batch": config.max_batch, "batch_wait_s": config.batch_wait_ms / 1000,
             "max_queue": config.max_queue, "retry_after_s": config.retry_after_s,
@@ -92,9 +87,7 @@ def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None
                          region=config.region, field="checkpoint")
     else:
         check_preset(config.preset, field="preset")
-    if config.address:
-        os.environ["RAY_ADDRESS"] = config.address
-    started = connect_ray()
+    started = connect_ray(config.address).started
     try:
         check_resources(config)
         serve.start(http_options={"host": config.host, "port": config.port})

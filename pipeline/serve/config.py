@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.choices import DEVICES, DTYPES
 from pipeline.errors import UserError
+from pipeline.spec.paths import absolute, is_uri
 
 API_KEY_ENV = "WHAM_API_KEY"
 MAX_KEY_FILE_BYTES = 4096
@@ -112,6 +113,16 @@ def config_from_data(data: Any, *, source: str) -> ServeConfig:
         raise UserError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
+#: Settings that name local files: relative ones mean the YAML's folder (in a YAML) or the
+#: current folder (on the command line), as in a job spec (`pipeline.spec.paths`).
+PATH_SETTINGS = ("checkpoint", "api_key_file")
+
+
+def _absolute_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    return {k: absolute(v, base) if k in PATH_SETTINGS and isinstance(v, str) and v
+            and not is_uri(v) else v for k, v in data.items()}
+
+
 def load_config(path: str | None, overrides: dict[str, Any]) -> ServeConfig:
     """Settings from a YAML (optional) with command-line values on top."""
     data: dict[str, Any] = {}
@@ -124,8 +135,9 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> ServeConfig:
             raise UserError(f"{path}: not valid YAML ({type(exc).__name__})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"{path}: expected a mapping of settings (checkpoint, host, ...)")
-        data.update(loaded or {})
-    data.update({k: v for k, v in overrides.items() if v is not None})
+        data.update(_absolute_paths(loaded or {}, Path(path).parent))
+    data.update(_absolute_paths({k: v for k, v in overrides.items() if v is not None},
+                                Path.cwd()))
     return config_from_data(data, source=path or "serve settings")
 
 

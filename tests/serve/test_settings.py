@@ -27,7 +27,10 @@ def test_flags_override_the_yaml(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"checkpoint": "models/demo", "port": 9000, "max_batch": 8}))
     config = load_config(str(path), {"port": 9100, "host": None})
     assert (config.checkpoint, config.port, config.max_batch, config.host) == (
-        "models/demo", 9100, 8, "127.0.0.1")
+        str(tmp_path / "models" / "demo"), 9100, 8, "127.0.0.1")  # relative to the YAML
+    flagged = load_config(str(path), {"checkpoint": "m/x", "api_key_file": "s3://b/k"})
+    assert flagged.checkpoint == str(Path.cwd() / "m" / "x")  # relative to this folder
+    assert flagged.api_key_file == "s3://b/k"
 
 
 @pytest.mark.parametrize(("data", "message"), [
