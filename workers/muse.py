@@ -22,6 +22,9 @@ of the protocol live here, so the server (`workers.serve_replica`) and the endpo
 - keys this module does not know (in a context entry or in `parameters`) are ignored, as
   the official server does; everything it knows is checked, and a bad value raises
   `ProtocolError` naming the field (`input_data.context[2].actions`).
+
+It sits on the actor side, beside its only users: frames are decoded by `workers.inputs`
+(the seed loader's bounds) and encoded by `workers.encode` (the one watermark rule).
 """
 
 from __future__ import annotations
