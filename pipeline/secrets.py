@@ -5,6 +5,9 @@
 - `public_url(url)` is a URL without its user:password part, query and fragment (where
   tokens hide), keeping IPv6 literals bracketed; it is what a URL looks like whenever it is
   shown, logged, pickled or written into a manifest.
+
+A job may name another variable for its endpoint's key (`model.api_key_env`); the process
+that reads it registers the name with `add_secret_env`, so its value is masked too.
 """
 
 from __future__ import annotations
@@ -28,8 +31,17 @@ REDACTED = "***"
 _MIN_SECRET_LEN = 4
 
 
+_extra_secret_vars: set[str] = set()
+
+
+def add_secret_env(name: str) -> None:
+    """Mask the value of environment variable `name` in logs from now on (this process)."""
+    _extra_secret_vars.add(name)
+
+
 def _secret_values() -> list[str]:
-    values = (os.environ.get(name, "") for name in SECRET_ENV_VARS)
+    names = (*SECRET_ENV_VARS, *sorted(_extra_secret_vars))
+    values = (os.environ.get(name, "") for name in names)
     return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
 
 
@@ -69,3 +81,20 @@ def public_data(value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return public_url(value)
     return value
+
+
+def check_endpoint_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host and no user:password part; else ValueError
+    (keys belong in the environment, never in a URL that gets logged)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got "
+                         f"{public_url(url)!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("the URL carries credentials (user:password@); put the key in the "
+                         "environment variable model.api_key_env names instead")
+    return url

@@ -6,6 +6,11 @@ for its uploads and commit marker, unit k+1 already runs on the engine.
 
 A seed that cannot be loaded or a batch whose rollout raises becomes `failed` rollout rows
 with the error; the actor itself never dies of it.
+
+The model is a local replica (`model.checkpoint` / `model.preset`), or with `model.endpoint`
+an `EndpointBackend` that rolls out through a Muse-protocol endpoint: it carries the same
+model facts, and `_run_batch` hands it the batch instead of the engine. A rollout the
+endpoint could not finish fails alone; its row is marked retryable, so a rerun redoes it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pipeline.spec import JobSpec
 from pipeline.storage import open_storage
 from workers import wham
 from workers.encode import auto_preview_scale
+from workers.endpoint import EndpointBackend, EndpointError, RolloutJob
 from workers.inputs import load_seed, make_actions
 from workers.replica import batch_size_for, load_replica
 from workers.writer import OutputWriter
@@ -64,16 +70,24 @@ class RolloutActor:
         self.spec = spec
         self.worker = worker
         self.script = script
-        m = spec.model
-        self.model = load_replica(checkpoint=m.checkpoint, preset=m.preset, device=m.device,
-                                  dtype=m.dtype, seed=spec.run.seed,
-                                  threads=spec.resources.cpus_per_actor,
-                                  endpoint_url=m.endpoint_url, region=m.region)
-        self.batch_size = batch_size_for(self.model, spec.resources.batch_size)
-        self.engine = wham.RolloutEngine(self.model, max_batch=self.batch_size)
-        s = spec.rollouts.sampling
-        self.sampling = wham.SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                       greedy=s.greedy)
+        m, s = spec.model, spec.rollouts.sampling
+        self.sampling = wham.SamplingParams(temperature=s.temperature, top_k=s.top_k,
+                                            top_p=s.top_p, greedy=s.greedy)
+        self.engine = None
+        if m.endpoint is not None:
+            self.model = EndpointBackend(
+                url=m.endpoint, api_key_env=m.api_key_env, max_concurrency=m.max_concurrency,
+                timeout_s=m.timeout_s, max_attempts=m.max_attempts, backoff_s=m.backoff_s,
+                sampling={"temperature": s.temperature, "top_k": 1 if s.greedy else s.top_k,
+                          "top_p": s.top_p})
+            self.batch_size = m.max_concurrency
+        else:
+            self.model = load_replica(checkpoint=m.checkpoint, preset=m.preset, device=m.device,
+                                      dtype=m.dtype, seed=spec.run.seed,
+                                      threads=spec.resources.cpus_per_actor,
+                                      endpoint_url=m.endpoint_url, region=m.region)
+            self.batch_size = batch_size_for(self.model, spec.resources.batch_size)
+            self.engine = wham.RolloutEngine(self.model, max_batch=self.batch_size)
         o = spec.output
         preview_scale = (auto_preview_scale(*self.model.image_size)
                          if o.preview_scale == "auto" else o.preview_scale)
@@ -140,7 +154,7 @@ class RolloutActor:
                 started = _now()
                 t = time.perf_counter()
                 try:
-                    self._run_batch(unit, batch)
+                    lost = self._run_batch(unit, batch)
                 except Exception as exc:
                     log.exception("unit %s: batch failed", unit.unit_id)
                     failed += self._fail(unit, [r.item for r in batch], exc, started=started,
@@ -148,10 +162,14 @@ class RolloutActor:
                     continue
                 seconds = time.perf_counter() - t
                 for r in batch:
+                    if r.item.rollout_id in lost:
+                        failed += self._fail(unit, [r.item], lost[r.item.rollout_id],
+                                             started=started, errors=errors)
+                        continue
                     self.writer.finish_rollout(unit.unit_id, self._row(
                         r.item, status="ok", error=None, started=started,
                         context_steps=len(r.context_images), seconds=seconds))
-                ok += len(batch)
+                    ok += 1
         return ok, failed, errors
 
     def _prepare(self, items: list[RolloutItem]) -> list[_Ready]:
@@ -185,7 +203,11 @@ class RolloutActor:
                               actions=actions, observations=observations))
         return out
 
-    def _run_batch(self, unit: WorkUnit, batch: list[_Ready]) -> None:
+    def _run_batch(self, unit: WorkUnit, batch: list[_Ready]) -> dict[str, Exception]:
+        """Roll the batch out and hand every step to the writer; the rollouts that failed
+        on their own (endpoint only), by rollout id."""
+        if self.engine is None:
+            return self._run_endpoint_batch(unit, batch)
         ctx_images = np.stack([r.context_images for r in batch])  # (B,T,3,H,W)
         ctx_actions = np.stack([r.context_actions for r in batch])  # (B,T,16)
         mode = self.spec.rollouts.mode
@@ -209,6 +231,30 @@ class RolloutActor:
                     unit.unit_id, r.item.rollout_id, step=t_ctx + out.index, image=images[b],
                     action=step_actions[b], generated=True, action_source=out.action_source,
                     image_tokens=None if tokens is None else tokens[b])
+        return {}
+
+    def _run_endpoint_batch(self, unit: WorkUnit, batch: list[_Ready]) -> dict[str, Exception]:
+        jobs = [RolloutJob(context_images=r.context_images, context_actions=r.context_actions,
+                           actions=r.actions, rng_seed=r.item.rng_seed) for r in batch]
+        lost: dict[str, Exception] = {}
+        for b, outcome in self.model.rollouts(jobs, steps=self.spec.rollouts.steps,
+                                              mode=self.spec.rollouts.mode):
+            r = batch[b]
+            if isinstance(outcome, EndpointError):
+                lost[r.item.rollout_id] = outcome
+                continue
+            t_ctx = len(r.context_images)
+            for t in range(t_ctx):
+                self.writer.add_step(unit.unit_id, r.item.rollout_id, step=t,
+                                     image=r.context_images[t], action=r.context_actions[t],
+                                     generated=False, action_source="seed")
+            keep_tokens = self.spec.output.image_tokens
+            for k, step in enumerate(outcome):
+                self.writer.add_step(
+                    unit.unit_id, r.item.rollout_id, step=t_ctx + k, image=step.image,
+                    action=step.action, generated=True, action_source=step.source,
+                    image_tokens=step.tokens if keep_tokens else None)
+        return lost
 
     def _fail(self, unit: WorkUnit, items: list[RolloutItem], exc: BaseException, *,
               started: dt.datetime, errors: list[str]) -> int:
@@ -217,9 +263,11 @@ class RolloutActor:
         errors.append(f"seed {seeds[0]}: {message}" if len(seeds) == 1
                       else f"{len(items)} rollouts of seeds {', '.join(seeds)}: {message}")
         for item in items:
-            self.writer.finish_rollout(unit.unit_id, self._row(
-                item, status="failed", error=message, started=started, context_steps=0,
-                seconds=0.0))
+            row = self._row(item, status="failed", error=message, started=started,
+                            context_steps=0, seconds=0.0)
+            # Not a column: the commit marker counts these, and a rerun redoes their unit.
+            row["retryable"] = bool(getattr(exc, "retryable", False))
+            self.writer.finish_rollout(unit.unit_id, row)
         return len(items)
 
     def _row(self, item: RolloutItem, *, status: str, error: str | None, started: dt.datetime,
@@ -240,3 +288,5 @@ class RolloutActor:
 
     def close(self) -> None:
         self.writer.close()
+        if self.engine is None:
+            self.model.close()

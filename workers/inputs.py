@@ -70,7 +70,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _resize(frame_hwc: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_frame(frame_hwc: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 (h,w,3) -> uint8 (H,W,3) with Lanczos; unchanged when already that size."""
     height, width = size
     if frame_hwc.shape[:2] == (height, width):
@@ -79,16 +79,19 @@ def _resize(frame_hwc: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
-def _decode_image(data: bytes) -> np.ndarray:
-    """Image file bytes -> uint8 (H,W,3); raises for bombs, truncation, non-images."""
+def decode_image(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
+                 max_pixels: int | None = None) -> np.ndarray:
+    """Image file bytes -> uint8 (H,W,3); raises ValueError or OSError for bombs, truncation
+    and non-images. `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`) bounds the
+    picture before its pixels are decoded."""
     try:
         # Raster formats only: Pillow would hand EPS/PS seeds to Ghostscript if installed.
-        img = Image.open(io.BytesIO(data), formats=SEED_IMAGE_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:  # Pillow raises above 2x its limit
         raise ValueError(str(exc)) from None
     with img:
         # Pillow only warns between 1x and 2x its limit; here the limit itself is the bound.
-        limit = Image.MAX_IMAGE_PIXELS
+        limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
         if limit and img.width * img.height > limit:
             raise ValueError(
                 f"{img.width}x{img.height} pixels exceeds the decompression-bomb limit of "
@@ -154,7 +157,7 @@ def load_seed(
         raise SeedError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
     is_clip = ref.uri.lower().endswith(".npz")
     try:
-        frames, actions = _npz_arrays(data) if is_clip else (_decode_image(data)[None], None)
+        frames, actions = _npz_arrays(data) if is_clip else (decode_image(data)[None], None)
     except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
         # Pillow reports non-images and truncated files as OSError (UnidentifiedImageError).
         kind = "bad clip" if is_clip else "not a readable image"
@@ -162,7 +165,7 @@ def load_seed(
     source_size = (int(frames.shape[1]), int(frames.shape[2]))
     n_ctx = min(context_steps, len(frames))
     end = n_ctx + max(future_steps, 0)
-    chw = np.stack([_resize(f, image_size) for f in frames[:end]]).transpose(0, 3, 1, 2)
+    chw = np.stack([resize_frame(f, image_size) for f in frames[:end]]).transpose(0, 3, 1, 2)
     chw = np.ascontiguousarray(chw)  # (T,3,H,W)
     with_future = is_clip and future_steps > 0
     return SeedData(

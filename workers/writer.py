@@ -64,6 +64,7 @@ class UnitWriteResult:
     previews: int
     write_seconds: float  # time finish_unit spent waiting for uploads and writing parts
     committed: bool  # False if an earlier attempt had already written the marker
+    retryable: int = 0  # failed rollouts a rerun may complete (their row said `retryable`)
 
 
 @dataclass(slots=True)
@@ -358,6 +359,7 @@ class OutputWriter:
             "rollouts": len(unit.rollouts),
             "ok": ok,
             "failed": len(unit.rollouts) - ok,
+            "retryable": sum(bool(r.get("retryable")) for r in unit.rollouts.values()),
             "steps": steps.num_rows,
             "frames": unit.frames,
             "previews": unit.previews,

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.driver.discovery import discover_seeds, load_action_script
 from pipeline.errors import UserError
+from pipeline.secrets import public_url, redact
 from pipeline.sources import SeedRef
 from pipeline.spec import JobSpec
 from pipeline.storage import Storage, open_storage
@@ -25,6 +28,7 @@ CONNECT_TIMEOUT_S = 30.0
 GCS_PORT = 6379
 RAY_CLIENT_PORT = 10001
 _RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+ENDPOINT_PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -36,21 +40,67 @@ class Prepared:
     script: Any = None  # np.ndarray (N,16) for rollouts.actions.kind == "file"
 
 
-def check_model_source(spec: JobSpec) -> None:
-    src = spec.model.checkpoint
-    if src is None:
-        if spec.model.preset not in wham.PRESETS:
-            raise UserError(f"model.preset: unknown preset {spec.model.preset!r}; "
-                            f"choose one of {', '.join(wham.PRESETS)}")
-        return
+def check_checkpoint(src: str, *, endpoint_url: str | None, region: str | None,
+                     field: str = "model.checkpoint") -> None:
+    """UserError naming `field` when the checkpoint (local or s3://) is not there."""
     if src.startswith("s3://"):
         parent, _, name = src.rstrip("/").rpartition("/")
-        store = open_storage(parent, endpoint_url=spec.model.endpoint_url,
-                             region=spec.model.region)
+        store = open_storage(parent, endpoint_url=endpoint_url, region=region)
         if not (store.exists(name) or store.exists(f"{name}/config.json")):
-            raise UserError(f"model.checkpoint: {src} not found (no such object or folder)")
+            raise UserError(f"{field}: {src} not found (no such object or folder)")
     elif not os.path.exists(src):
-        raise UserError(f"model.checkpoint: {src} does not exist")
+        raise UserError(f"{field}: {src} does not exist")
+
+
+def check_preset(name: str, *, field: str = "model.preset") -> None:
+    if name not in wham.PRESETS:
+        raise UserError(f"{field}: unknown preset {name!r}; choose one of "
+                        f"{', '.join(wham.PRESETS)}")
+
+
+def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> None:
+    """UserError unless the endpoint's key variable is set and the endpoint answers.
+
+    The probe is a POST with an empty context: any HTTP answer but 401/403 (the key was
+    refused) and 404 (nothing at that path) means the endpoint is there; actors find out
+    the rest (frame size, token count) with their first real request.
+    """
+    shown = public_url(url)
+    headers = {"Content-Type": "application/json"}
+    if api_key_env is not None:
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            raise UserError(f"model.api_key_env: the environment variable {api_key_env} is not "
+                            f"set; export the endpoint's key in it (or set model.api_key_env: "
+                            "null for an endpoint that needs no key)")
+        headers["Authorization"] = f"Bearer {key}"
+    probe = urllib.request.Request(url, data=b'{"input_data": {"context": []}}',
+                                   headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(probe, timeout=min(timeout_s, ENDPOINT_PROBE_TIMEOUT_S)) as r:
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = redact(str(getattr(exc, "reason", exc)))
+        raise UserError(f"model.endpoint: cannot reach {shown} ({reason}); check the URL and "
+                        "that the endpoint is running") from None
+    if status in (401, 403):
+        raise UserError(f"model.api_key_env: {shown} refused the key in {api_key_env} "
+                        f"(HTTP {status}); check the key")
+    if status == 404:
+        raise UserError(f"model.endpoint: {shown} answered 404 (nothing there); use the "
+                        "endpoint's scoring URL")
+
+
+def check_model_source(spec: JobSpec) -> None:
+    m = spec.model
+    if m.endpoint is not None:
+        check_endpoint(m.endpoint, api_key_env=m.api_key_env, timeout_s=m.timeout_s)
+    elif m.checkpoint is None:
+        check_preset(m.preset)
+    else:
+        check_checkpoint(m.checkpoint, endpoint_url=m.endpoint_url, region=m.region)
 
 
 def preflight(spec: JobSpec) -> Prepared:

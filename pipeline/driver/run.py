@@ -27,6 +27,7 @@ from pipeline.driver.run_state import (
     manifest_bytes,
     marker_totals,
     read_json,
+    reopen_retryable_units,
     run_fingerprint,
 )
 from pipeline.driver.scheduler import Scheduler
@@ -198,6 +199,12 @@ def _plan(spec: JobSpec, prep: Prepared, *,
                         "seeds, model or rollout settings); pass --fresh to replace them or use "
                         "a new run.run_id")
     committed = committed_unit_ids(prep.storage, run_date=run_date, run_id=run_id)
+    reopened = reopen_retryable_units(prep.storage, run_date=run_date, run_id=run_id,
+                                      unit_ids=committed & {u.unit_id for u in units})
+    if reopened:
+        log.info("run %s: redoing %d units whose rollouts the model endpoint failed",
+                 run_id, len(reopened))
+    committed -= reopened
     todo = pending_units(units, committed)
     totals = Totals(rollouts_total=sum(u.num_rollouts for u in units), units_total=len(units),
                     units_skipped=len(units) - len(todo))

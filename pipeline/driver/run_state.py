@@ -114,6 +114,20 @@ def marker_totals(storage: Storage, *, run_date: str, run_id: str,
     return out
 
 
+def reopen_retryable_units(storage: Storage, *, run_date: str, run_id: str,
+                           unit_ids: Iterable[str]) -> set[str]:
+    """Committed units whose marker counts rollouts a rerun may complete (the model
+    endpoint kept failing): their markers are removed so the units run again; their ids."""
+    keys = {uid: layout.commit_key(run_date, run_id, uid) for uid in unit_ids}
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        markers = dict(zip(keys, pool.map(lambda k: read_json(storage, k) or {}, keys.values()),
+                           strict=True))
+    reopened = {uid for uid, marker in markers.items() if int(marker.get("retryable", 0)) > 0}
+    for uid in sorted(reopened):
+        storage.delete_prefix(keys[uid])  # the marker's own key: only that object
+    return reopened
+
+
 # ---------------------------------------------------------------- every run under a root
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from pipeline.choices import ACTION_KINDS, DEVICES, DTYPES, MODES, SEED_FORMATS
 from pipeline.errors import UserError
 from pipeline.layout import check_run_id
-from pipeline.secrets import public_data
+from pipeline.secrets import check_endpoint_url, public_data
 from pipeline.sources import constant_action
 
 _RUN_ID_FIELDS = {"date", "name"}
@@ -82,11 +82,41 @@ class ModelSection(_Section):
         default=None, description="S3 endpoint for an s3:// checkpoint (default: AWS or env)."
     )
     region: str | None = Field(default=None, description="S3 region for an s3:// checkpoint.")
+    endpoint: str | None = Field(
+        default=None,
+        description="URL of a Muse-protocol endpoint (a hosted Muse/WHAM endpoint or "
+        "`wham-batch serve`) to roll out with instead of a local model; actors need no GPU.",
+    )
+    api_key_env: str | None = Field(
+        default="MUSE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="Environment variable holding the endpoint's key (sent as a Bearer "
+        "token); null for an endpoint without a key. The key itself is never a setting.",
+    )
+    max_concurrency: int = Field(
+        default=16, ge=1, le=1024, description="Endpoint requests in flight per actor."
+    )
+    timeout_s: float = Field(
+        default=60.0, gt=0.0, le=3600.0, description="Seconds one endpoint request may take."
+    )
+    max_attempts: int = Field(
+        default=6, ge=1, le=50,
+        description="Tries per endpoint request (timeouts, 429, 5xx, bad answers are retried "
+        "with exponential backoff and jitter); then the rollout fails.",
+    )
+    backoff_s: float = Field(
+        default=1.0, ge=0.0, le=600.0,
+        description="First retry delay; it doubles per try (at most 60 s) with full jitter, "
+        "or follows the endpoint's Retry-After.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSection:
-        if (self.checkpoint is None) == (self.preset is None):
-            raise ValueError("set exactly one of model.checkpoint and model.preset")
+        sources = [self.checkpoint, self.preset, self.endpoint]
+        if sum(s is not None for s in sources) != 1:
+            raise ValueError("set exactly one of model.checkpoint, model.preset and "
+                             "model.endpoint")
+        if self.endpoint is not None:
+            check_endpoint_url(self.endpoint)
         return self
 
 
@@ -231,6 +261,19 @@ class JobSpec(_Section):
         default_factory=ResourcesSection, description="Actors and batching."
     )
     output: OutputSection = Field(description="Where outputs go.")
+
+    @model_validator(mode="after")
+    def _endpoint_modes(self) -> JobSpec:
+        if self.model.endpoint is None:
+            return self
+        if self.rollouts.mode == "policy":
+            raise ValueError("rollouts.mode policy needs a local model: the Muse protocol "
+                             "predicts the next frame and its action together; use "
+                             "world_model or full with model.endpoint")
+        if self.resources.gpus_per_actor > 0:
+            raise ValueError("model.endpoint: actors call the endpoint and need no GPU; set "
+                             "resources.gpus_per_actor to 0")
+        return self
 
     @model_validator(mode="after")
     def _mode_needs_recordings(self) -> JobSpec:

@@ -84,7 +84,7 @@ def test_missing_required_section(tmp_path: Path) -> None:
 
 def test_model_needs_exactly_one_source(tmp_path: Path) -> None:
     msg = error_of(tmp_path, BASE, ("model.checkpoint=/x/model",))
-    assert "model: set exactly one of model.checkpoint and model.preset" in msg
+    assert "model: set exactly one of model.checkpoint, model.preset and model.endpoint" in msg
 
 
 def test_yaml_syntax_error_has_line_number(tmp_path: Path) -> None:

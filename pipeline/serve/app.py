@@ -1,0 +1,144 @@
+"""The serving app: one Ray Serve deployment of model replicas behind Serve's HTTP proxy.
+
+`deploy` checks the model source and the cluster, starts Serve's proxy on the configured
+host and port, and runs the application; `serve_until_stopped` keeps it up until SIGINT or
+SIGTERM. The replica class is given (`workers.serve_replica.MuseReplica` from the entry
+point); the driver side never imports the actor side.
+
+Backpressure has two lines: a replica answers 503 (JSON, Retry-After) once `max_batch +
+max_queue` requests wait on it, and Serve's proxy answers 503 (Retry-After) once its own
+queue (every request passes through it briefly while a replica is chosen) holds
+`PROXY_QUEUE_FACTOR` times what the replicas admit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.driver.preflight import check_checkpoint, check_preset, connect_ray
+from pipeline.errors import UserError
+from pipeline.serve.config import ONGOING_HEADROOM, ServeConfig
+
+log = logging.getLogger("pipeline.serve")
+#: Tries of a replica's constructor before the deployment is failed (a bad model will not
+#: load on the third try either).
+CONSTRUCTOR_TRIES = 2
+PROXY_QUEUE_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Deployed:
+    url: str
+    started_ray: bool
+    metrics_url: str | None  # this node's Prometheus endpoint, when Ray exports one
+
+
+def replica_options(config: ServeConfig) -> dict[str, Any]:
+    """`serve.deployment` options: resources, batching room and backpressure."""
+    from ray.serve.config import BackpressureConfig
+
+    return {
+        "name": "MuseReplica",
+        "num_replicas": config.replicas,
+        "ray_actor_options": {"num_cpus": config.cpus_per_replica,
+                              "num_gpus": config.gpus_per_replica},
+        "max_ongoing_requests": config.max_batch + config.max_queue + ONGOING_HEADROOM,
+        "max_queued_requests": PROXY_QUEUE_FACTOR * config.replicas * (
+            config.max_batch + config.max_queue + ONGOING_HEADROOM),
+        "backpressure_config": BackpressureConfig(retry_after_s=config.retry_after_s),
+        "max_constructor_retry_count": CONSTRUCTOR_TRIES,
+    }
+
+
+def replica_kwargs(config: ServeConfig, *, api_key_sha256: str | None) -> dict[str, Any]:
+    """The replica's constructor arguments (`load_config` made a local checkpoint path
+    absolute: replicas run in other working folders)."""
+    return {"checkpoint": config.checkpoint, "preset": config.preset, "device": config.device,
+            "dtype": config.dtype, "threads": max(1, int(config.cpus_per_replica)),
+            "max_batch": config.max_batch, "batch_wait_s": config.batch_wait_ms / 1000,
+            "max_queue": config.max_queue, "retry_after_s": config.retry_after_s,
+            "max_body_bytes": config.max_body_bytes, "watermark": config.watermark,
+            "api_key_sha256": api_key_sha256}
+
+
+def check_resources(config: ServeConfig) -> None:
+    """UserError when the connected Ray cluster cannot hold the replicas."""
+    import ray
+
+    have = ray.cluster_resources()
+    for kind, per in (("GPU", config.gpus_per_replica), ("CPU", config.cpus_per_replica)):
+        need = per * config.replicas
+        if per > 0 and float(have.get(kind, 0.0)) + 1e-9 < need:
+            raise UserError(f"{config.replicas} replicas x {per:g} {kind} = {need:g} {kind}s, "
+                            f"but the Ray cluster has {have.get(kind, 0.0):g}; lower --replicas "
+                            f"or --{kind.lower()}s-per-replica")
+
+
+def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None) -> Deployed:
+    """Start (or join) Ray, check it can hold the replicas, and run the application."""
+    from ray import serve
+
+    if config.checkpoint is not None:
+        check_checkpoint(config.checkpoint, endpoint_url=config.endpoint_url,
+                         region=config.region, field="checkpoint")
+    else:
+        check_preset(config.preset, field="preset")
+    started = connect_ray(config.address).started
+    try:
+        check_resources(config)
+        serve.start(http_options={"host": config.host, "port": config.port})
+        app = serve.deployment(**replica_options(config))(replica_cls).bind(
+            **replica_kwargs(config, api_key_sha256=api_key_sha256))
+        serve.run(app, name=config.name, route_prefix="/", blocking=False)
+    except RuntimeError as exc:  # Serve reports a replica that would not start this way
+        stop(config, started_ray=started)
+        raise UserError(f"the model replicas did not start ({str(exc).strip()[-500:]}); the "
+                        "replica's own error is in the log lines above") from None
+    except BaseException:
+        stop(config, started_ray=started)
+        raise
+    return Deployed(url=config.public_url(), started_ray=started, metrics_url=_metrics_url())
+
+
+def _metrics_url() -> str | None:
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    port = getattr(node, "metrics_export_port", None)
+    return f"http://127.0.0.1:{port}/metrics" if port else None
+
+
+def stop(config: ServeConfig, *, started_ray: bool) -> None:
+    """Take the application down; on a Ray instance this process started, Ray too."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        if started_ray:
+            serve.shutdown()
+        else:
+            serve.delete(config.name)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def serve_until_stopped(config: ServeConfig, deployed: Deployed) -> None:
+    """Block until SIGINT or SIGTERM, then take the application down."""
+    done = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: done.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(timeout=1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("stopping %s", deployed.url)
+        stop(config, started_ray=deployed.started_ray)

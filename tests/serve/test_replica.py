@@ -1,0 +1,147 @@
+"""MuseReplica called directly (no Serve): the HTTP edge's rules and batched answers equal
+to one-by-one answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from starlette.requests import Request
+
+from workers import wham
+from workers.muse import (
+    ScoreRequest,
+    context_entry,
+    model_to_official,
+    parse_request,
+    request_body,
+)
+from workers.serve_replica import MuseReplica, key_digest
+
+KEY = "replica-test-key"
+
+
+@pytest.fixture(scope="module")
+def replica() -> MuseReplica:
+    return MuseReplica(checkpoint=None, preset="tiny", device="cpu", dtype="float32",
+                       max_batch=4, max_queue=1, retry_after_s=3,
+                       api_key_sha256=key_digest(KEY))
+
+
+def _request(body: bytes = b"", *, path: str = "/score", method: str = "POST",
+             headers: dict[str, str] | None = None) -> Request:
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "method": method, "path": path, "headers": raw,
+             "query_string": b""}
+    return Request(scope, receive)
+
+
+def _handle(replica: MuseReplica, request: Request):
+    return asyncio.run(replica.handle(request))
+
+
+@pytest.mark.parametrize(("header", "status"), [
+    (None, 401), ("Bearer wrong", 401), (f"Basic {KEY}", 401), (f"Bearer {KEY}x", 401),
+    (f"Bearer {KEY}", 400), (f"bearer  {KEY}", 400),  # authorised; the empty body is bad
+])
+def test_only_the_right_bearer_key_gets_through(replica: MuseReplica, header, status) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    reply = _handle(replica, _request(b"", headers=headers))
+    assert reply.status == status, reply.body
+    if status == 401:
+        assert reply.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_routes_and_health(replica: MuseReplica) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert _handle(replica, _request(path="/health", method="GET")).body["status"] == "ok"
+    assert _handle(replica, _request(path="/v1/x", headers=auth)).status == 404
+    reply = _handle(replica, _request(method="GET", headers=auth))
+    assert reply.status == 405 and reply.headers == {"Allow": "POST"}
+
+
+def test_a_declared_body_over_the_limit_is_413_unread(replica: MuseReplica) -> None:
+    headers = {"Authorization": f"Bearer {KEY}",
+               "Content-Length": str(replica.max_body_bytes + 1)}
+    reply = _handle(replica, _request(b"{}", headers=headers))
+    assert reply.status == 413 and reply.body["field"] == "body"
+
+
+def test_a_full_replica_answers_503_with_retry_after(replica: MuseReplica) -> None:
+    replica._pending = replica.max_batch + replica.max_queue
+    try:
+        reply = _handle(replica, _request(b"{}", headers={"Authorization": f"Bearer {KEY}"}))
+    finally:
+        replica._pending = 0
+    assert reply.status == 503 and reply.headers == {"Retry-After": "3"}
+    assert "busy" in reply.body["error"]
+
+
+def _score_request(replica: MuseReplica, *, steps: int, seed: int, **params) -> ScoreRequest:
+    rng = np.random.default_rng(seed)
+    h, w = replica.shape.image_size
+    images = rng.integers(0, 256, (steps, 3, h, w), dtype=np.uint8)
+    actions = np.concatenate([rng.integers(0, 2, (steps, 12)), rng.integers(0, 11, (steps, 4))],
+                             axis=1)
+    context = [context_entry(image=i, action=a, tokens=None)
+               for i, a in zip(images, actions, strict=True)]
+    return parse_request(request_body(context, parameters={"seed": seed, **params}),
+                         shape=replica.shape)
+
+
+def test_a_batch_answers_as_one_by_one_requests_do(replica: MuseReplica) -> None:
+    """Mixed context lengths and sampling settings are grouped; each answer equals the
+    request answered alone."""
+    requests = [_score_request(replica, steps=2, seed=1), _score_request(replica, steps=3, seed=2),
+                _score_request(replica, steps=2, seed=3),
+                _score_request(replica, steps=2, seed=4, temperature=0.5, top_k=5)]
+    together = replica.score_batch(requests)
+    alone = [replica.score_batch([r])[0] for r in requests]
+    assert [r.status for r in together] == [200] * 4
+    for a, b in zip(together, alone, strict=True):
+        assert a.body == b.body
+    results = [r.body["results"][0] for r in together]
+    assert len({json.dumps(r["tokens"]) for r in results}) == 4  # different seeds, answers
+
+
+def test_given_tokens_answer_as_the_encoded_image_does(replica: MuseReplica) -> None:
+    request = _score_request(replica, steps=2, seed=5)
+    tokens = replica.model.encode_images(np.stack(request.images)[None])[0].cpu().numpy()
+    given = ScoreRequest(images=[None, request.images[1]], tokens=[tokens[0], None],
+                         actions=request.actions, seed=5)
+    assert replica.score_batch([given])[0].body == replica.score_batch([request])[0].body
+
+
+def test_an_answer_is_the_engines_step(replica: MuseReplica) -> None:
+    """The reply carries the engine's own next frame tokens and action for that seed."""
+    request = _score_request(replica, steps=2, seed=6)
+    (out,) = wham.RolloutEngine(replica.model, max_batch=1).rollout(
+        context_images=np.stack(request.images)[None], context_actions=request.actions[None],
+        steps=1, mode="full", sampling=wham.SamplingParams(), seeds=[6])
+    result = replica.score_batch([request])[0].body["results"][0]
+    assert result["tokens"] == out.image_tokens[0].tolist()
+    assert result["actions"] == model_to_official(out.actions[0].numpy())
+
+
+def test_a_resent_image_answers_the_same_from_remembered_tokens(replica: MuseReplica) -> None:
+    """The second request's seed frame comes from the token cache, not the tokenizer."""
+    request = _score_request(replica, steps=2, seed=8)
+    body = request_body([context_entry(image=i, action=a, tokens=None)
+                         for i, a in zip(request.images, request.actions, strict=True)],
+                        parameters={"seed": 8})
+    first = parse_request(body, shape=replica.shape, known=replica._tokens.get)
+    answer = replica.score_batch([first])[0].body
+    again = parse_request(body, shape=replica.shape, known=replica._tokens.get)
+    assert again.images == [None, None] and all(t is not None for t in again.tokens)
+    assert replica.score_batch([again])[0].body == answer
