@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from pipeline.errors import UserError
 from pipeline.layout import commits_prefix, rollout_id_for, unit_id_for
 from pipeline.sources import SeedRef
 from pipeline.spec import JobSpec
@@ -35,6 +36,8 @@ class WorkUnit:
     unit_id: str
     index: int
     items: tuple[RolloutItem, ...]
+    #: The run's plan fingerprint, recorded in the unit's commit marker (set by the driver).
+    plan_fingerprint: str = ""
 
     @property
     def num_rollouts(self) -> int:
@@ -87,6 +90,23 @@ def make_plan(
         WorkUnit(unit_id=unit_id_for(i), index=i, items=tuple(items[start:start + unit_size]))
         for i, start in enumerate(range(0, len(items), unit_size))
     ]
+
+
+def check_plan_size(spec: JobSpec, num_seeds: int) -> None:
+    """UserError, before any unit is built, when the run would plan more rollouts or
+    generated steps than `run.max_rollouts` / `run.max_steps` allow."""
+    rollouts = num_seeds * spec.rollouts.per_seed
+    steps = rollouts * spec.rollouts.steps
+    how = f"{num_seeds} seeds x rollouts.per_seed {spec.rollouts.per_seed}"
+    for total, limit, name, what in (
+            (rollouts, spec.run.max_rollouts, "max_rollouts", f"rollouts ({how})"),
+            (steps, spec.run.max_steps, "max_steps",
+             f"generated steps ({how} x rollouts.steps {spec.rollouts.steps})")):
+        if total > limit:
+            raise UserError(
+                f"this run would plan {total} {what}, more than run.{name}={limit}; lower "
+                f"rollouts.per_seed or seeds.limit, or raise the cap (--set run.{name}={total})"
+                " if you mean it")
 
 
 def plan_for_spec(spec: JobSpec, seeds: Iterable[SeedRef]) -> list[WorkUnit]:

@@ -118,7 +118,8 @@ class RolloutActor:
                 t0 = time.perf_counter()  # not counting the wait for the other unit
                 ok, failed, errors = self._generate(unit)
                 generate_s = time.perf_counter() - t0
-            result = self.writer.finish_unit(unit.unit_id)
+            result = self.writer.finish_unit(unit.unit_id,
+                                                plan_fingerprint=unit.plan_fingerprint)
         except BaseException:
             # Not committed: drop what was buffered so a retry starts clean.
             self.writer.abort_unit(unit.unit_id)
@@ -280,7 +281,7 @@ class RolloutActor:
             "action_policy": mode_policy[r.mode], "context_steps": context_steps,
             "generated_steps": r.steps if status == "ok" else 0,
             "temperature": r.sampling.temperature, "top_k": r.sampling.top_k,
-            "top_p": r.sampling.top_p, "rng_seed": item.rng_seed,
+            "top_p": r.sampling.top_p, "greedy": r.sampling.greedy, "rng_seed": item.rng_seed,
             "model_id": self.model.model_id, "model_sha256": self.model.sha256,
             "status": status, "error": error, "worker": self.worker, "started_at": started,
             "finished_at": _now(), "generate_seconds": seconds,

@@ -14,12 +14,19 @@ from pipeline.errors import UserError
 from pipeline.storage.base import (
     MAX_SEGMENT_CHARS,
     Storage,
+    StorageFatalError,
+    backoff_delay,
     join_keys,
     safe_segment,
     validate_key,
 )
 from pipeline.storage.local import LocalStorage
-from pipeline.storage.s3 import MULTIPART_THRESHOLD, S3Storage, split_s3_uri
+from pipeline.storage.s3 import (
+    MULTIPART_THRESHOLD,
+    S3Storage,
+    check_s3_endpoint,
+    split_s3_uri,
+)
 
 __all__ = [
     "MAX_SEGMENT_CHARS",
@@ -27,6 +34,9 @@ __all__ = [
     "LocalStorage",
     "S3Storage",
     "Storage",
+    "StorageFatalError",
+    "backoff_delay",
+    "check_s3_endpoint",
     "join_keys",
     "open_storage",
     "read_uri",

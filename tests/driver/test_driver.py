@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -11,20 +12,27 @@ from pathlib import Path
 
 import pytest
 import ray
+import support.units
+from support.units import commit_unit
 
+from pipeline import layout
 from pipeline.driver import actor_name, run_job
+from pipeline.driver.discovery import discover_seeds
+from pipeline.driver.run_state import run_fingerprint
 from pipeline.errors import UserError
-from pipeline.layout import commit_key, manifest_key, success_key
-from pipeline.plan import UnitReceipt, WorkUnit
+from pipeline.layout import manifest_key, success_key
+from pipeline.plan import UnitReceipt, WorkUnit, plan_for_spec
 from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(support.units)  # Ray's workers cannot import tests/
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 class StubActor:
-    """Commits each unit like the real actor would, after an optional delay or crash."""
+    """Commits each unit like the real actor would (real writer, no model), after an
+    optional delay or crash."""
 
     def __init__(self, spec: JobSpec, *, worker: str, script=None) -> None:  # noqa: ANN001
         self.spec, self.worker = spec, worker
@@ -41,11 +49,8 @@ class StubActor:
         if crash_flag.exists():
             crash_flag.unlink()  # crash once: the retry must succeed
             os._exit(1)
-        run_date = self.spec.run.run_date.isoformat()
         n = unit.num_rollouts
-        marker = {"unit_id": unit.unit_id, "ok": n, "failed": 0, "frames": n * 2}
-        self.storage.put_bytes(commit_key(run_date, self.spec.run.run_id, unit.unit_id),
-                               json.dumps(marker).encode())
+        commit_unit(self.storage, self.spec, unit)
         log = Path(self.spec.output.root) / "ran.log"
         with open(log, "a") as f:
             f.write(unit.unit_id + "\n")
@@ -85,7 +90,8 @@ def test_fan_out_commits_every_unit(tmp_path: Path) -> None:
     assert storage.exists(success_key("2026-01-02", "drv"))
     manifest = json.loads(storage.get_bytes(manifest_key("2026-01-02", "drv")))
     assert manifest["status"] == "complete" and manifest["counts"]["rollouts_ok"] == 20
-    assert manifest["model"]["model_id"] == "stub" and manifest["schema_version"] == 1
+    assert manifest["model"]["model_id"] == "stub"
+    assert manifest["schema_version"] == layout.SCHEMA_VERSION
     kinds = [e.kind for e in events]
     assert kinds[0] == "started" and kinds[-1] == "finished"
     assert kinds.count("unit_committed") == 7
@@ -94,9 +100,10 @@ def test_fan_out_commits_every_unit(tmp_path: Path) -> None:
 def test_resume_skips_committed_units(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     storage = open_storage(spec.output.root)
-    for uid in ("u000000", "u000004"):
-        marker = {"ok": 3, "failed": 0}
-        storage.put_bytes(commit_key("2026-01-02", "drv", uid), json.dumps(marker).encode())
+    units = plan_for_spec(spec, discover_seeds(spec.seeds.source))
+    fingerprint = run_fingerprint(spec, units)
+    for index in (0, 4):
+        commit_unit(storage, spec, dataclasses.replace(units[index], plan_fingerprint=fingerprint))
     summary = run_job(spec, actor_cls=StubActor, progress=False)
     assert summary.units_skipped == 2 and summary.complete
     assert sorted(ran_units(spec)) == ["u000001", "u000002", "u000003", "u000005", "u000006"]

@@ -36,6 +36,7 @@ def rollout_row(rollout_id: str, *, status: str, error: str | None) -> dict:
         generated_steps=3,
         temperature=0.9,
         top_p=1.0,
+        greedy=False,
         rng_seed=1,
         model_id="preset:tiny",
         model_sha256="x",
