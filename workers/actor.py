@@ -181,7 +181,8 @@ class RolloutActor:
         seed = load_seed(items[0].seed_ref(), image_size=tuple(self.model.image_size),
                          context_steps=spec.seeds.context_steps,
                          future_steps=steps if needs_future else 0,
-                         endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region)
+                         endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region,
+                         max_bytes=int(spec.seeds.max_file_mb * 2**20))
         ctx_images = np.asarray(seed.context_images, dtype=np.uint8)
         ctx_actions = (np.asarray(seed.context_actions, dtype=np.int64)
                        if seed.context_actions is not None

@@ -20,7 +20,7 @@ from pipeline.storage.base import (
     safe_segment,
     validate_key,
 )
-from pipeline.storage.local import LocalStorage
+from pipeline.storage.local import LocalStorage, read_file
 from pipeline.storage.s3 import (
     MULTIPART_THRESHOLD,
     S3Storage,
@@ -65,14 +65,16 @@ def _bucket_storage(bucket: str, endpoint_url: str | None, region: str | None) -
     return S3Storage(bucket, endpoint_url=endpoint_url, region=region)
 
 
-def read_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
-    """Read one object by full URI (`s3://bucket/key`) or local path."""
+def read_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None,
+             max_bytes: int | None = None) -> bytes:
+    """Read one object by full URI (`s3://bucket/key`) or local path; UserError if it is
+    larger than `max_bytes` (then it is not read whole)."""
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
         if not key:
             raise UserError(f"{uri!r} names a bucket, not an object")
-        return _bucket_storage(bucket, endpoint_url, region).get_bytes(key)
+        return _bucket_storage(bucket, endpoint_url, region).get_bytes(key, max_bytes=max_bytes)
     path = Path(uri)
     if not path.is_file():
         raise FileNotFoundError(f"no file {uri!r}")
-    return path.read_bytes()
+    return read_file(path, max_bytes=max_bytes)

@@ -23,6 +23,11 @@ MAX_SEGMENT_CHARS = 96
 PROBE_PREFIX = ".wham-batch-write-probe-"
 
 
+def too_large(where: str, size: int, max_bytes: int) -> UserError:
+    return UserError(f"{where} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:g} "
+                     "MiB read at most (seeds.max_file_mb)")
+
+
 def backoff_delay(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> float:
     """Seconds to wait before retry number `attempt` (0-based): exponential with jitter,
     so retries of a struggling store spread out instead of landing in the same second."""
@@ -94,8 +99,9 @@ class Storage(ABC):
         """Write `data` at `key`, replacing any old object; readers see old or new, never half."""
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """Read the object at `key`; FileNotFoundError if it does not exist."""
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Read the object at `key`; FileNotFoundError if it does not exist, UserError if it
+        is larger than `max_bytes` (then it is not read whole)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:

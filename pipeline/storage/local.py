@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.storage.base import PROBE_PREFIX, Storage, StorageFatalError, validate_key
+from pipeline.storage.base import (
+    PROBE_PREFIX,
+    Storage,
+    StorageFatalError,
+    too_large,
+    validate_key,
+)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -32,6 +38,17 @@ _FATAL_ERRNOS = {
     errno.EACCES: "is not writable (permission denied)",
     errno.EPERM: "is not writable (operation not permitted)",
 }
+
+
+def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of a local file, never more than `max_bytes` of them read (UserError)."""
+    with open(path, "rb") as fh:
+        if max_bytes is None:
+            return fh.read()
+        data = fh.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise too_large(str(path), os.fstat(fh.fileno()).st_size, max_bytes)
+        return data
 
 
 class LocalStorage(Storage):
@@ -115,11 +132,11 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise self._fatal(exc, key) from None
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
         if not path.is_file():
             raise FileNotFoundError(f"no object {key!r} under {self.uri}")
-        return path.read_bytes()
+        return read_file(path, max_bytes=max_bytes)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

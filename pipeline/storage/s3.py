@@ -23,6 +23,7 @@ from pipeline.storage.base import (
     Storage,
     StorageFatalError,
     join_keys,
+    too_large,
     validate_key,
 )
 
@@ -210,7 +211,7 @@ class S3Storage(Storage):
             Config=config,
         )
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import IncompleteReadError, ResponseStreamingError
 
         # boto3 retries a request, but not a body cut off after the headers arrived.
@@ -219,6 +220,10 @@ class S3Storage(Storage):
             response = self._call(
                 f"read {key!r}", self._s3.get_object, key, Bucket=self.bucket, Key=self._key(key)
             )
+            size = int(response.get("ContentLength") or 0)
+            if max_bytes is not None and size > max_bytes:
+                response["Body"].close()
+                raise too_large(self.key_uri(key), size, max_bytes)
             try:
                 return response["Body"].read()
             except (ResponseStreamingError, IncompleteReadError) as exc:
