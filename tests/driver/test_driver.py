@@ -45,6 +45,13 @@ class StubActor:
         delay_file = Path(self.spec.output.root) / "delay"
         delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
         time.sleep(delay)
+        root = Path(self.spec.output.root)
+        with open(root / "attempts.log", "a") as fh:
+            fh.write(f"{unit.unit_id} {time.time()}\n")
+        fail_flag = root / f"fail-{unit.unit_id}"
+        if fail_flag.exists():
+            fail_flag.unlink()  # fail once inside a live actor: the retry must succeed
+            raise OSError("injected transient failure")
         crash_flag = Path(self.spec.output.root) / f"crash-{unit.unit_id}"
         if crash_flag.exists():
             crash_flag.unlink()  # crash once: the retry must succeed
@@ -135,6 +142,40 @@ def test_dead_actor_units_are_retried(tmp_path: Path) -> None:
     summary = run_job(spec, actor_cls=StubActor, progress=False)
     assert summary.complete and summary.rollouts_ok == 20
     assert sorted(set(ran_units(spec))) == [f"u{i:06d}" for i in range(7)]
+
+
+def test_a_failed_unit_is_retried_after_a_backoff(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1)
+    Path(spec.output.root).mkdir(parents=True)
+    (Path(spec.output.root) / "fail-u000001").touch()
+    summary = run_job(spec, actor_cls=StubActor, progress=False)
+    assert summary.complete and summary.rollouts_ok == 20
+    log = (Path(spec.output.root) / "attempts.log").read_text().split("\n")
+    times = [float(line.split()[1]) for line in log if line.startswith("u000001")]
+    assert len(times) == 2 and times[1] - times[0] >= 0.25  # not two tries in one moment
+
+
+def test_a_full_output_root_stops_the_run_at_once(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1, max_unit_attempts=5)
+    root = Path(spec.output.root)
+    root.mkdir(parents=True)
+    (root / "full").touch()
+    with pytest.raises(UserError, match=f"stopping the run: output root {root} is full"):
+        run_job(spec, actor_cls=FullStubActor, progress=False)
+    attempts = (root / "attempts.log").read_text().split()
+    assert len(attempts) <= 2 * 2  # one unit per actor slot, none retried
+    assert not open_storage(spec.output.root).exists(success_key("2026-01-02", "drv"))
+
+
+class FullStubActor(StubActor):
+    """Fails every unit the way a full local disk does."""
+
+    def run_unit(self, unit: WorkUnit) -> UnitReceipt:
+        import errno
+
+        with open(Path(self.spec.output.root) / "attempts.log", "a") as fh:
+            fh.write(f"{unit.unit_id} {time.time()}\n")
+        raise self.storage._fatal(OSError(errno.ENOSPC, "No space left on device"), "x")
 
 
 def test_units_lost_after_attempts_make_the_run_incomplete(tmp_path: Path) -> None:
