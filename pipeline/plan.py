@@ -12,10 +12,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from pipeline.errors import UserError
-from pipeline.layout import commits_prefix, rollout_id_for, unit_id_for
+from pipeline.layout import rollout_id_for, unit_id_for
 from pipeline.sources import SeedRef
 from pipeline.spec import JobSpec
-from pipeline.storage import Storage, safe_segment
+from pipeline.storage import safe_segment
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +122,6 @@ def plan_fingerprint(units: Sequence[WorkUnit]) -> str:
     for unit in units:
         h.update(json.dumps([unit.unit_id, [asdict(i) for i in unit.items]]).encode())
     return h.hexdigest()
-
-
-def committed_unit_ids(storage: Storage, *, run_date: str, run_id: str) -> set[str]:
-    """Unit ids whose commit marker exists, from one listing (not one request per unit)."""
-    prefix = commits_prefix(run_date, run_id)
-    names = (key.removeprefix(prefix) for key in storage.list_keys(prefix))
-    return {n.removesuffix(".json") for n in names if n.endswith(".json") and "/" not in n}
 
 
 def pending_units(units: Sequence[WorkUnit], committed: set[str]) -> list[WorkUnit]:

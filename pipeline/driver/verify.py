@@ -4,8 +4,9 @@ For every committed unit: its steps and rollouts parts exist, are readable Parqu
 the row counts its marker records, and every frame object its steps rows name exists.
 Frames are checked with listings, never one request per frame: the unit's frame keys are
 grouped by seed (rollout ids are `<seed>-rNNN`, layout.rollout_id_for), and each group is
-listed once under the longest prefix its keys share. Parts are read through pyarrow's
-filesystem, so only their footers and the `frame_key` column travel.
+listed once under the longest prefix its keys share. Parts are read whole through the
+root's Storage (the retries of the writes apply), so a check moves the run's tables once
+(not its frames).
 
 The driver runs this before `_SUCCESS` (a unit that fails is redone), and
 `wham-batch verify ROOT --run-id ID` runs it on any run, to audit a dataset one did not
@@ -66,19 +67,19 @@ class RunCheck:
 
 
 class _Parts:
-    """Reads part footers and columns through pyarrow's filesystem for the root."""
+    """Reads table parts through the root's Storage, so the same retries apply as to the
+    writes (pyarrow's own S3 client would bypass them)."""
 
     def __init__(self, storage: Storage) -> None:
-        self.fs, self.base = storage.arrow_fs()
+        self.storage = storage
 
     def open(self, key: str) -> Any:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        data = self.storage.get_bytes(key)  # FileNotFoundError when absent
         try:
-            return pq.ParquetFile(self.fs.open_input_file(f"{self.base}/{key}"))
-        except FileNotFoundError:
-            raise FileNotFoundError(key) from None
+            return pq.ParquetFile(pa.BufferReader(data))
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{key} is not a readable Parquet file ({exc})") from None
 
@@ -106,6 +107,9 @@ def _check_part(parts: _Parts, key: str, *, expect: int | None, what: str,
         return None
     except ValueError as exc:
         check.problems.append(f"{what} part: {exc}")
+        return None
+    except OSError as exc:  # storage still failing after its retries
+        check.problems.append(f"{what} part {key} could not be read ({exc})")
         return None
     rows = part.metadata.num_rows
     if expect is not None and rows != expect:

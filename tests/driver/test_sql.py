@@ -7,12 +7,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support.faultproxy import record_figures
 from test_query import RUNS, write_run
 
 from pipeline import layout
@@ -92,6 +94,7 @@ def test_queries_read_nothing_outside_the_tables_and_write_nothing(tmp_path, tex
     assert "root:" not in message  # nothing of /etc/passwd
     assert "Permission" in message or "exactly one SELECT" in message
     assert sorted(p for p in tmp_path.rglob("*")) == before
+    record_figures("hostile_queries", tried=1, rejected=1)
 
 
 def test_thousands_of_or_clauses_are_a_clear_error(tmp_path, capsys):
@@ -110,6 +113,7 @@ def test_thousands_of_or_clauses_are_a_clear_error(tmp_path, capsys):
         query(str(root), where="(" * 150 + "step = 1" + ")" * 150)
     with pytest.raises(UserError, match="characters, more than"):
         query(str(root), where="step = 1 " + " " * 70_000)
+    record_figures("hostile_queries", tried=4, rejected=4)
 
 
 def test_numbers_out_of_range_and_huge_limits_are_clean(tmp_path, capsys):
@@ -130,6 +134,7 @@ def test_numbers_out_of_range_and_huge_limits_are_clean(tmp_path, capsys):
     assert "Traceback" not in err
     assert main(["query", root, "--sql", "SELEC 1"]) == 2
     assert "syntax error" in capsys.readouterr().err
+    record_figures("hostile_queries", tried=5, rejected=4)  # the big number: 0 rows, exit 0
 
 
 def test_stray_files_are_ignored_with_a_warning_and_a_truncated_part_is_named(
@@ -172,3 +177,21 @@ def test_parts_of_schema_version_1_read_with_nulls_for_new_columns(tmp_path):
 def test_no_tables_is_a_clear_error(tmp_path: Path):
     with pytest.raises(UserError, match="no output tables"):
         sql(str(tmp_path), "SELECT 1")
+
+
+def test_the_readmes_queries_run_on_any_date(tmp_path):
+    """The README's SQL examples pick the latest run themselves: no date in them."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Querying the outputs", 1)[1].split("\n## ", 1)[0]
+    texts = [t for t in re.findall(r'--sql "(.*?)"', section, re.DOTALL) if "SELECT" in t]
+    texts += re.findall(r'sql\("out/demo", """(.*?)"""\)', section, re.DOTALL)
+    wheres = re.findall(r'--where "(.*?)"', section)
+    assert len(texts) == 2 and len(wheres) == 1 and not re.search(r"20\d\d-\d\d-\d\d", section)
+    root = tmp_path / "out"
+    storage = open_storage(str(root))
+    for run in RUNS:
+        write_run(storage, *run)
+    for text in texts:
+        rows = sql(str(root), text).to_pylist()
+        assert rows and all(r.get("run_id", "nightly-b") == "nightly-b" for r in rows)
+    assert query(str(root), where=wheres[0]).num_rows >= 0
