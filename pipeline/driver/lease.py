@@ -120,6 +120,10 @@ class RunLease:
                 self._start_heartbeat()
                 return self
             holder = self._holder()
+            if holder is not None and holder.token == self.token:
+                # Our create landed but its reply was lost; the retry found our own lease.
+                self._start_heartbeat()
+                return self
             if holder is None and not self.storage.exists(self.key):
                 continue  # released meanwhile
             why = self._stale(holder)

@@ -77,7 +77,7 @@ def test_stale_leases_are_taken_over_with_a_log_line(storage, caplog):
         boot_id = fh.read().strip()
     gone = {"host": socket.gethostname(), "pid": dead.pid, "token": "old",
             "heartbeat": time.time(), "boot_id": boot_id}
-    for body, why in ((stale, "its last heartbeat was 600s ago"),
+    for body, why in ((stale, "its last heartbeat was 6"),  # 600 s ago, and a moment
                       (gone, "its process no longer exists"),
                       (b"{garbled", "cannot be read")):
         storage.put_bytes(key, body if isinstance(body, bytes) else json.dumps(body).encode())
@@ -109,3 +109,16 @@ def test_heartbeat_refreshes_and_a_lost_lease_is_noticed(storage):
     finally:
         mine.release()
     assert holder(storage)["token"] == "theirs"  # not deleted: it is not this driver's
+
+
+def test_a_lease_whose_create_reply_was_lost_is_still_ours(s3_server, s3_bucket):
+    """The conditional create lands, the connection is reset before the reply, boto3
+    retries and gets 412: the lease found there has this driver's token."""
+    from support.faultproxy import FaultProxy
+
+    with FaultProxy(s3_server, rates={"reset": 1.0}, seed=0, max_consecutive=1) as proxy:
+        through = open_storage(s3_bucket, endpoint_url=proxy.url)
+        mine = lease(through).acquire()
+        mine.release()
+    assert proxy.counts["reset"] >= 1
+    assert not open_storage(s3_bucket).exists(layout.lease_key(DATE, RUN))

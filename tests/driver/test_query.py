@@ -138,7 +138,8 @@ def test_run_id_filter_uses_partitions(root):
     assert table.column_names == ["run_id", "step"] and set(table["run_id"].to_pylist()) == {
         "nightly-b"
     }
-    assert query(root, run_id="no-such-run").num_rows == 0
+    with pytest.raises(UserError, match="no run 'no-such-run' in the steps table"):
+        query(root, run_id="no-such-run")  # an unknown run is an error, not 0 rows
 
 
 def test_read_runs(root):

@@ -66,7 +66,7 @@ def test_run_filter_and_limit(root):
     table = sql(root, "SELECT * FROM steps WHERE run_id = 'nightly-b' ORDER BY rollout_id, step",
                 limit=5)
     assert table.num_rows == 5 and set(table["run_id"].to_pylist()) == {"nightly-b"}
-    assert query(root, run_id="nope").num_rows == 0
+    assert sql(root, "SELECT * FROM steps WHERE run_id = 'nope'").num_rows == 0
 
 
 HOSTILE = [
