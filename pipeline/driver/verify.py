@@ -2,9 +2,9 @@
 
 For every committed unit: its steps and rollouts parts exist, are readable Parquet and hold
 the row counts its marker records, and every frame object its steps rows name exists.
-Frames are checked with listings, never one request per frame: the unit's frame keys are
-grouped by seed (rollout ids are `<seed>-rNNN`, layout.rollout_id_for), and each group is
-listed once under the longest prefix its keys share. Parts are read whole through the
+Frames are checked with one listing per unit, never one request per frame: the listing
+covers the span from the unit's smallest to its largest frame key (S3 pages hold 1,000
+keys, so a unit of up to ~1,000 frames is one request). Parts are read whole through the
 root's Storage (the retries of the writes apply), so a check moves the run's tables once
 (not its frames).
 
@@ -16,7 +16,6 @@ write.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,18 +83,24 @@ class _Parts:
             raise ValueError(f"{key} is not a readable Parquet file ({exc})") from None
 
 
-def _seed_group(frame_key: str) -> str:
-    """'frames/.../run_id=X/seedA-r003/000001.png' -> 'frames/.../run_id=X/seedA'."""
-    folder = frame_key.rpartition("/")[0]
-    return folder.rsplit("-r", 1)[0]
+def _listed(storage: Storage, keys: set[str]) -> set[str]:
+    """Those of `keys` that storage holds, from one listing of the span they cover.
 
-
-def _listing_prefixes(keys: set[str]) -> list[str]:
-    """One prefix per seed group: the longest prefix that group's keys share."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for key in keys:
-        groups[_seed_group(key)].append(key)
-    return sorted(os.path.commonprefix(group) for group in groups.values())
+    Every key between the smallest and the largest of `keys` starts with their longest
+    common prefix, so one listing under that prefix, started just before the smallest and
+    stopped after the largest, sees them all (a unit's rollouts are neighbours in the
+    plan, so the span holds little else)."""
+    if not keys:
+        return set()
+    first, last = min(keys), max(keys)
+    prefix = os.path.commonprefix([first, last])
+    found = set()
+    for key in storage.list_keys(prefix, start_after=first[:-1]):
+        if key > last:
+            break
+        if key in keys:
+            found.add(key)
+    return found
 
 
 def _check_part(parts: _Parts, key: str, *, expect: int | None, what: str,
@@ -143,10 +148,7 @@ def check_unit(storage: Storage, parts: _Parts, *, run_date: str, run_id: str, u
         check.problems.append(f"{len(outside)} rows name frames outside the run, e.g. "
                               f"{outside[0]!r}")
         keys -= set(outside)
-    listed: set[str] = set()
-    for prefix in _listing_prefixes(keys):
-        listed.update(storage.list_keys(prefix))
-    missing = sorted(keys - listed)
+    missing = sorted(keys - _listed(storage, keys))
     if missing:
         check.problems.append(f"{len(missing)} of {len(keys)} frames its rows name are "
                               f"missing, e.g. {missing[0]}")

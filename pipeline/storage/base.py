@@ -108,8 +108,9 @@ class Storage(ABC):
         """Whether an object exists at `key`."""
 
     @abstractmethod
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
-        """Relative keys of all objects whose key starts with `prefix`, recursively, sorted."""
+    def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
+        """Relative keys of all objects whose key starts with `prefix`, recursively, sorted;
+        only those after `start_after` when given (S3's StartAfter)."""
 
     @abstractmethod
     def create_if_absent(self, key: str, data: bytes) -> bool:

@@ -150,7 +150,7 @@ class LocalStorage(Storage):
                 return False
         return True
 
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
+    def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
         # Walk only the deepest folder the prefix names; the rest is a string prefix, as on S3.
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
@@ -163,7 +163,7 @@ class LocalStorage(Storage):
                 if name.startswith(".") and name.endswith(".tmp"):
                     continue  # an in-flight atomic write
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if key.startswith(prefix):
+                if key.startswith(prefix) and key > start_after:
                     keys.append(key)
         # Whole-key order, as S3 lists (a folder walk would put 'ab' before 'a/b').
         yield from sorted(keys)

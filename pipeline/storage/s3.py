@@ -243,13 +243,14 @@ class S3Storage(Storage):
             return False
         return True
 
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
+    def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
         base = f"{self.prefix}/" if self.prefix else ""
         paginator = self._s3.get_paginator("list_objects_v2")
         pages = paginator.paginate(
             Bucket=self.bucket,
             Prefix=base + prefix,
+            **({"StartAfter": base + start_after} if start_after else {}),
             PaginationConfig={"PageSize": self.list_page_size},
         )
         from botocore.exceptions import BotoCoreError, ClientError

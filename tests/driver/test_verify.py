@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,12 @@ from support.units import commit_unit
 from pipeline import layout
 from pipeline.cli import main
 from pipeline.driver.discovery import discover_seeds
-from pipeline.driver.run_state import run_fingerprint
-from pipeline.driver.verify import _listing_prefixes, verify_run
+from pipeline.driver.run_state import read_markers, run_fingerprint
+from pipeline.driver.verify import check_units, verify_run
 from pipeline.errors import UserError
 from pipeline.plan import plan_for_spec
 from pipeline.spec import spec_from_data
-from pipeline.storage import open_storage
+from pipeline.storage import LocalStorage, open_storage
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 DATE = "2026-01-02"
@@ -78,8 +79,31 @@ def test_unknown_runs_are_user_errors(written, capsys):
         verify_run(storage, run_date=DATE, run_id="nope")
 
 
-def test_frames_are_listed_once_per_seed_group():
-    keys = {f"frames/run_date={DATE}/run_id=r/{seed}-r{i:03d}/{s:06d}.png"
-            for seed in ("a", "b") for i in (14, 15) for s in range(3)}
-    assert _listing_prefixes(keys) == [f"frames/run_date={DATE}/run_id=r/a-r01",
-                                       f"frames/run_date={DATE}/run_id=r/b-r01"]
+class CountingListings(LocalStorage):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.listings: list[tuple[str, str]] = []
+
+    def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
+        self.listings.append((prefix, start_after))
+        return super().list_keys(prefix, start_after=start_after)
+
+
+def test_frames_are_checked_with_one_listing_per_unit(written):
+    root, storage, units = written
+    if not isinstance(storage, LocalStorage):
+        pytest.skip("counts listings on the local root")
+    counting = CountingListings(root)
+    markers = read_markers(counting, run_date=DATE, run_id="audit").good
+    counting.listings.clear()
+    check = check_units(counting, run_date=DATE, run_id="audit", markers=markers)
+    assert check.ok and len(counting.listings) == units
+    prefix, start_after = counting.listings[0]
+    assert prefix.startswith(f"frames/run_date={DATE}/run_id=audit/") and start_after > prefix
+
+
+def test_listing_after_a_key(written):
+    _, storage, _ = written
+    keys = list(storage.list_keys("frames/"))
+    assert list(storage.list_keys("frames/", start_after=keys[2])) == keys[3:]
+    assert list(storage.list_keys("frames/", start_after=keys[-1])) == []
