@@ -304,8 +304,4 @@ def query(
             f"FROM {table}" + (f" WHERE {' AND '.join(conditions)}" if conditions else ""))
     tables = _Tables(root, endpoint_url=endpoint_url, region=region,
                      committed_only=committed_only, names=(table,))
-    if run_id is not None and not any(f"/run_id={run_id}/" in f
-                                      for f in tables.datasets[table].files):
-        raise UserError(f"--run-id: no run {run_id!r} in the {table} table under {root} "
-                        "(`wham-batch runs ROOT` lists the runs)")
     return tables.run(text, limit=limit, what="--where" if where else "query")
