@@ -314,7 +314,8 @@ def test_a_read_only_or_full_disk_stops_the_run_and_it_resumes(tmp_path: Path) -
     assert "rerun the same command to resume" in out["full"]
     assert "Traceback" not in out["full"] + out["readonly"]
     assert codes["resumed"] == "0", out["resumed"][-3000:]
-    assert "run night complete: 12 rollouts ok" in out["resumed"]
+    assert "run night complete: this attempt" in out["resumed"]
+    assert "run total 12 rollouts ok, 0 failed" in out["resumed"]
     assert codes["verify"] == "0", out["verify"]
     record_figures("storage_full", tried=2, stopped_cleanly=2, resumed=1, rows_lost=0)
 
