@@ -16,7 +16,7 @@ from pipeline.storage import (
     LocalStorage,
     StorageFatalError,
     backoff_delay,
-    check_endpoint_url,
+    check_s3_endpoint,
     open_storage,
     read_uri,
 )
@@ -143,10 +143,10 @@ def test_reads_of_big_objects_are_bounded(tmp_path: Path, s3_bucket: str) -> Non
 ])
 def test_endpoint_urls(url: str, ok: bool) -> None:
     if ok:
-        assert check_endpoint_url(url) == url
+        assert check_s3_endpoint(url) == url
         return
     with pytest.raises(UserError) as err:
-        check_endpoint_url(url)
+        check_s3_endpoint(url)
     assert "SECRET" not in str(err.value)
 
 
