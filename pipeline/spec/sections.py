@@ -318,6 +318,7 @@ class JobSpec(_Section):
         if self.resources.gpus_per_actor > 0:
             raise ValueError("model.endpoint: actors call the endpoint and need no GPU; set "
                              "resources.gpus_per_actor to 0")
+        return self
 
     @model_validator(mode="after")
     def _plan_within_caps(self) -> JobSpec:
