@@ -7,8 +7,10 @@
     with 2 Ray actors of one CPU each that also decode seeds, encode PNGs and previews and
     write Parquet parts and commit markers. Goal: pipeline >= 0.9x.
 (b) driver overhead: `run_job` over 10,000 seeds (one rollout per unit) with 32 actors whose
-    engine is a stub that only writes the unit's commit marker; reports driver CPU and wall
-    ms per unit and the driver's peak RSS. Goals: < 5 ms/unit, < 1 GiB.
+    engine is a stub that writes the unit's parts (one step per rollout, no frames) and
+    commit marker with the real writer; reports driver CPU and wall ms per unit (the check
+    of every unit against storage before `_SUCCESS` included) and the driver's peak RSS.
+    Goals: < 5 ms/unit, < 1 GiB.
 
 Results print as Markdown rows for docs/benchmarks.md ("## Pipeline").
 """
@@ -16,6 +18,7 @@ Results print as Markdown rows for docs/benchmarks.md ("## Pipeline").
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import resource
@@ -24,16 +27,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 
 from pipeline.driver import actor_name, run_job
-from pipeline.layout import commit_key
 from pipeline.plan import UnitReceipt, WorkUnit
+from pipeline.sources import NEUTRAL_ACTION
 from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
 from workers.actor import RolloutActor
+from workers.writer import OutputWriter
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 DEMO_SEED = Path(__file__).resolve().parent.parent / "configs" / "seeds" / "demo"
@@ -50,13 +55,29 @@ class StubActor:
         return {"model_id": "stub", "sha256": "-", "batch_size": 1}
 
     def run_unit(self, unit: WorkUnit) -> UnitReceipt:
-        marker = json.dumps({"unit_id": unit.unit_id, "ok": unit.num_rollouts, "failed": 0,
-                             "frames": unit.num_rollouts}).encode()
-        self.storage.put_bytes(
-            commit_key(self.spec.run.run_date, self.spec.run.run_id, unit.unit_id), marker)
+        writer = OutputWriter(self.storage, run_date=self.spec.run.run_date,
+                              run_id=self.spec.run.run_id, frames=False, image_tokens=False,
+                              model_id="stub", threads=1)
+        with writer:
+            for item in unit.items:
+                writer.add_step(unit.unit_id, item.rollout_id, step=0, image=None,
+                                action=NEUTRAL_ACTION, generated=False, action_source="seed")
+                writer.finish_rollout(unit.unit_id, _row(item))
+            writer.finish_unit(unit.unit_id, plan_fingerprint=unit.plan_fingerprint)
         return UnitReceipt(unit_id=unit.unit_id, ok=unit.num_rollouts, failed=0,
                            frames=unit.num_rollouts, tokens=0, generate_seconds=0.0,
                            write_seconds=0.0, worker=self.worker)
+
+
+def _row(item: Any) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    return {"rollout_id": item.rollout_id, "seed_id": item.seed_id, "seed_uri": item.seed_uri,
+            "rollout_index": item.rollout_index, "mode": "world_model",
+            "action_policy": "random", "context_steps": 1, "generated_steps": 0,
+            "temperature": 1.0, "top_k": None, "top_p": 1.0, "greedy": False,
+            "rng_seed": item.rng_seed, "model_id": "stub", "model_sha256": "-",
+            "status": "ok", "error": None, "worker": "stub", "started_at": now,
+            "finished_at": now, "generate_seconds": 0.0}
 
 
 def make_seeds(folder: Path, count: int) -> None:

@@ -132,6 +132,7 @@ def _row() -> dict:
         "temperature": 0.9,
         "top_k": None,
         "top_p": 1.0,
+        "greedy": False,
         "rng_seed": 0,
         "model_id": "bench",
         "model_sha256": "-",

@@ -2,7 +2,8 @@
 
     python benchmarks/reliability_report.py [--load-seeds 2000] [--skip-multinode]
 
-Runs the fault, interruption, determinism, hostile-input, secrets and load tests with
+Runs the fault, interruption, run-guard, determinism, hostile-input, secrets and load tests
+(and the SQL and lease tests of the driver) with
 WHAM_RELIABILITY_FIGURES pointing at a scratch file (each test appends one JSON line of what
 it injected and what survived), then prints the Markdown table. The tests assert the
 outcome; this script only adds the figures up. Exits non-zero if any test failed.
@@ -20,7 +21,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_FILES = ("tests/reliability",)
+TEST_FILES = ("tests/reliability", "tests/driver/test_sql.py", "tests/driver/test_lease.py",
+              "tests/pipeline/test_storage_guards.py")
 
 
 def run_tests(figures: Path, *, load_seeds: int, skip_multinode: bool) -> int:
@@ -73,6 +75,7 @@ def summarise(lines: list[dict]) -> str:
     for label, (tried, rejected) in bad.items():
         rows.append(f"| bad input: {label} | {tried} | {rejected} rejected with a clear "
                     f"error (the rest are valid and load) | - |")
+    rows += guard_rows(by_test)
     for line in by_test["pipeline_faults"]:
         injected_here = ", ".join(f"{k} {v}" for k, v in sorted(line["faults"].items()))
         rows.append(f"| pipeline run through faults ({injected_here}) | "
@@ -84,7 +87,8 @@ def summarise(lines: list[dict]) -> str:
                     f"{line['rollouts']} rollouts | {line['rollouts_per_s']} rollouts/s, "
                     f"driver RSS peak {line['rss_peak_mib']} MiB, growth after warm-up "
                     f"{line['rss_growth_after_warmup_mib']} MiB, max units in flight "
-                    f"{line['max_units_in_flight']}/{line['in_flight_limit']} | 0 |")
+                    f"{line['max_units_in_flight']}/{line['in_flight_limit']}, check of "
+                    f"every unit against storage {line.get('verify_s', '?')} s | 0 |")
     for line in by_test["secrets_run"]:
         rows.append(f"| credential markers searched | {line['files_searched']} files and "
                     f"objects | {line['leaks']} leaks | - |")
@@ -94,6 +98,45 @@ def summarise(lines: list[dict]) -> str:
                     f"{line['frames_off_by_one_at_batch_1']} frames off by one grey level "
                     "at batch size 1 | - |")
     return "\n".join(rows)
+
+
+def _sum(lines: list[dict], key: str) -> int:
+    return sum(int(x.get(key, 0)) for x in lines)
+
+
+def guard_rows(by_test: dict[str, list[dict]]) -> list[str]:
+    """Rows of the `_SUCCESS`-means-complete cases (tests/reliability/test_run_guards.py)."""
+    rows = []
+    for name, what, outcome in (
+            ("second_driver", "second driver on a running run (`--fresh`, other settings, "
+             "plain, CLI)", "refused, naming the holder; the first completes"),
+            ("changed_plan_without_manifest", "changed plan with manifest.json deleted or "
+             "garbled", "refused from the commit markers' fingerprints"),
+            ("symlink_in_root", "symlink planted at a run's frames folder",
+             "run stopped naming the link; 0 files outside the root"),
+            ("bounded_inputs", "inputs that would exhaust the machine (per_seed 1e9, "
+             "run_id width 1e8, plan of 1.2M rollouts, 40 actors x 0.01 CPU, 4 GiB seed)",
+             "refused at validation / before planning / as failed rows"),
+            ("hostile_queries", "hostile or oversized queries (files, URLs, COPY, ATTACH, "
+             "3000 ORs, deep nesting, huge --limit, bad SQL)",
+             "refused with a clear error (the other, `step = 2^63`, answers 0 rows)")):
+        lines = by_test.get(name, [])
+        if lines:
+            tried = _sum(lines, "tried")
+            done = _sum(lines, "refused") + _sum(lines, "rejected")
+            rows.append(f"| {what} | {tried} | {done} {outcome} | 0 |")
+    for line in by_test.get("damaged_outputs", []):
+        rows.append(f"| outputs damaged under `_SUCCESS` ({line['frames_deleted']} frames, a "
+                    "steps part, a truncated marker) | 3 units | found by `wham-batch verify`"
+                    f"; {line['redone']} units redone, run complete | {line['rows_lost']} |")
+    for line in by_test.get("deleted_mid_run", []):
+        rows.append(f"| frames deleted from the bucket mid-run | {line['deleted']} objects | "
+                    f"{line['redone']} unit redone before `_SUCCESS` | {line['rows_lost']} |")
+    for line in by_test.get("storage_full", []):
+        rows.append(f"| output disk read-only, then full mid-run (tmpfs) | {line['tried']} | "
+                    f"{line['stopped_cleanly']} stopped with a message naming the root; "
+                    "resumed to a verified run | 0 |")
+    return rows
 
 
 def main() -> int:

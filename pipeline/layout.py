@@ -1,4 +1,4 @@
-"""The output layout and table schemas, schema version 1 (a public contract).
+"""The output layout and table schemas, schema version 2 (a public contract).
 
 ```
 steps/run_date=YYYY-MM-DD/run_id=<run_id>/part-<unit>.parquet     one row per step
@@ -7,6 +7,7 @@ frames/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>/<step:06d>.png
 previews/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>.gif
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/manifest.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/commits/<unit>.json
+_runs/run_date=YYYY-MM-DD/run_id=<run_id>/lease.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/_SUCCESS
 ```
 
@@ -26,7 +27,7 @@ import pyarrow as pa
 from pipeline.errors import UserError
 from workers.wham.actions import ACTION_DIM, BUTTON_NAMES, STICK_NAMES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STEPS_TABLE = "steps"
 ROLLOUTS_TABLE = "rollouts"
 TABLES = (STEPS_TABLE, ROLLOUTS_TABLE)
@@ -99,6 +100,9 @@ ROLLOUTS_SCHEMA = _with_version(
             pa.field("temperature", pa.float32(), nullable=False),
             pa.field("top_k", pa.int32(), nullable=True),
             pa.field("top_p", pa.float32(), nullable=False),
+            # version 2: greedy rollouts took the likeliest token (temperature and top_*
+            # did not apply), so they can be told apart from sampled ones.
+            pa.field("greedy", pa.bool_(), nullable=False),
             pa.field("rng_seed", pa.int64(), nullable=False),
             pa.field("model_id", pa.string(), nullable=False),
             pa.field("model_sha256", pa.string(), nullable=False),
@@ -205,6 +209,11 @@ def manifest_key(run_date: str | dt.date, run_id: str) -> str:
 
 def commits_prefix(run_date: str | dt.date, run_id: str) -> str:
     return f"{run_prefix(RUNS_DIR, run_date, run_id)}/commits/"
+
+
+def lease_key(run_date: str | dt.date, run_id: str) -> str:
+    """The run lease: which driver holds the run (pipeline.driver.lease)."""
+    return f"{run_prefix(RUNS_DIR, run_date, run_id)}/lease.json"
 
 
 def commit_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:

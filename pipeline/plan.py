@@ -11,10 +11,11 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from pipeline.layout import commits_prefix, rollout_id_for, unit_id_for
+from pipeline.errors import UserError
+from pipeline.layout import rollout_id_for, unit_id_for
 from pipeline.sources import SeedRef
 from pipeline.spec import JobSpec
-from pipeline.storage import Storage, safe_segment
+from pipeline.storage import safe_segment
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class WorkUnit:
     unit_id: str
     index: int
     items: tuple[RolloutItem, ...]
+    #: The run's plan fingerprint, recorded in the unit's commit marker (set by the driver).
+    plan_fingerprint: str = ""
 
     @property
     def num_rollouts(self) -> int:
@@ -89,6 +92,23 @@ def make_plan(
     ]
 
 
+def check_plan_size(spec: JobSpec, num_seeds: int) -> None:
+    """UserError, before any unit is built, when the run would plan more rollouts or
+    generated steps than `run.max_rollouts` / `run.max_steps` allow."""
+    rollouts = num_seeds * spec.rollouts.per_seed
+    steps = rollouts * spec.rollouts.steps
+    how = f"{num_seeds} seeds x rollouts.per_seed {spec.rollouts.per_seed}"
+    for total, limit, name, what in (
+            (rollouts, spec.run.max_rollouts, "max_rollouts", f"rollouts ({how})"),
+            (steps, spec.run.max_steps, "max_steps",
+             f"generated steps ({how} x rollouts.steps {spec.rollouts.steps})")):
+        if total > limit:
+            raise UserError(
+                f"this run would plan {total} {what}, more than run.{name}={limit}; lower "
+                f"rollouts.per_seed or seeds.limit, or raise the cap (--set run.{name}={total})"
+                " if you mean it")
+
+
 def plan_for_spec(spec: JobSpec, seeds: Iterable[SeedRef]) -> list[WorkUnit]:
     return make_plan(
         seeds, run_seed=spec.run.seed, per_seed=spec.rollouts.per_seed,
@@ -102,13 +122,6 @@ def plan_fingerprint(units: Sequence[WorkUnit]) -> str:
     for unit in units:
         h.update(json.dumps([unit.unit_id, [asdict(i) for i in unit.items]]).encode())
     return h.hexdigest()
-
-
-def committed_unit_ids(storage: Storage, *, run_date: str, run_id: str) -> set[str]:
-    """Unit ids whose commit marker exists, from one listing (not one request per unit)."""
-    prefix = commits_prefix(run_date, run_id)
-    names = (key.removeprefix(prefix) for key in storage.list_keys(prefix))
-    return {n.removesuffix(".json") for n in names if n.endswith(".json") and "/" not in n}
 
 
 def pending_units(units: Sequence[WorkUnit], committed: set[str]) -> list[WorkUnit]:

@@ -1,25 +1,31 @@
-"""Reading outputs back with Apache Arrow: datasets over the hive-partitioned tables.
+"""Reading outputs back: Arrow datasets over the hive-partitioned tables, and SQL over them.
 
 `open_table(root, "steps")` is a `pyarrow.dataset.Dataset` over every run under the root;
 `run_date` and `run_id` come from the hive paths, so filtering on them only opens that
-run's files. Runs of different models unify: `image_tokens` reads as a plain list.
+run's files. Runs of different models unify: `image_tokens` reads as a plain list. Only
+part files of the table (`<table>/run_date=.../run_id=.../part-uNNNNNN.parquet`) are read;
+anything else under the table's folder is left out with a warning naming it, and a part
+that cannot be read is an error naming the file.
+
+`sql(root, "SELECT ... FROM steps JOIN rollouts USING (run_id, rollout_id) ...")` runs one
+SQL query with DuckDB over the two tables (the same Arrow datasets, so local folders and
+s3:// roots work alike) and returns a `pyarrow.Table`. The connection is locked down once
+the tables are registered: no file, URL or extension can be read, nothing can be written
+(no COPY, ATTACH, spilling), settings cannot be changed back, and only one SELECT runs. Its
+text is bounded (`MAX_SQL_CHARS`, `MAX_BOOLEAN_TERMS`, `MAX_NESTING`), since a filter of
+thousands of OR clauses makes the planner run for minutes. `query(...)` is the same with a
+WHERE clause, column list and run id filled in for you.
 
 What a query sees: by default everything on storage, including parts of units that are
 still being written or whose commit marker is missing (a crash between the part and the
 marker). Parts are written whole and a retried unit overwrites its own part, so a part
 never holds half a unit or duplicates. Commit markers guard resume, not reads; pass
 `committed_only=True` (CLI `--committed-only`) to see only committed units' parts.
-
-`parse_where` turns a small filter language into a `pyarrow.compute.Expression` without
-`eval`: clauses `column op value` (op: = == != < <= > >=), `column in (v1, v2)`,
-`column is null`, `column is not null`, joined with `and` / `or` (`and` binds tighter).
-Values are numbers, 'quoted' or "quoted" strings, true/false, or bare words (read as
-strings for string columns).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,8 +34,39 @@ from pipeline import layout
 from pipeline.errors import UserError
 from pipeline.storage import open_storage
 
-_PART = re.compile(r"^part-(?P<unit>u\d+)\.parquet$")
+log = logging.getLogger("pipeline.query")
 FOOTER_READERS = 16  # parallel reads of part footers when checking schema versions
+#: Longest SQL text (or --where filter) accepted.
+MAX_SQL_CHARS = 64 * 1024
+#: Most AND / OR / NOT operators in one query: the planner slows down sharply past a few
+#: thousand (100,000 ORs run for minutes).
+MAX_BOOLEAN_TERMS = 1000
+#: Deepest nesting of parentheses and of expressions.
+MAX_NESTING = 100
+#: Largest --limit; more rows than this do not fit in memory anyway.
+MAX_LIMIT = 1_000_000_000
+#: Files in a warning about non-part files before the rest are only counted.
+_SHOWN_FILES = 5
+_PART = re.compile(r"^(?P<table>[^/]+)/run_date=(?P<run_date>[^/]+)/run_id=(?P<run_id>[^/]+)/"
+                   r"part-(?P<unit>u\d+)\.parquet$")
+_SQL_SKIP = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.DOTALL)
+_BOOLEAN = re.compile(r"\b(?:and|or|not)\b", re.IGNORECASE)
+#: Locks applied to a query connection after the tables are registered (order matters:
+#: the lock comes last).
+_LOCKDOWN = (
+    "SET temp_directory = ''",  # never spill to disk
+    "SET python_enable_replacements = false",  # no reading of the caller's variables
+    "SET enable_external_access = false",  # no files, URLs, ATTACH, COPY or extensions
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    f"SET max_expression_depth = {MAX_NESTING}",
+    "SET lock_configuration = true",
+)
+
+
+class NoTable(UserError):
+    """The root has no such table (nothing written there yet)."""
 
 
 def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
@@ -43,30 +80,44 @@ def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
     return found
 
 
+def part_keys(storage: Any, table: str) -> tuple[list[str], list[str]]:
+    """(part files of `table`, other files under its folder), from one listing."""
+    parts, other = [], []
+    for key in storage.list_keys(f"{table}/"):
+        (parts if _PART.match(key) else other).append(key)
+    return parts, other
+
+
 def check_versions(dataset: Any) -> None:
     """UserError if a run's parts were written with a newer schema than this code reads.
 
     One part per run folder is checked (a run is written by one version); its footer is
     read, so an unreadable part is reported by name here too.
     """
-    import pyarrow as pa
-
     first: dict[str, Any] = {}
     for fragment in dataset.get_fragments():
         first.setdefault(fragment.path.rsplit("/", 1)[0], fragment)
-
-    def version(fragment: Any) -> tuple[str, bytes | None]:
-        try:
-            metadata = fragment.physical_schema.metadata or {}
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"table part {fragment.path} cannot be read ({exc})") from None
-        return fragment.path, metadata.get(layout.SCHEMA_VERSION_KEY)
-
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
-        for path, found in pool.map(version, first.values()):
+        for path, found in pool.map(_footer_version, first.values()):
             if found is not None:
                 layout.check_schema_version(found.decode(errors="replace"),
                                             where=f"table part {path}")
+
+
+def _footer_version(fragment: Any) -> tuple[str, bytes | None]:
+    import pyarrow as pa
+
+    try:
+        metadata = fragment.physical_schema.metadata or {}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"table part {fragment.path} cannot be read ({exc})") from None
+    return fragment.path, metadata.get(layout.SCHEMA_VERSION_KEY)
+
+
+def find_unreadable(dataset: Any) -> None:
+    """UserError naming the first part of `dataset` whose footer cannot be read."""
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:
+        list(pool.map(_footer_version, dataset.get_fragments()))
 
 
 def open_table(
@@ -84,181 +135,143 @@ def open_table(
     schema = layout.query_schema(table)
     storage = open_storage(root, endpoint_url=endpoint_url, region=region)
     fs, base = storage.arrow_fs()
-    path = f"{base}/{table}"
+    try:
+        keys, other = part_keys(storage, table)
+    except OSError as exc:
+        raise UserError(f"cannot list {storage.uri}/{table} ({exc})") from None
+    if not keys and not other:
+        raise NoTable(f"no {table} table under {storage.uri} (nothing written there yet?)")
+    if other:
+        shown = ", ".join(other[:_SHOWN_FILES])
+        more = f" and {len(other) - _SHOWN_FILES} more" if len(other) > _SHOWN_FILES else ""
+        log.warning("ignoring %d file(s) under %s/%s that are not part files of the table: "
+                    "%s%s", len(other), storage.uri, table, shown, more)
+    if committed_only:
+        committed = _committed_units(storage)
+        keys = [k for k in keys if (m := _PART.match(k)) and
+                (m["run_date"], m["run_id"], m["unit"]) in committed]
     partitioning = ds.partitioning(
         schema=pa.schema([schema.field(name) for name in layout.PARTITION_COLUMNS]), flavor="hive"
     )
-    try:
-        dataset = ds.dataset(
-            path, filesystem=fs, format="parquet", partitioning=partitioning, schema=schema
-        )
-    except FileNotFoundError:
-        raise UserError(
-            f"no {table} table under {storage.uri} (nothing written there yet?)"
-        ) from None
+    dataset = ds.dataset([f"{base}/{k}" for k in keys], filesystem=fs, format="parquet",
+                         partitioning=partitioning, schema=schema,
+                         partition_base_dir=f"{base}/{table}")
     check_versions(dataset)
-    if not committed_only:
-        return dataset
-    committed = _committed_units(storage)
-    keep = []
-    for file in dataset.files:
-        parts = file[len(path) + 1 :].split("/")
-        values = dict(p.split("=", 1) for p in parts[:-1] if "=" in p)
-        match = _PART.match(parts[-1])
-        if match and (values.get("run_date"), values.get("run_id"), match["unit"]) in committed:
-            keep.append(file)
-    return ds.dataset(
-        keep,
-        filesystem=fs,
-        format="parquet",
-        partitioning=partitioning,
-        schema=schema,
-        partition_base_dir=path,
-    )
+    return dataset
 
 
-# ------------------------------------------------------------------------- filter language
-
-_TOKEN = re.compile(
-    r"""\s*(?:
-        (?P<string>'(?:[^']|'')*'|"(?:[^"]|"")*")
-      | (?P<op>==|!=|<=|>=|=|<|>|\(|\)|,)
-      | (?P<word>[^\s()'",=!<>]+)
-    )""",
-    re.VERBOSE,
-)
+# ------------------------------------------------------------------------------ SQL
 
 
-def _tokens(expr: str) -> list[tuple[str, str, int]]:
-    out, pos = [], 0
-    expr = expr.rstrip()
-    while pos < len(expr):
-        match = _TOKEN.match(expr, pos)
-        if not match:
-            raise UserError(f"--where: cannot read {expr[pos : pos + 20]!r} at character {pos + 1}")
-        kind = match.lastgroup or "word"
-        out.append((kind, match.group(kind), match.start(kind)))
-        pos = match.end()
-    return out
+def check_sql(text: str, *, what: str = "--sql") -> str:
+    """`text` if it is within the size and nesting bounds, else a UserError saying which."""
+    if not text.strip():
+        raise UserError(f"{what}: empty query")
+    if len(text) > MAX_SQL_CHARS:
+        raise UserError(f"{what}: {len(text)} characters, more than the {MAX_SQL_CHARS} "
+                        "accepted; filter on fewer values (e.g. `IN (...)` or a range)")
+    code = _SQL_SKIP.sub(" ", text)  # operators inside strings and comments do not count
+    terms = len(_BOOLEAN.findall(code))
+    if terms > MAX_BOOLEAN_TERMS:
+        raise UserError(f"{what}: {terms} AND/OR/NOT operators, more than the "
+                        f"{MAX_BOOLEAN_TERMS} accepted; write `column IN (a, b, ...)` "
+                        "instead of a long chain of ORs")
+    depth = deepest = 0
+    for ch in code:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_NESTING:
+        raise UserError(f"{what}: parentheses nested {deepest} deep, more than the "
+                        f"{MAX_NESTING} accepted")
+    return text
 
 
-class _Parser:
-    def __init__(self, expr: str, schema: Any) -> None:
-        self.expr = expr
-        self.schema = schema
-        self.tokens = _tokens(expr)
-        self.i = 0
+def check_limit(limit: int | None) -> int | None:
+    if limit is not None and not 0 <= limit <= MAX_LIMIT:
+        raise UserError(f"--limit must be between 0 and {MAX_LIMIT}, got {limit}")
+    return limit
 
-    def _peek(self) -> tuple[str, str, int] | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
 
-    def _next(self, what: str) -> tuple[str, str, int]:
-        token = self._peek()
-        if token is None:
-            raise UserError(f"--where {self.expr!r}: expected {what} at the end")
-        self.i += 1
-        return token
+class _Tables:
+    """The output tables of a root, registered in a locked-down DuckDB connection."""
 
-    def _keyword(self, word: str) -> bool:
-        token = self._peek()
-        if token and token[0] == "word" and token[1].lower() == word:
-            self.i += 1
-            return True
-        return False
+    def __init__(self, root: str, *, endpoint_url: str | None, region: str | None,
+                 committed_only: bool, names: tuple[str, ...] = layout.TABLES) -> None:
+        import duckdb
 
-    def parse(self) -> Any:
-        result = self._or()
-        if self._peek() is not None:
-            _, text, pos = self._peek()
-            raise UserError(f"--where {self.expr!r}: unexpected {text!r} at character {pos + 1}")
-        return result
+        self.datasets: dict[str, Any] = {}
+        missing = []
+        for table in names:
+            try:
+                self.datasets[table] = open_table(root, table, endpoint_url=endpoint_url,
+                                                  region=region, committed_only=committed_only)
+            except NoTable as exc:
+                missing.append(exc)
+        if not self.datasets:
+            raise missing[0] if len(missing) == 1 else NoTable(
+                f"no output tables under {root} (nothing written there yet?)")
+        self.con = duckdb.connect(":memory:")
+        for table in layout.TABLES:
+            empty = layout.query_schema(table).empty_table()
+            self.con.register(table, self.datasets.get(table, empty))
+        for statement in _LOCKDOWN:
+            self.con.execute(statement)
 
-    def _or(self) -> Any:
-        result = self._and()
-        while self._keyword("or"):
-            result = result | self._and()
-        return result
-
-    def _and(self) -> Any:
-        result = self._clause()
-        while self._keyword("and"):
-            result = result & self._clause()
-        return result
-
-    def _clause(self) -> Any:
-        import pyarrow.dataset as ds
-
-        kind, name, pos = self._next("a column name")
-        if kind != "word":
-            raise UserError(f"--where {self.expr!r}: expected a column name at character {pos + 1}")
-        if name not in self.schema.names:
-            raise UserError(
-                f"--where: unknown column {name!r}; columns: {', '.join(self.schema.names)}"
-            )
-        field = ds.field(name)
-        if self._keyword("is"):
-            negate = self._keyword("not")
-            if not self._keyword("null"):
-                raise UserError(f"--where: expected 'null' after '{name} is'")
-            return ~field.is_null() if negate else field.is_null()
-        if self._keyword("in"):
-            if self._next("'('")[1] != "(":
-                raise UserError(f"--where: expected '(' after '{name} in'")
-            values = [self._value(name)]
-            while (sep := self._next("',' or ')'")[1]) == ",":
-                values.append(self._value(name))
-            if sep != ")":
-                raise UserError(f"--where: expected ',' or ')' in the list for {name!r}")
-            return field.isin(values)
-        kind, op, pos = self._next("an operator")
-        if kind != "op" or op in "(),":
-            raise UserError(f"--where: expected an operator after {name!r} at character {pos + 1}")
-        value = self._value(name)
-        return {
-            "=": field == value,
-            "==": field == value,
-            "!=": field != value,
-            "<": field < value,
-            "<=": field <= value,
-            ">": field > value,
-            ">=": field >= value,
-        }[op]
-
-    def _value(self, column: str) -> Any:
+    def run(self, text: str, *, limit: int | None, what: str) -> Any:
+        """The result of one SELECT as a pyarrow Table; UserError for anything else."""
+        import duckdb
         import pyarrow as pa
 
-        kind, text, pos = self._next(f"a value for {column!r}")
-        if kind == "op":
-            raise UserError(f"--where: expected a value for {column!r} at character {pos + 1}")
-        if kind == "string":
-            text = text[1:-1].replace(text[0] * 2, text[0])
-        col_type = self.schema.field(column).type
         try:
-            if pa.types.is_boolean(col_type):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return text.lower() in ("true", "1")
-            if pa.types.is_integer(col_type):
-                return int(text)
-            if pa.types.is_floating(col_type):
-                return float(text)
-            if pa.types.is_timestamp(col_type):
-                stamp = dt.datetime.fromisoformat(text)
-                return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)
-            if pa.types.is_string(col_type):
-                return text
-        except ValueError:
-            raise UserError(
-                f"--where: {text!r} is not a valid value for column {column!r} ({col_type})"
-            ) from None
-        raise UserError(f"--where: column {column!r} ({col_type}) cannot be compared")
+            statements = self.con.extract_statements(text)
+            if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+                kinds = ", ".join(s.type.name for s in statements) or "none"
+                raise UserError(f"{what}: exactly one SELECT query is run, read-only "
+                                f"(found: {kinds})")
+            relation = self.con.sql(text)
+            if limit is not None:
+                relation = relation.limit(limit)
+            return pa.table(relation)
+        except duckdb.Error as exc:
+            self._name_unreadable_part(exc)
+            raise UserError(f"{what}: {_first_lines(str(exc))}") from None
+        except (pa.ArrowException, OSError) as exc:
+            self._name_unreadable_part(exc)
+            raise UserError(f"{what}: reading the tables failed ({exc})") from None
+
+    def _name_unreadable_part(self, exc: Exception) -> None:
+        """UserError naming the part that broke a query, if a part did."""
+        text = str(exc).lower()
+        if "parquet" in text or "magic" in text or "footer" in text:
+            for dataset in self.datasets.values():
+                find_unreadable(dataset)
 
 
-def parse_where(expr: str, schema: Any) -> Any:
-    """A filter string -> pyarrow.compute.Expression; UserError naming the problem."""
-    if not expr.strip():
-        raise UserError("--where: empty filter")
-    return _Parser(expr, schema).parse()
+def _first_lines(message: str, n: int = 3) -> str:
+    lines = [line for line in message.splitlines() if line.strip()]
+    return "\n  ".join(lines[:n])
+
+
+def sql(
+    root: str,
+    text: str,
+    *,
+    limit: int | None = None,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    committed_only: bool = False,
+) -> Any:
+    """One read-only SQL SELECT over the `steps` and `rollouts` tables of `root` (a
+    folder or s3:// prefix), as a pyarrow Table; UserError for bad or oversized SQL."""
+    check_sql(text)
+    check_limit(limit)
+    tables = _Tables(root, endpoint_url=endpoint_url, region=region,
+                     committed_only=committed_only)
+    return tables.run(text, limit=limit, what="--sql")
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def query(
@@ -273,25 +286,22 @@ def query(
     region: str | None = None,
     committed_only: bool = False,
 ) -> Any:
-    """Rows of one table as a pyarrow.Table (filtered, projected, limited)."""
-    import pyarrow.dataset as ds
-
-    dataset = open_table(
-        root, table, endpoint_url=endpoint_url, region=region, committed_only=committed_only
-    )
+    """Rows of one table as a pyarrow.Table: `where` is an SQL condition (the WHERE clause
+    of `sql`), `columns` a projection, `run_id` one run."""
+    schema = layout.query_schema(table)  # UserError for an unknown table
     if columns:
-        unknown = [c for c in columns if c not in dataset.schema.names]
+        unknown = [c for c in columns if c not in schema.names]
         if unknown:
-            raise UserError(
-                f"--columns: unknown column(s) {', '.join(unknown)}; "
-                f"columns: {', '.join(dataset.schema.names)}"
-            )
-    flt = parse_where(where, dataset.schema) if where else None
+            raise UserError(f"--columns: unknown column(s) {', '.join(unknown)}; "
+                            f"columns: {', '.join(schema.names)}")
+    if where is not None:
+        check_sql(where, what="--where")
+    check_limit(limit)
+    conditions = [f"({where})"] if where else []
     if run_id is not None:
-        by_run = ds.field("run_id") == run_id
-        flt = by_run if flt is None else flt & by_run
-    if limit is not None:
-        if limit < 0:
-            raise UserError("--limit must be >= 0")
-        return dataset.head(limit, columns=columns, filter=flt)
-    return dataset.to_table(columns=columns, filter=flt)
+        conditions.append(f"run_id = '{run_id.replace(chr(39), chr(39) * 2)}'")
+    text = (f"SELECT {', '.join(_quote(c) for c in columns) if columns else '*'} "
+            f"FROM {table}" + (f" WHERE {' AND '.join(conditions)}" if conditions else ""))
+    tables = _Tables(root, endpoint_url=endpoint_url, region=region,
+                     committed_only=committed_only, names=(table,))
+    return tables.run(text, limit=limit, what="--where" if where else "query")

@@ -118,7 +118,8 @@ class RolloutActor:
                 t0 = time.perf_counter()  # not counting the wait for the other unit
                 ok, failed, errors = self._generate(unit)
                 generate_s = time.perf_counter() - t0
-            result = self.writer.finish_unit(unit.unit_id)
+            result = self.writer.finish_unit(unit.unit_id,
+                                                plan_fingerprint=unit.plan_fingerprint)
         except BaseException:
             # Not committed: drop what was buffered so a retry starts clean.
             self.writer.abort_unit(unit.unit_id)
@@ -180,7 +181,8 @@ class RolloutActor:
         seed = load_seed(items[0].seed_ref(), image_size=tuple(self.model.image_size),
                          context_steps=spec.seeds.context_steps,
                          future_steps=steps if needs_future else 0,
-                         endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region)
+                         endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region,
+                         max_bytes=int(spec.seeds.max_file_mb * 2**20))
         ctx_images = np.asarray(seed.context_images, dtype=np.uint8)
         ctx_actions = (np.asarray(seed.context_actions, dtype=np.int64)
                        if seed.context_actions is not None
@@ -280,7 +282,7 @@ class RolloutActor:
             "action_policy": mode_policy[r.mode], "context_steps": context_steps,
             "generated_steps": r.steps if status == "ok" else 0,
             "temperature": r.sampling.temperature, "top_k": r.sampling.top_k,
-            "top_p": r.sampling.top_p, "rng_seed": item.rng_seed,
+            "top_p": r.sampling.top_p, "greedy": r.sampling.greedy, "rng_seed": item.rng_seed,
             "model_id": self.model.model_id, "model_sha256": self.model.sha256,
             "status": status, "error": error, "worker": self.worker, "started_at": started,
             "finished_at": _now(), "generate_seconds": seconds,

@@ -138,19 +138,20 @@ def load_seed(
     future_steps: int = 0,
     endpoint_url: str | None = None,
     region: str | None = None,
+    max_bytes: int | None = None,
 ) -> SeedData:
     """Read and decode one seed at the model's (H, W).
 
     Pictures give one context frame. Clips give their first `context_steps` frames and
     actions as context (fewer if the clip is shorter) and up to `future_steps` recorded
-    frames and actions after them (for replayed actions and policy mode). Every problem
-    raises SeedError naming the seed.
+    frames and actions after them (for replayed actions and policy mode). A file larger
+    than `max_bytes` is not read. Every problem raises SeedError naming the seed.
     """
     if context_steps < 1:
         raise ValueError(f"context_steps must be >= 1, got {context_steps}")
     _check_inside_root(ref)
     try:
-        data = read_uri(ref.uri, endpoint_url=endpoint_url, region=region)
+        data = read_uri(ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
     except FileNotFoundError:
         raise SeedError(f"seed {ref.seed_id}: {ref.uri} does not exist") from None
     except (OSError, UserError) as exc:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import json
 import threading
 import time
 from collections.abc import Mapping
@@ -30,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import layout
+from pipeline.errors import UserError
+from pipeline.markers import marker_bytes
 from pipeline.metrics import Metrics
-from pipeline.storage import Storage
+from pipeline.storage import Storage, StorageFatalError, backoff_delay
 from workers.encode import encode_gif, encode_png
 from workers.wham.actions import (
     ACTION_DIM,
@@ -44,6 +45,8 @@ from workers.wham.actions import (
 
 #: Longest wait for one unit's uploads (and for a free upload slot) before the unit fails.
 FLUSH_TIMEOUT_S = 600.0
+#: Tries of one object write; transient errors between them wait `backoff_delay`.
+WRITE_ATTEMPTS = 4
 _REQUIRED_ROLLOUT_KEYS = tuple(
     f.name for f in layout.ROLLOUTS_SCHEMA if not f.nullable and f.name != "unit_id"
 )
@@ -221,6 +224,22 @@ class OutputWriter:
 
     # ------------------------------------------------------------------ workers
 
+    @staticmethod
+    def _retrying(write: Any) -> Any:
+        """`write()`, retried with backoff on transient errors (not three tries in one
+        second); a store that is full, read-only or refuses the key fails at once."""
+        for attempt in range(WRITE_ATTEMPTS - 1):
+            try:
+                return write()
+            except UserError:
+                raise
+            except OSError:
+                time.sleep(backoff_delay(attempt))
+        return write()
+
+    def _put(self, key: str, data: bytes, *, content_type: str) -> None:
+        self._retrying(lambda: self.storage.put_bytes(key, data, content_type=content_type))
+
     def _provenance(self, rollout_id: str, step: int | None) -> dict[str, str]:
         text = {
             "Software": "wham-batch",
@@ -239,7 +258,7 @@ class OutputWriter:
         text = self._provenance(rollout_id, step)
         text["generated"] = "true" if generated else "false"
         data = encode_png(image, text=text, watermark=self.watermark and generated)
-        self.storage.put_bytes(key, data, content_type="image/png")
+        self._put(key, data, content_type="image/png")
         with unit.lock:
             unit.frames += 1
 
@@ -250,7 +269,7 @@ class OutputWriter:
         data = encode_gif(
             frames, scale=self.preview_scale, watermark=self.watermark, comment=comment
         )
-        self.storage.put_bytes(key, data, content_type="image/gif")
+        self._put(key, data, content_type="image/gif")
         with unit.lock:
             unit.previews += 1
 
@@ -266,6 +285,9 @@ class OutputWriter:
                 f"{FLUSH_TIMEOUT_S:.0f} s"
             )
         errors = [f.exception() for f in futures if f.exception() is not None]
+        fatal = [e for e in errors if isinstance(e, StorageFatalError)]
+        if fatal:
+            raise fatal[0]  # as it is: the driver stops the run on it, naming the root
         if errors:
             raise WriteError(
                 f"unit {unit_id}: {len(errors)} of {len(futures)} uploads failed; "
@@ -334,10 +356,11 @@ class OutputWriter:
 
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
-        self.storage.put_bytes(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
+        self._put(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
 
-    def finish_unit(self, unit_id: str) -> UnitWriteResult:
-        """Wait for the unit's uploads, write its Parquet parts, then its commit marker.
+    def finish_unit(self, unit_id: str, *, plan_fingerprint: str = "") -> UnitWriteResult:
+        """Wait for the unit's uploads, write its Parquet parts, then its commit marker
+        (which records `plan_fingerprint`, the run's plan, and its own checksum).
 
         Raises WriteError if any upload failed (the unit is then not committed) and
         ValueError if a rollout has steps but no `finish_rollout` row.
@@ -364,17 +387,10 @@ class OutputWriter:
             "frames": unit.frames,
             "previews": unit.previews,
         }
-        marker = {
-            "schema_version": layout.SCHEMA_VERSION,
-            "run_date": self.run_date,
-            "run_id": self.run_id,
-            **result,
-            "committed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-        committed = self.storage.create_if_absent(
-            layout.commit_key(self.run_date, self.run_id, unit_id),
-            json.dumps(marker, sort_keys=True).encode(),
-        )
+        marker = marker_bytes(run_date=self.run_date, run_id=self.run_id, unit_id=unit_id,
+                              plan_fingerprint=plan_fingerprint, counts=result)
+        key = layout.commit_key(self.run_date, self.run_id, unit_id)
+        committed = self._retrying(lambda: self.storage.create_if_absent(key, marker))
         return UnitWriteResult(
             **result, write_seconds=time.perf_counter() - t0, committed=committed
         )

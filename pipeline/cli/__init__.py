@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import cluster, demo, model, query, run, serve
+from pipeline.cli import cluster, demo, model, query, run, serve, verify
 from pipeline.cli.command import Command, interrupted_status, stop_on_sigterm
 from pipeline.errors import UserError
 from pipeline.versions import version_line
@@ -21,6 +21,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     run.RUN,
     run.VALIDATE,
     query.QUERY,
+    verify.VERIFY,
     cluster.SUBMIT,
     cluster.STATUS,
     cluster.LOGS,

@@ -1,4 +1,4 @@
-"""`wham-batch query`: read the steps or rollouts table of an output root."""
+"""`wham-batch query`: read the steps and rollouts tables of an output root, with SQL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from pipeline import layout
 from pipeline.cli.command import Command
 from pipeline.errors import UserError
-from pipeline.query import query
+from pipeline.query import MAX_LIMIT, query, sql
 from pipeline.storage import open_storage
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -20,15 +20,32 @@ TABLE_DEFAULT_ROWS = 50
 _CELL_CHARS = 40
 
 
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_LIMIT}")
+    return value
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="output root: a local folder or s3://bucket/prefix")
-    p.add_argument("--table", choices=("steps", "rollouts"), default="steps")
+    p.add_argument(
+        "--sql", metavar="QUERY",
+        help="one SQL SELECT over the tables `steps` and `rollouts`, e.g. \"SELECT rollout_id, "
+        "count(*) FROM steps JOIN rollouts USING (run_id, rollout_id) WHERE status = 'ok' "
+        "GROUP BY rollout_id\" (instead of --table/--where/--columns/--run-id)")
+    p.add_argument("--table", choices=("steps", "rollouts"), default=None,
+                   help="the table to read without --sql (default steps)")
     p.add_argument("--run-id", help="only this run")
     p.add_argument(
-        "--where", metavar="EXPR", help='row filter, e.g. "generated = true and step < 5"'
-    )
+        "--where", metavar="CONDITION",
+        help="SQL condition on the table's columns, e.g. \"generated and step < 5\" or "
+        "\"status <> 'ok'\"")
     p.add_argument("--columns", metavar="A,B", help="comma-separated columns to keep")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N rows")
+    p.add_argument("--limit", type=_limit, metavar="N", help="at most N rows")
     p.add_argument("--format", choices=FORMATS, default="table", help="output format")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument(
@@ -102,24 +119,29 @@ def _check_run_exists(args: argparse.Namespace) -> None:
                         f"{listed}; `wham-batch runs {args.root}` lists them)")
 
 
+def _read(args: argparse.Namespace, limit: int | None) -> Any:
+    common = dict(endpoint_url=args.endpoint_url, region=args.region,
+                  committed_only=args.committed_only)
+    if args.sql is not None:
+        clash = [flag for flag, value in (("--table", args.table), ("--where", args.where),
+                                          ("--columns", args.columns), ("--run-id", args.run_id))
+                 if value is not None]
+        if clash:
+            raise UserError(f"--sql cannot be combined with {', '.join(clash)}: put them in "
+                            "the query (FROM, WHERE, SELECT)")
+        return sql(args.root, args.sql, limit=limit, **common)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    return query(args.root, table=args.table or "steps", run_id=args.run_id, where=args.where,
+                 columns=columns, limit=limit, **common)
+
+
 def run_query(args: argparse.Namespace) -> int:
     if args.format == "parquet" and not args.out:
         raise UserError("--format parquet writes binary data: pass --out FILE")
-    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     limit = args.limit
     if args.format == "table" and limit is None:
         limit = TABLE_DEFAULT_ROWS + 1  # one extra row tells whether more exist
-    table = query(
-        args.root,
-        table=args.table,
-        run_id=args.run_id,
-        where=args.where,
-        columns=columns,
-        limit=limit,
-        endpoint_url=args.endpoint_url,
-        region=args.region,
-        committed_only=args.committed_only,
-    )
+    table = _read(args, limit)
     if table.num_rows == 0 and args.run_id:
         _check_run_exists(args)
     if args.format == "table":
@@ -141,8 +163,11 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 QUERY = Command(
-    "query", "query the steps or rollouts table of an output root", _arguments, run_query,
-    description="Read an output table across runs with Apache Arrow. Filters on run_id and "
-    "run_date only open that run's files. --where takes clauses such as "
-    '"step >= 10 and action_source = model", "status in (ok, failed)" or '
-    '"error is not null", joined with and/or.')
+    "query", "query the steps and rollouts tables of an output root (SQL)", _arguments,
+    run_query,
+    description="Read the output tables across runs. --sql runs one read-only SQL SELECT "
+    "(DuckDB) over the tables steps and rollouts, joined with USING (run_id, rollout_id); "
+    "--table/--where/--columns/--run-id build a simple one for you (--where is an SQL "
+    "condition such as \"step >= 10 and action_source = 'model'\" or \"error is not "
+    "null\"). Filters on run_id and run_date only open that run's files. Queries read "
+    "nothing outside the root and write nothing (but --out).")

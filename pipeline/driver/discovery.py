@@ -76,6 +76,7 @@ def read_table_file(
     endpoint_url: str | None = None,
     region: str | None = None,
     string_columns: tuple[str, ...] = (),
+    max_bytes: int | None = None,
 ) -> Any:
     """A small CSV or Parquet file (local or s3://) as a pyarrow Table.
 
@@ -87,7 +88,7 @@ def read_table_file(
     import pyarrow.parquet as pq
 
     try:
-        data = read_uri(uri, endpoint_url=endpoint_url, region=region)
+        data = read_uri(uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
     except FileNotFoundError:
         raise UserError(f"{what} {uri} does not exist") from None
     try:
@@ -108,13 +109,15 @@ def read_table_file(
     return table
 
 
-def _read_manifest(source: str, *, endpoint_url: str | None, region: str | None) -> list[SeedRef]:
+def _read_manifest(source: str, *, endpoint_url: str | None, region: str | None,
+                   max_bytes: int | None) -> list[SeedRef]:
     table = read_table_file(
         source,
         what="seeds.source: manifest",
         endpoint_url=endpoint_url,
         region=region,
         string_columns=("uri", "seed_id"),
+        max_bytes=max_bytes,
     )
     if "uri" not in table.column_names:
         raise UserError(
@@ -155,12 +158,14 @@ def discover_seeds(
     limit: int | None = None,
     endpoint_url: str | None = None,
     region: str | None = None,
+    max_bytes: int | None = None,
 ) -> list[SeedRef]:
     """Find the seeds under `source` (a folder, an s3:// prefix, or a manifest file).
 
     `glob` selects files by relative name (fnmatch; `*` also crosses '/'); by default
     `*.png`, `*.jpg`, `*.jpeg` (any case) for images and `*.npz` for clips. Results are in
     sorted order of the relative name (manifest: file order); `limit` keeps the first N.
+    A manifest larger than `max_bytes` is an error (it is not read whole).
     """
     if format not in SEED_FORMATS:
         raise UserError(f"seeds.format {format!r} is not one of {', '.join(SEED_FORMATS)}")
@@ -168,7 +173,8 @@ def discover_seeds(
         raise UserError(f"seeds.limit must be at least 1, got {limit}")
     source = os.fspath(source)
     if format == "manifest":
-        refs = _read_manifest(source, endpoint_url=endpoint_url, region=region)
+        refs = _read_manifest(source, endpoint_url=endpoint_url, region=region,
+                              max_bytes=max_bytes)
         if glob:
             refs = [r for r in refs if _matches(r.uri, (glob,), case_sensitive=True)]
         return refs[:limit]

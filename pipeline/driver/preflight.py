@@ -115,7 +115,8 @@ def preflight(spec: JobSpec) -> Prepared:
     storage.check_writable()
     s = spec.seeds
     seeds = discover_seeds(s.source, format=s.format, glob=s.glob, limit=s.limit,
-                           endpoint_url=s.endpoint_url, region=s.region)
+                           endpoint_url=s.endpoint_url, region=s.region,
+                           max_bytes=int(s.max_file_mb * 2**20))
     if not seeds:
         raise UserError(f"seeds.source: no seeds found under {s.source} "
                         f"(format {s.format}, glob {s.glob or 'default'})")
@@ -123,20 +124,28 @@ def preflight(spec: JobSpec) -> Prepared:
 
 
 def check_cluster(spec: JobSpec) -> None:
-    """UserError when the connected Ray cluster cannot hold the requested actors."""
+    """UserError when the connected Ray cluster cannot hold the requested actors.
+
+    CPUs are counted honestly: an actor is a process with a model replica that keeps at
+    least one core busy, so a `cpus_per_actor` below 1 counts as 1 here (Ray itself would
+    pack 40 actors at 0.01 CPU onto one core and the machine would run out of memory).
+    """
     import ray
 
     res = ray.cluster_resources()
     r = spec.resources
-    for kind, per_actor in (("GPU", r.gpus_per_actor), ("CPU", r.cpus_per_actor)):
+    for kind, per_actor in (("GPU", r.gpus_per_actor), ("CPU", max(r.cpus_per_actor, 1.0))):
         have = float(res.get(kind, 0.0))
         need = per_actor * r.actors
         if per_actor > 0 and have + 1e-9 < need:
             fit = int(have // per_actor) if per_actor else 0
+            why = (" (each actor is a process that keeps at least one core busy, so "
+                   "cpus_per_actor below 1 counts as 1)"
+                   if kind == "CPU" and r.cpus_per_actor < 1 else "")
             raise UserError(
-                f"resources: {r.actors} actors x {per_actor} {kind} = {need:g} {kind}s, but the "
-                f"Ray cluster has {have:g}; lower resources.actors (at most {fit} fit) or "
-                f"resources.{kind.lower()}s_per_actor")
+                f"resources: {r.actors} actors x {per_actor:g} {kind} = {need:g} {kind}s{why}, "
+                f"but the Ray cluster has {have:g}; lower resources.actors (at most {fit} fit) "
+                f"or resources.{kind.lower()}s_per_actor")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 Everything here reads or writes the `_runs/run_date=.../run_id=.../` folder of the layout
 (docs/outputs.md, "Output layout"). The driver writes the manifest when a run starts and
 ends; `runs` and the nightly entry point read it back. Markers are read in parallel, since a
-resumed S3 run may have thousands.
+resumed S3 run may have thousands, and checked (`pipeline.markers.read_marker`): a marker
+that does not parse or whose checksum does not match is reported and counts as absent.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline import layout
 from pipeline.driver.progress import Totals
+from pipeline.markers import MarkerProblem, read_marker
 from pipeline.plan import WorkUnit, plan_fingerprint
 from pipeline.spec import JobSpec
 from pipeline.storage import Storage, open_storage
@@ -78,9 +80,62 @@ def manifest_bytes(spec: JobSpec, *, status: str, fingerprint: str, totals: Tota
 
 
 def delete_run(storage: Storage, *, run_date: str, run_id: str) -> int:
-    """Delete every object of one run (tables, frames, previews, run state)."""
-    return sum(storage.delete_prefix(layout.run_prefix(folder, run_date, run_id))
-               for folder in OUTPUT_FOLDERS)
+    """Delete every object of one run but its lease (the caller holds it).
+
+    `_SUCCESS` goes first and the commit markers next, so a delete cut short never leaves a
+    run that claims data it no longer has."""
+    lease = layout.lease_key(run_date, run_id)
+    success = layout.success_key(run_date, run_id)
+    state = [k for k in storage.list_keys(layout.run_prefix(layout.RUNS_DIR, run_date, run_id))
+             if k not in (lease, success)]
+    removed = 0
+    for key in [success, *state]:
+        if key == success and not storage.exists(key):
+            continue
+        storage.delete(key)
+        removed += 1
+    data = (f for f in OUTPUT_FOLDERS if f != layout.RUNS_DIR)
+    return removed + sum(storage.delete_prefix(layout.run_prefix(folder, run_date, run_id))
+                         for folder in data)
+
+
+@dataclass(slots=True)
+class Markers:
+    """A run's commit markers: those that can be trusted, by unit id, and those that
+    cannot, with the reason."""
+
+    good: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bad: dict[str, str] = field(default_factory=dict)
+
+
+def _read_one(storage: Storage, key: str, unit_id: str) -> dict[str, Any] | str | None:
+    try:
+        return read_marker(storage.get_bytes(key), unit_id=unit_id)
+    except FileNotFoundError:
+        return None  # removed since the listing
+    except MarkerProblem as exc:
+        return str(exc)
+
+
+def read_markers(storage: Storage, *, run_date: str, run_id: str,
+                 unit_ids: Iterable[str] | None = None) -> Markers:
+    """The run's markers (those of `unit_ids`, or all from one listing), checked."""
+    if unit_ids is None:
+        prefix = layout.commits_prefix(run_date, run_id)
+        names = (k.removeprefix(prefix) for k in storage.list_keys(prefix))
+        unit_ids = [n.removesuffix(".json") for n in names
+                    if n.endswith(".json") and "/" not in n]
+    ids = list(unit_ids)
+    keys = [layout.commit_key(run_date, run_id, uid) for uid in ids]
+    with ThreadPoolExecutor(MARKER_READERS) as pool:
+        found = list(pool.map(lambda kv: _read_one(storage, *kv), zip(keys, ids, strict=True)))
+    out = Markers()
+    for uid, marker in zip(ids, found, strict=True):
+        if isinstance(marker, dict):
+            out.good[uid] = marker
+        elif isinstance(marker, str):
+            out.bad[uid] = marker
+    return out
 
 
 @dataclass(slots=True)
@@ -96,17 +151,15 @@ class MarkerTotals:
 
 def marker_totals(storage: Storage, *, run_date: str, run_id: str,
                   unit_ids: Iterable[str] | None = None) -> MarkerTotals:
-    """Totals of the given units' commit markers (all of the run's markers by default)."""
-    if unit_ids is None:
-        keys = list(storage.list_keys(layout.commits_prefix(run_date, run_id)))
-    else:
-        keys = [layout.commit_key(run_date, run_id, uid) for uid in unit_ids]
-    with ThreadPoolExecutor(MARKER_READERS) as pool:
-        markers = list(pool.map(lambda key: read_json(storage, key) or {}, keys))
-    out = MarkerTotals(units=len(markers))
-    for key, marker in zip(keys, markers, strict=True):
-        layout.check_schema_version(marker.get("schema_version", layout.SCHEMA_VERSION),
-                                    where=storage.key_uri(key))
+    """Totals of the given units' trusted commit markers (all of the run's by default)."""
+    markers = read_markers(storage, run_date=run_date, run_id=run_id, unit_ids=unit_ids)
+    return totals_of(markers.good.values())
+
+
+def totals_of(markers: Iterable[dict[str, Any]]) -> MarkerTotals:
+    out = MarkerTotals()
+    for marker in markers:
+        out.units += 1
         out.ok += int(marker.get("ok", 0))
         out.failed += int(marker.get("failed", 0))
         out.steps += int(marker.get("steps", 0))
@@ -115,16 +168,12 @@ def marker_totals(storage: Storage, *, run_date: str, run_id: str,
 
 
 def reopen_retryable_units(storage: Storage, *, run_date: str, run_id: str,
-                           unit_ids: Iterable[str]) -> set[str]:
+                           markers: dict[str, dict[str, Any]]) -> set[str]:
     """Committed units whose marker counts rollouts a rerun may complete (the model
     endpoint kept failing): their markers are removed so the units run again; their ids."""
-    keys = {uid: layout.commit_key(run_date, run_id, uid) for uid in unit_ids}
-    with ThreadPoolExecutor(MARKER_READERS) as pool:
-        markers = dict(zip(keys, pool.map(lambda k: read_json(storage, k) or {}, keys.values()),
-                           strict=True))
     reopened = {uid for uid, marker in markers.items() if int(marker.get("retryable", 0)) > 0}
     for uid in sorted(reopened):
-        storage.delete_prefix(keys[uid])  # the marker's own key: only that object
+        storage.delete(layout.commit_key(run_date, run_id, uid))
     return reopened
 
 

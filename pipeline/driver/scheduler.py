@@ -5,7 +5,10 @@ the actor side), probes them until they are ready, keeps up to `units_in_flight`
 each, and handles what comes back: a receipt, a unit that raised, an actor that died (Ray
 restarts it; its units are resubmitted, up to `max_unit_attempts`), an actor that never
 starts, a unit that overruns `unit_timeout_s`. Every wait on Ray has a timeout, so a stuck
-actor is detected (and killed for a restart) instead of hanging the run.
+actor is detected (and killed for a restart) instead of hanging the run. A retried unit
+waits a backoff first; a unit that failed because the output storage is full, read-only or
+refuses access (`StorageFatalError`) stops the run at once: retries cannot help, and what
+is committed stays for a rerun.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pipeline.logs import LOG_LEVEL_ENV
 from pipeline.metrics import Metrics
 from pipeline.plan import UnitReceipt, WorkUnit
 from pipeline.spec import JobSpec
+from pipeline.storage import StorageFatalError, backoff_delay
 
 log = logging.getLogger("pipeline.driver")
 WAIT_S = 1.0  # longest single ray.wait; the loop re-checks timeouts between waits
@@ -70,6 +74,7 @@ class Scheduler:
         self.spec = spec
         self.prog = prog
         self.queue: deque[tuple[WorkUnit, int]] = deque((u, 1) for u in todo)
+        self.not_before: dict[str, float] = {}  # unit id -> when its retry may start
         self.model_info: dict[str, Any] = {}
         self.metrics = Metrics(spec.run.run_id)
         self.slots = self._start_actors(actor_cls, count=min(spec.resources.actors, len(todo)),
@@ -119,9 +124,18 @@ class Scheduler:
         for s in live:
             if s.reprobe_at is not None and time.monotonic() >= s.reprobe_at:
                 s.reprobe_at, s.probe = None, s.handle.ready.remote()
-            while s.state == "ready" and self.queue and len(s.inflight) < limit:
-                unit, attempt = self.queue.popleft()
+            while s.state == "ready" and len(s.inflight) < limit and (job := self._next_due()):
+                unit, attempt = job
                 s.inflight[s.handle.run_unit.remote(unit)] = (unit, attempt, time.monotonic())
+
+    def _next_due(self) -> tuple[WorkUnit, int] | None:
+        """The first queued unit whose retry backoff is over (taken off the queue)."""
+        now = time.monotonic()
+        for i, (unit, attempt) in enumerate(self.queue):
+            if self.not_before.get(unit.unit_id, 0.0) <= now:
+                del self.queue[i]
+                return unit, attempt
+        return None
 
     def _collect(self, live: list[_Slot]) -> None:
         """Wait (at most WAIT_S) for receipts and probes, then handle all that are done."""
@@ -131,6 +145,9 @@ class Scheduler:
         self.metrics.set_units_in_flight(len(owners))
         probes = {s.probe: s for s in live if s.probe is not None}
         refs = list(owners) + list(probes)
+        if not refs:  # only retries waiting for their backoff, or actors to re-probe
+            time.sleep(REPROBE_S)
+            return
         done, _ = ray.wait(refs, num_returns=1, timeout=WAIT_S)
         if done:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -154,6 +171,9 @@ class Scheduler:
                 slot.since = time.monotonic()
             return
         except Exception as exc:  # the unit raised inside a live actor
+            cause = getattr(exc, "cause", exc)  # Ray wraps it in a RayTaskError
+            if isinstance(cause, StorageFatalError):
+                raise StorageFatalError(f"stopping the run: {cause}") from None
             self.lose(unit, attempt, f"{type(exc).__name__}: {str(exc)[-300:]}")
             return
         for error in receipt.errors:  # seeds that could not be read, batches that raised
@@ -192,6 +212,7 @@ class Scheduler:
         if attempt < self.spec.resources.max_unit_attempts:
             self.prog.totals.units_retried += 1
             self.queue.appendleft((unit, attempt + 1))
+            self.not_before[unit.unit_id] = time.monotonic() + backoff_delay(attempt - 1)
             self.prog.emit("unit_retried", unit_id=unit.unit_id, detail=why)
             log.warning("unit %s attempt %d lost (%s); retrying", unit.unit_id, attempt, why)
         else:

@@ -11,19 +11,37 @@ import datetime as dt
 import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.choices import ACTION_KINDS, DEVICES, DTYPES, MODES, SEED_FORMATS
 from pipeline.errors import UserError
 from pipeline.layout import check_run_id
 from pipeline.secrets import check_endpoint_url, public_data
 from pipeline.sources import constant_action
+from pipeline.storage import check_s3_endpoint
 
 _RUN_ID_FIELDS = {"date", "name"}
+#: Longest run id template and job name: the rendered id is at most 128 characters.
+_MAX_TEMPLATE_CHARS = 256
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @field_validator("endpoint_url", mode="after", check_fields=False)
+    @classmethod
+    def _endpoint_has_no_secrets(cls, url: str | None) -> str | None:
+        try:
+            return check_s3_endpoint(url, what="endpoint")
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def _today_utc() -> dt.date:
@@ -31,9 +49,10 @@ def _today_utc() -> dt.date:
 
 
 class RunSection(_Section):
-    name: str = Field(description="Human name of the job; used in the run id template.")
+    name: str = Field(max_length=_MAX_TEMPLATE_CHARS,
+                      description="Human name of the job; used in the run id template.")
     run_id: str = Field(
-        default="{name}-{date}",
+        default="{name}-{date}", max_length=_MAX_TEMPLATE_CHARS,
         description="Run id template; placeholders {date} (run_date, YYYY-MM-DD) and {name}. "
         "The rendered id names the output partition; rerunning the same id resumes it.",
     )
@@ -47,10 +66,31 @@ class RunSection(_Section):
         default=0.0, ge=0.0, le=1.0,
         description="Largest fraction of failed rollouts for which the run still exits 0.",
     )
+    max_rollouts: int = Field(
+        default=1_000_000, ge=1,
+        description="Most rollouts one run may plan (seeds x rollouts.per_seed): a guard "
+        "against a typo that would exhaust the driver. Raise it for bigger runs.",
+    )
+    max_steps: int = Field(
+        default=50_000_000, ge=1,
+        description="Most generated steps one run may plan (rollouts x rollouts.steps). "
+        "Raise it for bigger runs.",
+    )
 
     @model_validator(mode="after")
     def _render_run_id(self) -> RunSection:
-        fields = {f for _, f, _, _ in string.Formatter().parse(self.run_id) if f is not None}
+        try:
+            parsed = list(string.Formatter().parse(self.run_id))
+        except ValueError as exc:
+            raise ValueError(f"run_id template {self.run_id!r} does not parse ({exc}); use "
+                             "{date} and {name}, and {{ }} for literal braces") from None
+        for _, name, spec, conversion in parsed:
+            if name is not None and (spec or conversion):
+                found = f"{name}{'!' + conversion if conversion else ''}"
+                found += f":{spec[:20]}" if spec else ""
+                raise ValueError("run_id template: placeholders take no format spec or "
+                                 f"conversion (found {{{found}}}); write {{{name}}}")
+        fields = {f for _, f, _, _ in parsed if f is not None}
         unknown = fields - _RUN_ID_FIELDS
         if unknown:
             raise ValueError(f"run_id template uses unknown placeholder(s) {sorted(unknown)}; "
@@ -133,6 +173,11 @@ class SeedsSection(_Section):
     limit: int | None = Field(default=None, gt=0, description="Use at most this many seeds.")
     context_steps: int = Field(
         default=1, ge=1, le=10, description="Steps of context taken from each seed (1..10)."
+    )
+    max_file_mb: float = Field(
+        default=256.0, gt=0.0, le=64 * 1024,
+        description="Largest seed file (picture, clip or manifest) read, in MiB; a bigger "
+        "one becomes a failed rollout (a manifest: an error) instead of being read whole.",
     )
     endpoint_url: str | None = Field(default=None, description="S3 endpoint for an s3:// source.")
     region: str | None = Field(default=None, description="S3 region for an s3:// source.")
@@ -273,6 +318,24 @@ class JobSpec(_Section):
         if self.resources.gpus_per_actor > 0:
             raise ValueError("model.endpoint: actors call the endpoint and need no GPU; set "
                              "resources.gpus_per_actor to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _plan_within_caps(self) -> JobSpec:
+        # The seed count is known after discovery (pipeline.plan.check_plan_size); one seed
+        # is enough to catch a per_seed or steps typo here.
+        seeds = self.seeds.limit or 1
+        rollouts = seeds * self.rollouts.per_seed
+        if rollouts > self.run.max_rollouts:
+            raise ValueError(
+                f"rollouts.per_seed: {rollouts} rollouts from {seeds} seed(s) is more than "
+                f"run.max_rollouts={self.run.max_rollouts}; lower it, or raise run.max_rollouts "
+                "if you mean it")
+        if rollouts * self.rollouts.steps > self.run.max_steps:
+            raise ValueError(
+                f"rollouts: {rollouts} rollouts x {self.rollouts.steps} steps is more than "
+                f"run.max_steps={self.run.max_steps}; lower them, or raise run.max_steps if "
+                "you mean it")
         return self
 
     @model_validator(mode="after")

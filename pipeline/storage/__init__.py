@@ -14,12 +14,19 @@ from pipeline.errors import UserError
 from pipeline.storage.base import (
     MAX_SEGMENT_CHARS,
     Storage,
+    StorageFatalError,
+    backoff_delay,
     join_keys,
     safe_segment,
     validate_key,
 )
-from pipeline.storage.local import LocalStorage
-from pipeline.storage.s3 import MULTIPART_THRESHOLD, S3Storage, split_s3_uri
+from pipeline.storage.local import LocalStorage, read_file
+from pipeline.storage.s3 import (
+    MULTIPART_THRESHOLD,
+    S3Storage,
+    check_s3_endpoint,
+    split_s3_uri,
+)
 
 __all__ = [
     "MAX_SEGMENT_CHARS",
@@ -27,6 +34,9 @@ __all__ = [
     "LocalStorage",
     "S3Storage",
     "Storage",
+    "StorageFatalError",
+    "backoff_delay",
+    "check_s3_endpoint",
     "join_keys",
     "open_storage",
     "read_uri",
@@ -55,14 +65,16 @@ def _bucket_storage(bucket: str, endpoint_url: str | None, region: str | None) -
     return S3Storage(bucket, endpoint_url=endpoint_url, region=region)
 
 
-def read_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
-    """Read one object by full URI (`s3://bucket/key`) or local path."""
+def read_uri(uri: str, *, endpoint_url: str | None = None, region: str | None = None,
+             max_bytes: int | None = None) -> bytes:
+    """Read one object by full URI (`s3://bucket/key`) or local path; UserError if it is
+    larger than `max_bytes` (then it is not read whole)."""
     if uri.startswith("s3://"):
         bucket, key = split_s3_uri(uri)
         if not key:
             raise UserError(f"{uri!r} names a bucket, not an object")
-        return _bucket_storage(bucket, endpoint_url, region).get_bytes(key)
+        return _bucket_storage(bucket, endpoint_url, region).get_bytes(key, max_bytes=max_bytes)
     path = Path(uri)
     if not path.is_file():
         raise FileNotFoundError(f"no file {uri!r}")
-    return path.read_bytes()
+    return read_file(path, max_bytes=max_bytes)

@@ -9,6 +9,7 @@ arbitrary name into a single safe segment.
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 import unicodedata
 from abc import ABC, abstractmethod
@@ -20,6 +21,22 @@ from pipeline.errors import UserError
 #: Longest segment `safe_segment` returns (the hash suffix included).
 MAX_SEGMENT_CHARS = 96
 PROBE_PREFIX = ".wham-batch-write-probe-"
+
+
+def too_large(where: str, size: int, max_bytes: int) -> UserError:
+    return UserError(f"{where} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:g} "
+                     "MiB read at most (seeds.max_file_mb)")
+
+
+def backoff_delay(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> float:
+    """Seconds to wait before retry number `attempt` (0-based): exponential with jitter,
+    so retries of a struggling store spread out instead of landing in the same second."""
+    return min(cap_s, base_s * 2 ** max(attempt, 0)) * (0.5 + random.random() / 2)
+
+
+class StorageFatalError(UserError):
+    """Storage refuses writes for a reason a retry cannot fix (full, read-only, no access,
+    no bucket, a symlink in the way): the run stops with this message and stays resumable."""
 
 
 def validate_key(key: str, *, prefix: bool = False) -> str:
@@ -82,16 +99,18 @@ class Storage(ABC):
         """Write `data` at `key`, replacing any old object; readers see old or new, never half."""
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """Read the object at `key`; FileNotFoundError if it does not exist."""
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """Read the object at `key`; FileNotFoundError if it does not exist, UserError if it
+        is larger than `max_bytes` (then it is not read whole)."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether an object exists at `key`."""
 
     @abstractmethod
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
-        """Relative keys of all objects whose key starts with `prefix`, recursively, sorted."""
+    def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
+        """Relative keys of all objects whose key starts with `prefix`, recursively, sorted;
+        only those after `start_after` when given (S3's StartAfter)."""
 
     @abstractmethod
     def create_if_absent(self, key: str, data: bytes) -> bool:
@@ -115,6 +134,10 @@ class Storage(ABC):
 
     @abstractmethod
     def _delete(self, key: str) -> None: ...
+
+    def delete(self, key: str) -> None:
+        """Delete the object at `key` if it exists."""
+        self._delete(validate_key(key))
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under `prefix`; returns how many were deleted."""

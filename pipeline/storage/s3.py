@@ -18,7 +18,14 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import UserError
 from pipeline.secrets import public_url
-from pipeline.storage.base import PROBE_PREFIX, Storage, join_keys, validate_key
+from pipeline.storage.base import (
+    PROBE_PREFIX,
+    Storage,
+    StorageFatalError,
+    join_keys,
+    too_large,
+    validate_key,
+)
 
 #: Objects at least this large go through boto3's multipart transfer.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -36,6 +43,27 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if prefix:
         validate_key(prefix)
     return bucket, prefix
+
+
+def check_s3_endpoint(url: str | None, *, what: str = "S3 endpoint URL") -> str | None:
+    """`url` if it is an http(s) endpoint without a query string or fragment, else a
+    UserError that shows the URL without its secrets (a token hides in the query)."""
+    if url is None:
+        return None
+    shown = public_url(url)
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        raise UserError(f"{what} {shown!r} is not a valid URL (bad host or port)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise UserError(f"{what} {shown!r} must look like http(s)://HOST[:PORT]")
+    if parts.query or parts.fragment:
+        raise UserError(
+            f"{what} {shown!r} must not have a query string or fragment (the part after '?' "
+            "or '#' was left out here); give credentials through the environment or an AWS "
+            "profile, never in the URL")
+    return url
 
 
 def _display_endpoint(endpoint_url: str | None) -> str:
@@ -60,11 +88,11 @@ class S3Storage(Storage):
     ) -> None:
         self.bucket, self.prefix = split_s3_uri(f"s3://{bucket}/{prefix}")
         # Resolved once, where the storage is created, so every actor talks to the same place.
-        self.endpoint_url = public_url(
+        self.endpoint_url = public_url(check_s3_endpoint(
             endpoint_url
             or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL")
-        )
+        ))
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         self.max_pool_connections = max_pool_connections
         self.max_attempts = max_attempts
@@ -127,9 +155,10 @@ class S3Storage(Storage):
             if code in ("NoSuchKey", "404", "NotFound") and key is not None:
                 return FileNotFoundError(f"no object {key!r} under {self.uri}")
             if code == "NoSuchBucket" or (code in ("404", "NotFound") and key is None):
-                return UserError(f"{self._where()} does not exist (while trying to {action})")
+                return StorageFatalError(
+                    f"{self._where()} does not exist (while trying to {action})")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return UserError(
+                return StorageFatalError(
                     f"access denied to {self._where()} ({code}) while trying to {action}; "
                     "check the credentials in the environment or AWS profile"
                 )
@@ -182,7 +211,7 @@ class S3Storage(Storage):
             Config=config,
         )
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import IncompleteReadError, ResponseStreamingError
 
         # boto3 retries a request, but not a body cut off after the headers arrived.
@@ -191,6 +220,10 @@ class S3Storage(Storage):
             response = self._call(
                 f"read {key!r}", self._s3.get_object, key, Bucket=self.bucket, Key=self._key(key)
             )
+            size = int(response.get("ContentLength") or 0)
+            if max_bytes is not None and size > max_bytes:
+                response["Body"].close()
+                raise too_large(self.key_uri(key), size, max_bytes)
             try:
                 return response["Body"].read()
             except (ResponseStreamingError, IncompleteReadError) as exc:
@@ -210,13 +243,14 @@ class S3Storage(Storage):
             return False
         return True
 
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
+    def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
         base = f"{self.prefix}/" if self.prefix else ""
         paginator = self._s3.get_paginator("list_objects_v2")
         pages = paginator.paginate(
             Bucket=self.bucket,
             Prefix=base + prefix,
+            **({"StartAfter": base + start_after} if start_after else {}),
             PaginationConfig={"PageSize": self.list_page_size},
         )
         from botocore.exceptions import BotoCoreError, ClientError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -11,20 +12,27 @@ from pathlib import Path
 
 import pytest
 import ray
+import support.units
+from support.units import commit_unit
 
+from pipeline import layout
 from pipeline.driver import actor_name, run_job
+from pipeline.driver.discovery import discover_seeds
+from pipeline.driver.run_state import run_fingerprint
 from pipeline.errors import UserError
-from pipeline.layout import commit_key, manifest_key, success_key
-from pipeline.plan import UnitReceipt, WorkUnit
+from pipeline.layout import manifest_key, success_key
+from pipeline.plan import UnitReceipt, WorkUnit, plan_for_spec
 from pipeline.spec import JobSpec, spec_from_data
 from pipeline.storage import open_storage
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(support.units)  # Ray's workers cannot import tests/
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 class StubActor:
-    """Commits each unit like the real actor would, after an optional delay or crash."""
+    """Commits each unit like the real actor would (real writer, no model), after an
+    optional delay or crash."""
 
     def __init__(self, spec: JobSpec, *, worker: str, script=None) -> None:  # noqa: ANN001
         self.spec, self.worker = spec, worker
@@ -37,15 +45,19 @@ class StubActor:
         delay_file = Path(self.spec.output.root) / "delay"
         delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
         time.sleep(delay)
+        root = Path(self.spec.output.root)
+        with open(root / "attempts.log", "a") as fh:
+            fh.write(f"{unit.unit_id} {time.time()}\n")
+        fail_flag = root / f"fail-{unit.unit_id}"
+        if fail_flag.exists():
+            fail_flag.unlink()  # fail once inside a live actor: the retry must succeed
+            raise OSError("injected transient failure")
         crash_flag = Path(self.spec.output.root) / f"crash-{unit.unit_id}"
         if crash_flag.exists():
             crash_flag.unlink()  # crash once: the retry must succeed
             os._exit(1)
-        run_date = self.spec.run.run_date.isoformat()
         n = unit.num_rollouts
-        marker = {"unit_id": unit.unit_id, "ok": n, "failed": 0, "frames": n * 2}
-        self.storage.put_bytes(commit_key(run_date, self.spec.run.run_id, unit.unit_id),
-                               json.dumps(marker).encode())
+        commit_unit(self.storage, self.spec, unit)
         log = Path(self.spec.output.root) / "ran.log"
         with open(log, "a") as f:
             f.write(unit.unit_id + "\n")
@@ -85,7 +97,8 @@ def test_fan_out_commits_every_unit(tmp_path: Path) -> None:
     assert storage.exists(success_key("2026-01-02", "drv"))
     manifest = json.loads(storage.get_bytes(manifest_key("2026-01-02", "drv")))
     assert manifest["status"] == "complete" and manifest["counts"]["rollouts_ok"] == 20
-    assert manifest["model"]["model_id"] == "stub" and manifest["schema_version"] == 1
+    assert manifest["model"]["model_id"] == "stub"
+    assert manifest["schema_version"] == layout.SCHEMA_VERSION
     kinds = [e.kind for e in events]
     assert kinds[0] == "started" and kinds[-1] == "finished"
     assert kinds.count("unit_committed") == 7
@@ -94,9 +107,10 @@ def test_fan_out_commits_every_unit(tmp_path: Path) -> None:
 def test_resume_skips_committed_units(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     storage = open_storage(spec.output.root)
-    for uid in ("u000000", "u000004"):
-        marker = {"ok": 3, "failed": 0}
-        storage.put_bytes(commit_key("2026-01-02", "drv", uid), json.dumps(marker).encode())
+    units = plan_for_spec(spec, discover_seeds(spec.seeds.source))
+    fingerprint = run_fingerprint(spec, units)
+    for index in (0, 4):
+        commit_unit(storage, spec, dataclasses.replace(units[index], plan_fingerprint=fingerprint))
     summary = run_job(spec, actor_cls=StubActor, progress=False)
     assert summary.units_skipped == 2 and summary.complete
     assert sorted(ran_units(spec)) == ["u000001", "u000002", "u000003", "u000005", "u000006"]
@@ -128,6 +142,40 @@ def test_dead_actor_units_are_retried(tmp_path: Path) -> None:
     summary = run_job(spec, actor_cls=StubActor, progress=False)
     assert summary.complete and summary.rollouts_ok == 20
     assert sorted(set(ran_units(spec))) == [f"u{i:06d}" for i in range(7)]
+
+
+def test_a_failed_unit_is_retried_after_a_backoff(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1)
+    Path(spec.output.root).mkdir(parents=True)
+    (Path(spec.output.root) / "fail-u000001").touch()
+    summary = run_job(spec, actor_cls=StubActor, progress=False)
+    assert summary.complete and summary.rollouts_ok == 20
+    log = (Path(spec.output.root) / "attempts.log").read_text().split("\n")
+    times = [float(line.split()[1]) for line in log if line.startswith("u000001")]
+    assert len(times) == 2 and times[1] - times[0] >= 0.25  # not two tries in one moment
+
+
+def test_a_full_output_root_stops_the_run_at_once(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1, max_unit_attempts=5)
+    root = Path(spec.output.root)
+    root.mkdir(parents=True)
+    (root / "full").touch()
+    with pytest.raises(UserError, match=f"stopping the run: output root {root} is full"):
+        run_job(spec, actor_cls=FullStubActor, progress=False)
+    attempts = (root / "attempts.log").read_text().split()
+    assert len(attempts) <= 2 * 2  # one unit per actor slot, none retried
+    assert not open_storage(spec.output.root).exists(success_key("2026-01-02", "drv"))
+
+
+class FullStubActor(StubActor):
+    """Fails every unit the way a full local disk does."""
+
+    def run_unit(self, unit: WorkUnit) -> UnitReceipt:
+        import errno
+
+        with open(Path(self.spec.output.root) / "attempts.log", "a") as fh:
+            fh.write(f"{unit.unit_id} {time.time()}\n")
+        raise self.storage._fatal(OSError(errno.ENOSPC, "No space left on device"), "x")
 
 
 def test_units_lost_after_attempts_make_the_run_incomplete(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pipeline import layout
 from pipeline.cli import main
 from pipeline.driver.run_state import read_runs
 from pipeline.errors import UserError
-from pipeline.query import open_table, parse_where, query
+from pipeline.query import open_table, query
 from pipeline.storage import open_storage
 from workers.writer import OutputWriter
 
@@ -36,6 +36,7 @@ def rollout_row(rollout_id: str, *, status: str, error: str | None) -> dict:
         generated_steps=3,
         temperature=0.9,
         top_p=1.0,
+        greedy=False,
         rng_seed=1,
         model_id="preset:tiny",
         model_sha256="x",
@@ -137,7 +138,7 @@ def test_run_id_filter_uses_partitions(root):
     assert table.column_names == ["run_id", "step"] and set(table["run_id"].to_pylist()) == {
         "nightly-b"
     }
-    assert query(root, run_id="no-such-run").num_rows == 0
+    assert query(root, run_id="no-such-run").num_rows == 0  # the CLI says it is unknown
 
 
 def test_read_runs(root):
@@ -161,12 +162,13 @@ EXPRESSIONS = [
     ("step >= 2", lambda r: r["step"] >= 2),
     ("step = 1 and button_A = true", lambda r: r["step"] == 1 and r["button_A"]),
     (
-        "action_source == 'seed' or step > 2",
+        "action_source = 'seed' or step > 2",
         lambda r: r["action_source"] == "seed" or r["step"] > 2,
     ),
-    ("run_id = nightly-a and step != 0", lambda r: r["run_id"] == "nightly-a" and r["step"] != 0),
+    ("run_id = 'nightly-a' and step != 0",
+     lambda r: r["run_id"] == "nightly-a" and r["step"] != 0),
     (
-        "rollout_id in (seed0-r000, 'seed1-r000')",
+        "rollout_id in ('seed0-r000', 'seed1-r000')",
         lambda r: r["rollout_id"] in ("seed0-r000", "seed1-r000"),
     ),
     ("image_tokens is null", lambda r: r["image_tokens"] is None),
@@ -178,6 +180,12 @@ EXPRESSIONS = [
         "timestamp_s <= 0.1 and run_date = '2026-11-30'",
         lambda r: r["timestamp_s"] <= 0.1 and r["run_date"] == "2026-11-30",
     ),
+    # what the old filter language could not say
+    ("not generated", lambda r: not r["generated"]),
+    ("rollout_id like 'seed1%'", lambda r: r["rollout_id"].startswith("seed1")),
+    ("step between 1 and 2", lambda r: 1 <= r["step"] <= 2),
+    ("(step = 1 or step = 3) and not (run_id = 'nightly-b')",
+     lambda r: r["step"] in (1, 3) and r["run_id"] != "nightly-b"),
 ]
 
 
@@ -196,23 +204,20 @@ def test_where_matches_plain_python(tmp_path, expr, check):
 @pytest.mark.parametrize(
     "expr, match",
     [
-        ("stp > 1", "unknown column 'stp'"),
-        ("step > one", "'one' is not a valid value for column 'step'"),
-        ("generated = maybe", "column 'generated'"),
-        ("step >", "expected a value for 'step'"),
-        ("step 3", "expected an operator after 'step'"),
-        ("step > 1 and", "expected a column name"),
-        ("step > 1 step", "unexpected 'step'"),
-        ("status in (ok", "expected ',' or '\\)'"),
-        ("", "empty filter"),
-        ("__import__('os') = 1", "cannot read|unknown column"),
+        ("stp > 1", 'column "stp" not found'),
+        ("step > 'one'", "Could not convert string 'one'"),
+        ("step >", "syntax error"),
+        ("step 3", "syntax error"),
+        ("step > 1 and", "syntax error"),
+        ("", "empty query"),
+        ("1 = 1; COPY (SELECT 1) TO 'x.csv'", "syntax error|exactly one SELECT"),
+        ("__import__('os') = 1", "__import__"),
     ],
 )
-def test_where_errors(expr, match):
-    schema = layout.query_schema("steps")
-    schema_r = layout.query_schema("rollouts")
+def test_where_errors(tmp_path, expr, match):
+    write_run(open_storage(str(tmp_path)), *RUNS[0], units=1)
     with pytest.raises(UserError, match=match):
-        parse_where(expr, schema_r if expr.startswith("status") else schema)
+        query(str(tmp_path), where=expr)
 
 
 def test_missing_table_and_bad_columns(tmp_path):
@@ -244,7 +249,7 @@ def test_cli_formats(root, tmp_path, capsys):
     assert main([*base, "--format", "parquet", "--out", str(out), "--limit", "2"]) == 0
     assert pq.read_table(out).num_rows == 2
 
-    assert main([*base, "--where", "status = failed"]) == 0
+    assert main([*base, "--where", "status = 'failed'"]) == 0
     text = capsys.readouterr().out
     assert "seed1-r001" in text and "(1 rows)" in text
 
@@ -266,7 +271,7 @@ def test_cli_errors(tmp_path, capsys):
     storage = open_storage(str(tmp_path))
     write_run(storage, *RUNS[0], units=1)
     assert main(["query", str(tmp_path), "--where", "bogus = 1"]) == 2
-    assert "unknown column 'bogus'" in capsys.readouterr().err
+    assert 'column "bogus" not found' in capsys.readouterr().err
     assert main(["query", str(tmp_path), "--format", "parquet"]) == 2
     assert "--out" in capsys.readouterr().err
 

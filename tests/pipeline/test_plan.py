@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.driver.run_state import read_markers
 from pipeline.layout import commit_key
+from pipeline.markers import marker_bytes
 from pipeline.plan import (
-    committed_unit_ids,
     make_plan,
     pending_units,
     plan_fingerprint,
@@ -73,9 +74,14 @@ def test_bad_sizes_rejected() -> None:
 def test_resume_skips_committed_units(tmp_path: Path) -> None:
     storage = open_storage(str(tmp_path))
     units = make_plan(SEEDS, run_seed=0, per_seed=2, unit_size=3)
-    for uid in ("u000001", "u000003"):
-        storage.put_bytes(commit_key("2026-01-02", "r1", uid), b"{}")
-    storage.put_bytes(commit_key("2026-01-02", "other", "u000000"), b"{}")
-    done = committed_unit_ids(storage, run_date="2026-01-02", run_id="r1")
-    assert done == {"u000001", "u000003"}
+    counts = dict.fromkeys(("rollouts", "ok", "failed", "steps", "frames", "previews"), 1)
+    for run_id, uid in (("r1", "u000001"), ("r1", "u000003"), ("other", "u000000")):
+        storage.put_bytes(commit_key("2026-01-02", run_id, uid), marker_bytes(
+            run_date="2026-01-02", run_id=run_id, unit_id=uid, plan_fingerprint="p",
+            counts=counts))
+    storage.put_bytes(commit_key("2026-01-02", "r1", "u000002"), b'{"schema_vers')  # cut short
+    markers = read_markers(storage, run_date="2026-01-02", run_id="r1")
+    assert set(markers.good) == {"u000001", "u000003"}
+    assert markers.bad == {"u000002": "not valid JSON (truncated or overwritten?)"}
+    done = set(markers.good)
     assert [u.unit_id for u in pending_units(units, done)] == ["u000000", "u000002"]

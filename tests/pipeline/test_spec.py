@@ -130,12 +130,22 @@ def test_actions_shorthand_and_checks(tmp_path: Path) -> None:
 
 
 def test_dump_round_trips_and_redacts(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, BASE), ["output.endpoint_url=http://user:pw@host:9000/x?k=1"])
+    spec = load_spec(write(tmp_path, BASE), ["output.endpoint_url=http://user:pw@host:9000/x"])
     again = JobSpec.model_validate(yaml.safe_load(dump_spec(spec)))
     assert again == spec
     public = spec.public_dict()
     assert public["output"]["endpoint_url"] == "http://host:9000/x"
     assert "pw" not in str(public)
+
+
+@pytest.mark.parametrize("field", ["output", "seeds", "model"])
+def test_endpoint_with_a_query_string_is_refused_without_echoing_it(tmp_path: Path,
+                                                                    field: str) -> None:
+    url = "http://user:pw@host:9000/?X-Amz-Security-Token=SECRETTOKEN#frag"
+    msg = error_of(tmp_path, BASE, (f"{field}.endpoint_url={url}",))
+    assert f"{field}.endpoint_url" in msg and "query string" in msg
+    assert "SECRETTOKEN" not in msg and "pw" not in msg
+    assert "must look like" in error_of(tmp_path, BASE, (f"{field}.endpoint_url=ftp://host",))
 
 
 def test_every_field_has_a_description() -> None:

@@ -142,7 +142,7 @@ def test_local_failed_write_keeps_old_content(tmp_path, monkeypatch):
     storage = LocalStorage(tmp_path)
     storage.put_bytes("x.bin", b"old")
 
-    def broken_replace(src, dst):
+    def broken_replace(src, dst, **_dir_fds):
         raise OSError("disk on fire")
 
     monkeypatch.setattr("pipeline.storage.os.replace", broken_replace)

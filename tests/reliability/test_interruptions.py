@@ -18,166 +18,38 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 import ray
 import yaml
 from support.faultproxy import record_figures
+from support.gated import (
+    DATE,
+    HOLD_ENV,
+    REPO,
+    WAIT_S,
+    GatedActor,
+    assert_same_final_state,
+    commits,
+    ctl,
+    kill_driver,
+    make_job,
+    spawn_driver,
+    wait_actor_gone,
+    wait_for,
+)
 from support.procs import free_port, session_pids
 
 from pipeline import layout
 from pipeline.driver import actor_name, run_job
 from pipeline.errors import UserError
-from pipeline.plan import UnitReceipt, WorkUnit
-from pipeline.spec import JobSpec, spec_from_data
+from pipeline.spec import spec_from_data
 from pipeline.storage import open_storage
-from workers.actor import RolloutActor
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-DEMO = REPO / "configs" / "seeds" / "demo"
-DATE = "2026-05-06"
-GATE_TIMEOUT_S = 120.0
-WAIT_S = 120.0
-HOLD_ENV = "WHAM_TEST_HOLD_UNITS"  # set on a node: its actors hold every unit until killed
-
-
-class GatedActor(RolloutActor):
-    """The real actor, but a unit waits at a gate when `<root>.ctl/hold` exists (or when
-    the node's environment says so), units wait for a held unit elsewhere when
-    `<root>.ctl/after-held` exists, and every unit that runs is logged."""
-
-    def run_unit(self, unit: WorkUnit) -> UnitReceipt:
-        ctl = Path(self.spec.output.root + ".ctl")
-        deadline = time.monotonic() + GATE_TIMEOUT_S
-        node_hold = os.environ.get(HOLD_ENV) == "1"
-        if node_hold or (ctl / "hold").exists():
-            (ctl / f"waiting-{unit.unit_id}-{os.getpid()}").touch()  # one per actor process
-        while (node_hold or (ctl / "hold").exists()) and time.monotonic() < deadline:
-            if (ctl / f"open-{unit.unit_id}").exists():
-                break
-            time.sleep(0.05)
-        while (not node_hold and (ctl / "after-held").exists() and not any(ctl.glob("waiting-*"))
-               and time.monotonic() < deadline):
-            time.sleep(0.05)  # let another node's actor take (and hold) a unit first
-        with open(ctl / "ran.log", "a") as fh:
-            fh.write(f"{unit.unit_id}\n")
-        return super().run_unit(unit)
-
-
-def make_job(tmp_path: Path, *, run_id: str, **resources: object) -> dict:
-    seeds = tmp_path / "seeds"
-    if not seeds.exists():
-        seeds.mkdir()
-        for i, picture in enumerate(sorted(DEMO.glob("*.png"))[:6]):
-            shutil.copyfile(picture, seeds / f"seed_{i}.png")
-    out = tmp_path / run_id
-    (tmp_path / f"{run_id}.ctl").mkdir(exist_ok=True)
-    return {
-        "run": {"name": "night", "run_id": run_id, "run_date": DATE, "seed": 3},
-        "model": {"preset": "tiny", "device": "cpu", "dtype": "float32"},
-        "seeds": {"source": str(seeds)},
-        "rollouts": {"steps": 3, "per_seed": 2},
-        "resources": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2,
-                      "rollouts_per_unit": 2, "units_in_flight": 1, **resources},
-        "output": {"root": str(out), "previews": False},
-    }
-
-
-def ctl(spec: JobSpec) -> Path:
-    return Path(spec.output.root + ".ctl")
-
-
-def wait_for(what: str, check, timeout: float = WAIT_S) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def commits(spec: JobSpec) -> list[str]:
-    return list(open_storage(spec.output.root).list_keys(
-        layout.commits_prefix(DATE, spec.run.run_id)))
-
-
-def steps_table(spec: JobSpec) -> list[dict]:
-    fs, base = open_storage(spec.output.root).arrow_fs()
-    rows = ds.dataset(f"{base}/steps", filesystem=fs, partitioning="hive").to_table(
-        filter=ds.field("run_id") == spec.run.run_id).drop_columns(["run_id", "run_date"])
-    return sorted(rows.to_pylist(), key=lambda r: (r["rollout_id"], r["step"]))
-
-
-def assert_same_final_state(spec: JobSpec, reference: list[dict]) -> None:
-    rows = steps_table(spec)
-    ids = [(r["rollout_id"], r["step"]) for r in rows]
-    assert len(ids) == len(set(ids)), "duplicate (rollout_id, step) rows"
-    assert rows == reference
-    storage = open_storage(spec.output.root)
-    assert storage.exists(layout.success_key(DATE, spec.run.run_id))
-    manifest = json.loads(storage.get_bytes(layout.manifest_key(DATE, spec.run.run_id)))
-    assert manifest["status"] == "complete" and manifest["counts"]["rollouts_ok"] == 12
-
-
-@pytest.fixture(scope="module")
-def reference_rows(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> list[dict]:
-    """Steps rows of one uninterrupted run (12 rollouts x 4 steps)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    spec = spec_from_data(make_job(tmp, run_id="night"))
-    summary = run_job(spec, progress=False, actor_cls=GatedActor)
-    assert summary.complete
-    rows = steps_table(spec)
-    assert len(rows) == 12 * 4
-    return rows
-
-
-def _wait_actor_gone(run_id: str) -> None:
-    def gone() -> bool:
-        try:
-            ray.get_actor(actor_name(run_id, 0))
-        except ValueError:
-            return True
-        return False
-
-    wait_for(f"actor of run {run_id} to go away", gone, timeout=60)
-
-
-def _driver(config: Path) -> subprocess.Popen:
-    """`run_job` with GatedActor in a child process attached to the test's Ray instance."""
-    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/..'];"
-            "from test_interruptions import GatedActor;"
-            "from pipeline.spec import load_spec; from pipeline.driver import run_job;"
-            "s = run_job(load_spec(sys.argv[2]), actor_cls=GatedActor, progress=False);"
-            "print(s.line())")
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    return subprocess.Popen([sys.executable, "-c", code, str(HERE), str(config)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _kill_driver(proc: subprocess.Popen, spec: JobSpec) -> None:
-    """SIGKILL the driver, then wait until Ray has taken its actors down too (an actor
-    process outliving its driver could still finish the unit it holds)."""
-    assert proc.poll() is None, "the driver ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    _wait_actor_gone(spec.run.run_id)
-    pids = {int(p.name.rsplit("-", 1)[1]) for p in ctl(spec).glob("waiting-*")}
-    wait_for("the killed driver's actor processes to exit",
-             lambda: not any(_alive(pid) for pid in pids), timeout=60)
 
 
 @pytest.mark.slow
@@ -191,11 +63,11 @@ def test_driver_killed_before_first_commit_mid_run_and_before_success(
     kills = 0
     # 1. before the first commit: the first unit is held at its gate
     (gate / "hold").touch()
-    proc = _driver(config)
+    proc = spawn_driver(config)
     try:
         wait_for("the first unit to start", lambda: any(gate.glob("waiting-u000000-*")))
         assert commits(spec) == []
-        _kill_driver(proc, spec)
+        kill_driver(proc, spec)
         kills += 1
     finally:
         if proc.poll() is None:
@@ -204,11 +76,11 @@ def test_driver_killed_before_first_commit_mid_run_and_before_success(
     # 2. mid-run: two units may commit, the third is held
     for uid in ("u000000", "u000001"):
         (gate / f"open-{uid}").touch()
-    proc = _driver(config)
+    proc = spawn_driver(config)
     try:
         wait_for("two commits and a held unit", lambda: len(commits(spec)) == 2
                  and any(gate.glob("waiting-u000002-*")))
-        _kill_driver(proc, spec)
+        kill_driver(proc, spec)
         kills += 1
     finally:
         if proc.poll() is None:
@@ -282,7 +154,7 @@ def test_actor_killed_more_often_than_it_may_restart(tmp_path: Path,
     assert "every actor failed" in str(result["error"])
     assert commits(spec) == [layout.commit_key(DATE, "night", "u000000")]
     assert not open_storage(spec.output.root).exists(layout.success_key(DATE, "night"))
-    _wait_actor_gone("night")
+    wait_actor_gone("night")
     summary = run_job(spec, progress=False, actor_cls=GatedActor)
     assert summary.complete and summary.units_skipped == 1
     assert_same_final_state(spec, reference_rows)

@@ -27,6 +27,7 @@ from PIL import Image
 from support.faultproxy import record_figures
 
 from pipeline.driver import run_job
+from pipeline.driver.verify import verify_run
 from pipeline.layout import commits_prefix
 from pipeline.metrics import Metrics
 from pipeline.spec import JobSpec, spec_from_data
@@ -146,7 +147,13 @@ def test_thousands_of_rollouts_keep_driver_memory_flat(
     assert warm, "no RSS samples after warm-up"
     growth = max(warm) - warm[0]
     assert growth < RSS_GROWTH_LIMIT, f"driver RSS grew {growth / 2**20:.0f} MiB"
+    # the check the driver ran before _SUCCESS, once more on its own, timed
+    t0 = time.perf_counter()
+    check = verify_run(storage, run_date="2026-10-11", run_id="load")
+    verify_s = time.perf_counter() - t0
+    assert check.ok and check.units_checked == units and check.rows == rollouts * 2
     record_figures("load", seeds=SEEDS, rollouts=rollouts, units=units,
+                   verify_s=round(verify_s, 2),
                    wall_s=round(wall, 1), rollouts_per_s=round(rollouts / wall, 1),
                    max_units_in_flight=max(in_flight), in_flight_limit=ACTORS * IN_FLIGHT,
                    rss_peak_mib=round(max(r for _, r in samples) / 2**20),

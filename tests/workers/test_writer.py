@@ -37,6 +37,7 @@ def rollout_row(rollout_id: str, *, status: str = "ok", error: str | None = None
         "temperature": 0.9,
         "top_k": None,
         "top_p": 1.0,
+        "greedy": False,
         "rng_seed": 12345,
         "model_id": "preset:tiny",
         "model_sha256": "ab" * 32,

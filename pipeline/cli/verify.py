@@ -1,0 +1,69 @@
+"""`wham-batch verify ROOT --run-id ID`: check a run's outputs against its commit markers.
+
+The same check the driver runs before `_SUCCESS`: every committed unit's parts exist and
+hold the rows its marker records, every frame a row names exists, every marker can be
+trusted and comes from one plan, and as many units are committed as the manifest planned.
+Exit 0 when all of that holds, 1 with the list of problems otherwise (2 for a bad root or
+run id), so a dataset one did not write can be audited before use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from pipeline.cli.command import Command
+from pipeline.driver.run_state import read_runs
+from pipeline.driver.verify import verify_run
+from pipeline.errors import UserError
+from pipeline.storage import Storage, open_storage
+
+EXIT_PROBLEMS = 1
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT", help="output root: a local folder or s3://bucket/prefix")
+    p.add_argument("--run-id", required=True, help="the run to check")
+    p.add_argument("--run-date", default=None,
+                   help="its run date (YYYY-MM-DD); needed only when the id has several")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS or AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--region", help="S3 region")
+
+
+def _run_date(storage: Storage, run_id: str, given: str | None) -> str:
+    if given is not None:
+        return given
+    dates = sorted({r["run_date"] for r in read_runs(storage) if r["run_id"] == run_id})
+    if not dates:
+        raise UserError(f"no run {run_id} under {storage.uri} (`wham-batch runs "
+                        f"{storage.uri}` lists the runs there)")
+    if len(dates) > 1:
+        raise UserError(f"run {run_id} exists for several dates ({', '.join(dates)}): "
+                        "pass --run-date")
+    return dates[0]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    storage = open_storage(args.root, endpoint_url=args.endpoint_url, region=args.region)
+    run_date = _run_date(storage, args.run_id, args.run_date)
+    check = verify_run(storage, run_date=run_date, run_id=args.run_id)
+    if args.json:
+        print(json.dumps({**asdict(check), "ok": check.ok}))
+    elif check.ok:
+        print(f"run {args.run_id} ({run_date}) ok: {check.units_checked} units, {check.rows} "
+              f"steps rows and {check.frames} frames checked against {storage.uri}")
+    else:
+        print(f"run {args.run_id} ({run_date}): {len(check.lines())} problem(s) in "
+              f"{storage.uri}:", file=sys.stderr)
+        for line in check.lines():
+            print(f"  {line}", file=sys.stderr)
+        print("a rerun of the same job redoes the units named here", file=sys.stderr)
+    return 0 if check.ok else EXIT_PROBLEMS
+
+
+VERIFY = Command(
+    "verify", "check a run's outputs against its commit markers", _arguments, cmd_verify,
+    description=__doc__.split("\n\n", 1)[1])

@@ -1,0 +1,124 @@
+"""The run lease on a real folder and on the S3 endpoint: one holder at a time, stale leases
+taken over, heartbeats refreshed, a lost lease noticed."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline import layout
+from pipeline.driver.lease import RunLease
+from pipeline.errors import UserError
+from pipeline.storage import open_storage
+
+DATE, RUN = "2026-01-02", "leased"
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return open_storage(str(tmp_path / "out"))
+    return open_storage(request.getfixturevalue("s3_bucket"))
+
+
+def lease(storage, **kwargs) -> RunLease:  # noqa: ANN001
+    return RunLease(storage, run_date=DATE, run_id=RUN, **kwargs)
+
+
+def holder(storage) -> dict:  # noqa: ANN001
+    return json.loads(storage.get_bytes(layout.lease_key(DATE, RUN)))
+
+
+def test_one_holder_at_a_time(storage):
+    with lease(storage) as first:
+        body = holder(storage)
+        assert (body["host"], body["token"]) == (socket.gethostname(), first.token)
+        with pytest.raises(UserError, match=f"being run by another driver \\(host "
+                           f"{socket.gethostname()} pid {body['pid']}, heartbeat"):
+            lease(storage).acquire()
+    assert not storage.exists(layout.lease_key(DATE, RUN))  # released
+    with lease(storage):
+        pass
+
+
+def test_drivers_starting_together_get_one_lease(storage):
+    results: list[object] = []
+
+    def take() -> None:
+        candidate = lease(storage)
+        try:
+            results.append(candidate.acquire())
+        except UserError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=take) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    winners = [r for r in results if isinstance(r, RunLease)]
+    assert len(results) == 6 and len(winners) == 1
+    assert holder(storage)["token"] == winners[0].token
+    winners[0].release()
+
+
+def test_stale_leases_are_taken_over_with_a_log_line(storage, caplog):
+    key = layout.lease_key(DATE, RUN)
+    stale = {"host": "other-host", "pid": 1, "token": "old", "heartbeat": time.time() - 600}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        boot_id = fh.read().strip()
+    gone = {"host": socket.gethostname(), "pid": dead.pid, "token": "old",
+            "heartbeat": time.time(), "boot_id": boot_id}
+    for body, why in ((stale, "its last heartbeat was 6"),  # 600 s ago, and a moment
+                      (gone, "its process no longer exists"),
+                      (b"{garbled", "cannot be read")):
+        storage.put_bytes(key, body if isinstance(body, bytes) else json.dumps(body).encode())
+        with caplog.at_level("WARNING", logger="pipeline.driver"), lease(storage) as mine:
+            assert holder(storage)["token"] == mine.token
+        assert why in caplog.text
+        caplog.clear()
+    # a live holder elsewhere, heartbeat fresh: refused
+    storage.put_bytes(key, json.dumps({**stale, "heartbeat": time.time()}).encode())
+    with pytest.raises(UserError, match="host other-host pid 1"):
+        lease(storage).acquire()
+
+
+def test_heartbeat_refreshes_and_a_lost_lease_is_noticed(storage):
+    mine = lease(storage, timeout_s=0.4).acquire()  # beats every 0.1 s
+    try:
+        first = holder(storage)["heartbeat"]
+        deadline = time.monotonic() + 10
+        while holder(storage)["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert holder(storage)["heartbeat"] > first
+        mine.check()
+        # another driver took it over (this one stalled past the timeout)
+        storage.put_bytes(layout.lease_key(DATE, RUN), json.dumps(
+            {**holder(storage), "token": "theirs", "pid": 4242, "host": "h2"}).encode())
+        time.sleep(0.5)
+        with pytest.raises(UserError, match="lost its lease to host h2 pid 4242"):
+            mine.check()
+    finally:
+        mine.release()
+    assert holder(storage)["token"] == "theirs"  # not deleted: it is not this driver's
+
+
+def test_a_lease_whose_create_reply_was_lost_is_still_ours(s3_server, s3_bucket):
+    """The conditional create lands, the connection is reset before the reply, boto3
+    retries and gets 412: the lease found there has this driver's token."""
+    from support.faultproxy import FaultProxy
+
+    with FaultProxy(s3_server, rates={"reset": 1.0}, seed=0, max_consecutive=1) as proxy:
+        through = open_storage(s3_bucket, endpoint_url=proxy.url)
+        mine = lease(through).acquire()
+        mine.release()
+    assert proxy.counts["reset"] >= 1
+    assert not open_storage(s3_bucket).exists(layout.lease_key(DATE, RUN))

@@ -1,0 +1,109 @@
+"""`wham-batch verify` and the check behind it, on a real folder and the S3 endpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.units import commit_unit
+
+from pipeline import layout
+from pipeline.cli import main
+from pipeline.driver.discovery import discover_seeds
+from pipeline.driver.run_state import read_markers, run_fingerprint
+from pipeline.driver.verify import check_units, verify_run
+from pipeline.errors import UserError
+from pipeline.plan import plan_for_spec
+from pipeline.spec import spec_from_data
+from pipeline.storage import LocalStorage, open_storage
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
+DATE = "2026-01-02"
+
+
+@pytest.fixture(params=["local", "s3"])
+def written(request, tmp_path):
+    """A run of 6 seeds x 2 rollouts in units of 4, committed with frames, plus manifest."""
+    root = str(tmp_path / "out") if request.param == "local" else request.getfixturevalue(
+        "s3_bucket")
+    spec = spec_from_data({
+        "run": {"name": "v", "run_id": "audit", "run_date": DATE},
+        "model": {"preset": "tiny"}, "seeds": {"source": str(DEMO)},
+        "rollouts": {"steps": 2, "per_seed": 2},
+        "resources": {"rollouts_per_unit": 4}, "output": {"root": root}})
+    storage = open_storage(root)
+    units = plan_for_spec(spec, discover_seeds(str(DEMO)))
+    fingerprint = run_fingerprint(spec, units)
+    for unit in units:
+        commit_unit(storage, spec, dataclasses.replace(unit, plan_fingerprint=fingerprint),
+                    frames=True)
+    storage.put_bytes(layout.manifest_key(DATE, "audit"), json.dumps(
+        {"plan_fingerprint": fingerprint, "counts": {"units_total": len(units)}}).encode())
+    return root, storage, len(units)
+
+
+def test_a_whole_run_verifies(written, capsys):
+    root, storage, units = written
+    check = verify_run(storage, run_date=DATE, run_id="audit")
+    assert check.ok and check.units_checked == units
+    assert check.rows == check.frames == units * 4 * 3  # 4 rollouts x (1 + 2 steps)
+    assert main(["verify", root, "--run-id", "audit"]) == 0
+    assert f"ok: {units} units" in capsys.readouterr().out
+
+
+def test_problems_are_listed_and_exit_1(written, capsys):
+    root, storage, units = written
+    frames = list(storage.list_keys(layout.run_prefix(layout.FRAMES_DIR, DATE, "audit")))
+    storage.delete(frames[0])
+    storage.delete(layout.rollouts_part_key(DATE, "audit", "u000001"))
+    storage.delete(layout.commit_key(DATE, "audit", "u000002"))
+    assert main(["verify", root, "--run-id", "audit", "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert not result["ok"] and sorted(result["bad_units"]) == ["u000000", "u000001"]
+    assert "1 of 12 frames its rows name are missing" in result["bad_units"]["u000000"][0]
+    assert "rollouts part" in result["bad_units"]["u000001"][0]
+    assert f"{units - 1} of {units} planned units are committed" in result["problems"]
+    assert main(["verify", root, "--run-id", "audit"]) == 1
+    err = capsys.readouterr().err
+    assert "problem(s)" in err and "unit u000000:" in err
+
+
+def test_unknown_runs_are_user_errors(written, capsys):
+    root, storage, _ = written
+    assert main(["verify", root, "--run-id", "nope"]) == 2
+    assert "no run nope" in capsys.readouterr().err
+    with pytest.raises(UserError, match="no run nope of 2026-01-02"):
+        verify_run(storage, run_date=DATE, run_id="nope")
+
+
+class CountingListings(LocalStorage):
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.listings: list[tuple[str, str]] = []
+
+    def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
+        self.listings.append((prefix, start_after))
+        return super().list_keys(prefix, start_after=start_after)
+
+
+def test_frames_are_checked_with_one_listing_per_unit(written):
+    root, storage, units = written
+    if not isinstance(storage, LocalStorage):
+        pytest.skip("counts listings on the local root")
+    counting = CountingListings(root)
+    markers = read_markers(counting, run_date=DATE, run_id="audit").good
+    counting.listings.clear()
+    check = check_units(counting, run_date=DATE, run_id="audit", markers=markers)
+    assert check.ok and len(counting.listings) == units
+    prefix, start_after = counting.listings[0]
+    assert prefix.startswith(f"frames/run_date={DATE}/run_id=audit/") and start_after > prefix
+
+
+def test_listing_after_a_key(written):
+    _, storage, _ = written
+    keys = list(storage.list_keys("frames/"))
+    assert list(storage.list_keys("frames/", start_after=keys[2])) == keys[3:]
+    assert list(storage.list_keys("frames/", start_after=keys[-1])) == []

@@ -1,0 +1,47 @@
+"""Commit a work unit the way the actor does, with the real writer but without a model:
+one seed step plus `rollouts.steps` generated steps per rollout (neutral actions), real
+Parquet parts and a real commit marker; PNG frames too when `frames` is on. Stub actors in
+driver tests use it so a run's outputs pass the driver's check against storage."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+
+from pipeline.plan import WorkUnit
+from pipeline.sources import NEUTRAL_ACTION
+from pipeline.spec import JobSpec
+from pipeline.storage import Storage
+from workers.writer import OutputWriter, UnitWriteResult
+
+FRAME = np.zeros((3, 8, 8), dtype=np.uint8)
+
+
+def rollout_row(spec: JobSpec, item, *, worker: str = "stub") -> dict:  # noqa: ANN001
+    now = dt.datetime.now(dt.UTC)
+    s = spec.rollouts.sampling
+    return {
+        "rollout_id": item.rollout_id, "seed_id": item.seed_id, "seed_uri": item.seed_uri,
+        "rollout_index": item.rollout_index, "mode": spec.rollouts.mode,
+        "action_policy": "random", "context_steps": 1, "generated_steps": spec.rollouts.steps,
+        "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "greedy": s.greedy,
+        "rng_seed": item.rng_seed, "model_id": "stub", "model_sha256": "0" * 64,
+        "status": "ok", "error": None, "worker": worker, "started_at": now,
+        "finished_at": now, "generate_seconds": 0.0,
+    }
+
+
+def commit_unit(storage: Storage, spec: JobSpec, unit: WorkUnit, *,
+                frames: bool = False) -> UnitWriteResult:
+    writer = OutputWriter(storage, run_date=spec.run.run_date, run_id=spec.run.run_id,
+                          frames=frames, image_tokens=False, model_id="stub", threads=1)
+    with writer:
+        for item in unit.items:
+            for step in range(spec.rollouts.steps + 1):
+                writer.add_step(unit.unit_id, item.rollout_id, step=step,
+                                image=FRAME if frames else None, action=NEUTRAL_ACTION,
+                                generated=step > 0,
+                                action_source="given" if step else "seed")
+            writer.finish_rollout(unit.unit_id, rollout_row(spec, item))
+        return writer.finish_unit(unit.unit_id, plan_fingerprint=unit.plan_fingerprint)
