@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -159,34 +160,60 @@ VIDEO_PIX_FMT = "yuv420p"
 VIDEO_FPS = 10
 
 
+class Mp4Writer:
+    """Streams frames into an MP4 (H.264, 10 fps, lossy: for viewing), one frame at a time.
+
+    `sink` is a path or a binary file object. Generated frames are watermarked when
+    `watermark` is set (pass False for frames that already carry the mark). H.264 in
+    yuv420p needs even sides, so an odd side is padded by one black row or column. Needs
+    PyAV (the video extra).
+    """
+
+    def __init__(self, sink: Any, *, watermark: bool, comment: str = "") -> None:
+        import av
+
+        self._av = av
+        self._container = av.open(sink, "w", format="mp4")
+        if comment:
+            self._container.metadata["comment"] = comment
+        self._stream: Any = None
+        self.watermark = watermark
+        self.frames = 0
+
+    def add(self, image_chw: np.ndarray, *, generated: bool) -> None:
+        img = _to_image(image_chw)
+        if self.watermark and generated:
+            draw_watermark(img)
+        rgb = np.asarray(img)  # (H, W, 3)
+        rgb = np.pad(rgb, ((0, rgb.shape[0] % 2), (0, rgb.shape[1] % 2), (0, 0)))
+        if self._stream is None:
+            self._stream = self._container.add_stream(VIDEO_CODEC, rate=VIDEO_FPS)
+            self._stream.height, self._stream.width = rgb.shape[:2]
+            self._stream.pix_fmt = VIDEO_PIX_FMT
+        frame = self._av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._stream is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        self._container.close()
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def encode_mp4(
     frames: Sequence[tuple[np.ndarray, bool]], *, watermark: bool, comment: str = ""
 ) -> bytes:
-    """(uint8 (3,H,W), generated) pairs -> MP4 bytes (H.264, 10 fps, lossy: for viewing).
-
-    Generated frames are watermarked. H.264 in yuv420p needs even sides, so an odd side is
-    padded by one black row or column. Needs PyAV (the video extra).
-    """
-    import av
-
+    """(uint8 (3,H,W), generated) pairs -> MP4 bytes (see Mp4Writer)."""
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        if comment:
-            container.metadata["comment"] = comment
-        stream = None
+    with Mp4Writer(buf, watermark=watermark, comment=comment) as writer:
         for image, generated in frames:
-            img = _to_image(image)
-            if watermark and generated:
-                draw_watermark(img)
-            rgb = np.asarray(img)  # (H, W, 3)
-            rgb = np.pad(rgb, ((0, rgb.shape[0] % 2), (0, rgb.shape[1] % 2), (0, 0)))
-            if stream is None:
-                stream = container.add_stream(VIDEO_CODEC, rate=VIDEO_FPS)
-                stream.height, stream.width = rgb.shape[:2]
-                stream.pix_fmt = VIDEO_PIX_FMT
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        if stream is not None:
-            for packet in stream.encode():
-                container.mux(packet)
+            writer.add(image, generated=generated)
     return buf.getvalue()

@@ -164,7 +164,7 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 QUERY = Command(
-    "query", "query the steps and rollouts tables of an output root (SQL)", _arguments,
+    "query", "query the steps, rollouts and frames tables of an output root (SQL)", _arguments,
     run_query,
     description="Read the output tables across runs. --sql runs one read-only SQL SELECT "
     "(DuckDB) over the tables steps and rollouts, joined with USING (run_id, rollout_id); "

@@ -122,9 +122,16 @@ class UnitReader:
     def _attach_frames(self, shard: Shard, rollouts: list[RolloutRows]) -> None:
         keys = [k for r in rollouts for k in r.steps.column("frame_key").to_pylist()]
         if keys and all(k is None for k in keys):
+            decoded = layout.frames_part_key(shard.run_date, shard.run_id, shard.unit_id)
+            if not self.storage.exists(decoded):  # `wham-batch decode` not run for it
+                for r in rollouts:
+                    r.frames = self.decode(shard, r, png=self.frames == "png")
+                return
+            keys = [decoded] * len(keys)
             for r in rollouts:
-                r.frames = self._decoded(shard, r)
-            return
+                r.steps = r.steps.set_column(
+                    r.steps.schema.get_field_index("frame_key"), "frame_key",
+                    _strings([decoded] * r.steps.num_rows))
         parts = {k for k in keys if k is not None and k.endswith(".parquet")}
         stored = {}
         for key in parts:
@@ -179,7 +186,9 @@ class UnitReader:
         self._models[shard.model_sha256] = decoder
         return decoder
 
-    def _decoded(self, shard: Shard, r: RolloutRows) -> list[Any]:
+    def decode(self, shard: Shard, r: RolloutRows, *, png: bool) -> list[Any]:
+        """A rollout's frames decoded from its image tokens: uint8 (3,H,W) arrays, or the
+        PNGs the writer would have stored (provenance text, watermark as the run had it)."""
         tokens = r.steps.column("image_tokens").to_pylist()
         if any(t is None for t in tokens):
             raise UserError(f"run {r.run_id}: rollout {r.rollout_id} stored neither frames nor "
@@ -193,7 +202,7 @@ class UnitReader:
         steps = r.steps.column("step").to_pylist()
         out = []
         for image, gen, step in zip(images, generated, steps, strict=True):
-            if self.frames == "png":
+            if png:
                 text = provenance_text(model_id=str(getattr(model, "model_id", "")),
                                        run_id=r.run_id, rollout_id=r.rollout_id, step=step,
                                        generated=gen)
