@@ -237,11 +237,14 @@ class RolloutActor:
                                      image=r.context_images[t], action=r.context_actions[t],
                                      generated=False, action_source="seed",
                                      image_tokens=ctx_tokens_np[b, t])
+        o = self.spec.output
         outputs = self.engine.rollout(
             context_tokens=ctx_tokens, context_actions=ctx_actions,
             steps=self.spec.rollouts.steps, mode=mode, actions=actions,
             observations=observations, sampling=self.sampling,
-            seeds=[r.item.rng_seed for r in batch])
+            seeds=[r.item.rng_seed for r in batch],
+            # frames: none stores no pixels: skip the decoder unless previews or videos want them
+            decode_images=o.frames != "none" or o.previews or o.video)
         signals = {name: [] for name in STEP_QUALITY_COLUMNS}  # name -> per step [B]
         for out in outputs:
             images, step_actions = out.images, out.actions.numpy()  # (B,3,H,W), (B,16)
@@ -252,7 +255,8 @@ class RolloutActor:
                 signals[name].append(values)
             for b, r in enumerate(batch):
                 self.writer.add_step(
-                    unit.unit_id, r.item.rollout_id, step=t_ctx + out.index, image=images[b],
+                    unit.unit_id, r.item.rollout_id, step=t_ctx + out.index,
+                    image=None if images is None else images[b],
                     action=step_actions[b], generated=True, action_source=out.action_source,
                     image_tokens=tokens[b], quality={k: v[b] for k, v in step.items()})
         per_step = {k: np.stack(v, axis=1) if v else np.zeros((len(batch), 0), np.float32)
