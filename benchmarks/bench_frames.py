@@ -144,7 +144,10 @@ def _table(stored: dict, times: dict, frames: dict) -> str:
     lines += ["", f"At the nightly scale of the issue ({n['seeds']:,} seeds x {n['per_seed']} "
               f"rollouts x {n['steps']} steps, {n['rollouts_per_unit']} rollouts per unit) "
               f"the frames take {rollouts * (n['steps'] + 1):,} PUTs as PNG objects, "
-              f"{units:,} as Parquet parts, none with `frames: none`."]
+              f"{units:,} as Parquet parts, none with `frames: none`. Reading a `none` run "
+              "decodes every frame with the model on the CPU, and each pass here loads the "
+              "model once (torch and the weights: a few seconds of every `none` figure); a "
+              "training job pays that once per worker, the decoding every epoch."]
     return "\n".join(lines)
 
 
