@@ -371,6 +371,10 @@ class JobSpec(_Section):
         if needs_recording and self.seeds.format == "images":
             raise ValueError("rollouts.mode policy and rollouts.actions replay need recorded "
                              "clips: set seeds.format to wham-npz or manifest")
+        if self.model.endpoint is not None and self.output.frames == "none":
+            raise ValueError("output.frames none keeps only image tokens, which an endpoint "
+                             "need not send and nothing here could decode: store frames "
+                             "(output.frames parquet or png) with model.endpoint")
         return self
 
     def public_dict(self) -> dict[str, Any]:

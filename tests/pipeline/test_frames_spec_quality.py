@@ -34,6 +34,16 @@ def test_frames_none_needs_the_tokens():
     assert _spec(frames="parquet", image_tokens=False).output.image_tokens is False
 
 
+def test_an_endpoint_run_stores_frames():
+    data = {"run": {"name": "t"}, "model": {"endpoint": "http://127.0.0.1:9/score"},
+            "seeds": {"source": "s"}, "rollouts": {"steps": 2},
+            "output": {"root": "out", "frames": "none"}}
+    with pytest.raises(UserError, match="output.frames none"):
+        spec_from_data(data)
+    data["output"]["frames"] = "parquet"
+    assert spec_from_data(data).output.frames == "parquet"
+
+
 def test_video_needs_pyav(monkeypatch):
     assert _spec(video=True).output.video is True
     real = importlib.util.find_spec
