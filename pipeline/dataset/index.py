@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import layout
-from pipeline.query import open_table, parse_where
+from pipeline.query import query
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +52,17 @@ _COLUMNS = ["run_date", "run_id", "unit_id", "rollout_id", "context_steps", "gen
 def select_shards(source: Source, *, run_id: str | list[str] | None = None,
                   status: str | None = "ok", where: str | None = None,
                   committed_only: bool = True) -> list[Shard]:
-    """The shards of the rollouts that pass every filter, in (run_date, run_id, unit) order."""
-    import pyarrow.dataset as ds
-
-    dataset = open_table(source.root, layout.ROLLOUTS_TABLE, endpoint_url=source.endpoint_url,
-                         region=source.region, committed_only=committed_only)
-    flt = parse_where(where, dataset.schema) if where else None
+    """The shards of the rollouts that pass every filter, in (run_date, run_id, unit) order.
+    `where` is an SQL condition on the rollouts columns, as `wham-batch query --where`."""
+    conditions = [f"({where})"] if where else []
     for name, value in (("run_id", run_id), ("status", status)):
-        if value is None:
-            continue
-        clause = (ds.field(name).isin(list(value)) if isinstance(value, list | tuple)
-                  else ds.field(name) == value)
-        flt = clause if flt is None else flt & clause
-    rows = dataset.to_table(columns=_COLUMNS, filter=flt).to_pylist()
+        if value is not None:
+            values = [value] if isinstance(value, str) else list(value)
+            quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+            conditions.append(f"{name} IN ({quoted})")
+    rows = query(source.root, table=layout.ROLLOUTS_TABLE, columns=_COLUMNS,
+                 where=" AND ".join(conditions) or None, endpoint_url=source.endpoint_url,
+                 region=source.region, committed_only=committed_only).to_pylist()
     rows = [r for r in rows if r["generated_steps"] > 0]  # failed rollouts wrote no steps
     units: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:

@@ -14,6 +14,7 @@ from pipeline import layout
 from pipeline.cli import main as cli_main
 from pipeline.dataset import RolloutWindows
 from pipeline.driver import run_job
+from pipeline.errors import UserError
 from pipeline.query import open_table, query
 from pipeline.storage import open_storage
 from workers.actor import RolloutActor
@@ -73,5 +74,6 @@ def test_query_cli_reads_every_table(mode_roots, capsys):
                      "rollout_id,mean_logprob,min_logprob,collapse_step", "--format", "json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == 6 and all(r["min_logprob"] <= r["mean_logprob"] < 0 for r in rows)
-    # a root whose runs stored PNGs: the frames table is empty, not an error
-    assert open_table(mode_roots["png"], "frames").to_table().num_rows == 0
+    # a root whose runs stored PNGs has no frames table (and no warning about its PNGs)
+    with pytest.raises(UserError, match="no frames table"):
+        open_table(mode_roots["png"], "frames")

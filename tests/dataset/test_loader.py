@@ -131,7 +131,7 @@ def test_filters_by_run_status_and_quality(mode_roots):
     only_generated = RolloutWindows(root, window=5, generated_only=True, frames=False)
     items = list(only_generated.iter_windows())
     assert len(items) == 6 and all(w["generated"].all() and "frames" not in w for w in items)
-    with pytest.raises(UserError, match="unknown column"):
+    with pytest.raises(UserError, match="nope"):
         RolloutWindows(root, window=2, where="nope > 1")
 
 
