@@ -56,7 +56,7 @@ class StubActor:
 
     def run_unit(self, unit: WorkUnit) -> UnitReceipt:
         writer = OutputWriter(self.storage, run_date=self.spec.run.run_date,
-                              run_id=self.spec.run.run_id, frames=False, image_tokens=False,
+                              run_id=self.spec.run.run_id, frames="none", image_tokens=False,
                               model_id="stub", threads=1)
         with writer:
             for item in unit.items:

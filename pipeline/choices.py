@@ -12,5 +12,8 @@ ACTION_KINDS = ("random", "constant", "file", "replay")
 #: Where a replica runs and in which precision.
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: How generated frames are stored (workers.writer): a Parquet part of PNGs per work unit,
+#: one PNG object per frame, or not at all (only the image tokens; decoded on read).
+FRAME_MODES = ("parquet", "png", "none")
 
-__all__ = ["ACTION_KINDS", "DEVICES", "DTYPES", "MODES", "SEED_FORMATS"]
+__all__ = ["ACTION_KINDS", "DEVICES", "DTYPES", "FRAME_MODES", "MODES", "SEED_FORMATS"]

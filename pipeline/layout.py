@@ -3,7 +3,9 @@
 ```
 steps/run_date=YYYY-MM-DD/run_id=<run_id>/part-<unit>.parquet     one row per step
 rollouts/run_date=YYYY-MM-DD/run_id=<run_id>/part-<unit>.parquet  one row per rollout
-frames/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>/<step:06d>.png
+frames/run_date=YYYY-MM-DD/run_id=<run_id>/part-<unit>.parquet    output.frames: parquet
+frames/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>/<step:06d>.png   output.frames: png
+videos/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>.mp4       output.video (optional)
 previews/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>.gif
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/manifest.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/commits/<unit>.json
@@ -13,8 +15,9 @@ _runs/run_date=YYYY-MM-DD/run_id=<run_id>/_SUCCESS
 
 The writer and the query side both use this module, so the two never disagree. Schemas
 here leave out the partition columns `run_date` and `run_id`: they live in the hive paths
-and the query side adds them back (`query_schema`). Changing anything here means bumping
-SCHEMA_VERSION.
+and the query side adds them back (`query_schema`). Every stored type is the same for every
+model (image tokens are a variable-size list), so parts of different models under one root
+unify in any Parquet reader. Changing anything here means bumping SCHEMA_VERSION.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from workers.wham.actions import ACTION_DIM, BUTTON_NAMES, STICK_NAMES
 SCHEMA_VERSION = 2
 STEPS_TABLE = "steps"
 ROLLOUTS_TABLE = "rollouts"
-TABLES = (STEPS_TABLE, ROLLOUTS_TABLE)
-FRAMES_DIR = "frames"
+#: The frames table (output.frames: parquet) shares its folder with per-frame PNGs
+#: (output.frames: png); a run writes one or the other.
+FRAMES_TABLE = "frames"
+TABLES = (STEPS_TABLE, ROLLOUTS_TABLE, FRAMES_TABLE)
+FRAMES_DIR = FRAMES_TABLE
+VIDEOS_DIR = "videos"
 PREVIEWS_DIR = "previews"
 RUNS_DIR = "_runs"
 PARTITION_COLUMNS = ("run_date", "run_id")
@@ -56,17 +63,28 @@ def _with_version(schema: pa.Schema, table: str) -> pa.Schema:
     )
 
 
-def image_tokens_type(tokens_per_image: int | None) -> pa.DataType:
-    """fixed_size_list<uint16>[n] (codebooks are at most 65536 entries), or a plain list."""
-    # Child fields are named "element", as Parquet names them, so schemas survive a round trip.
-    item = pa.field("element", pa.uint16())
-    if tokens_per_image is None:
-        return pa.list_(item)
-    return pa.list_(item, int(tokens_per_image))
+#: list<uint16> (codebooks hold at most 65536 entries). A variable-size list, not a fixed-size
+#: one: the length depends on the model, and a fixed size would make two models' parts
+#: disagree on the column's type. Child fields are named "element", as Parquet names them,
+#: so schemas survive a round trip.
+IMAGE_TOKENS_TYPE = pa.list_(pa.field("element", pa.uint16()))
+#: Per-step quality signals (pipeline/quality.py): null for context steps, and for the
+#: token kind a mode does not sample (actions in world_model, images in policy).
+STEP_QUALITY_COLUMNS = (
+    "image_logprob", "image_entropy", "action_logprob", "action_entropy", "changed_fraction",
+)
+#: Per-rollout aggregates of the step signals (pipeline/quality.py); null for failed rollouts.
+ROLLOUT_QUALITY_FIELDS = (
+    pa.field("mean_logprob", pa.float32(), nullable=True),
+    pa.field("min_logprob", pa.float32(), nullable=True),
+    pa.field("mean_entropy", pa.float32(), nullable=True),
+    pa.field("mean_changed_fraction", pa.float32(), nullable=True),
+    pa.field("frozen", pa.bool_(), nullable=True),
+    pa.field("collapse_step", pa.int32(), nullable=True),
+)
 
 
-def steps_schema(tokens_per_image: int | None) -> pa.Schema:
-    """Schema of a steps part; `tokens_per_image=None` when tokens are not stored."""
+def _steps_schema() -> pa.Schema:
     fields = [
         pa.field("rollout_id", pa.string(), nullable=False),
         pa.field("step", pa.int32(), nullable=False),
@@ -77,11 +95,18 @@ def steps_schema(tokens_per_image: int | None) -> pa.Schema:
             "action_bins", pa.list_(pa.field("element", pa.uint8()), ACTION_DIM), nullable=False
         ),
         pa.field("action_source", pa.string(), nullable=False),
-        pa.field("image_tokens", image_tokens_type(tokens_per_image), nullable=True),
+        pa.field("image_tokens", IMAGE_TOKENS_TYPE, nullable=True),
         pa.field("frame_key", pa.string(), nullable=True),
         pa.field("timestamp_s", pa.float64(), nullable=False),
+        *(pa.field(name, pa.float32(), nullable=True) for name in STEP_QUALITY_COLUMNS),
     ]
     return _with_version(pa.schema(fields), STEPS_TABLE)
+
+
+#: A steps part. `image_tokens` holds every step's tokens (context steps too), null only
+#: when `output.image_tokens` is off; `frame_key` names the object holding the frame: the
+#: PNG (frames: png), the unit's frames part (frames: parquet), or null (frames: none).
+STEPS_SCHEMA = _steps_schema()
 
 
 _TIMESTAMP = pa.timestamp("ms", tz="UTC")
@@ -112,20 +137,31 @@ ROLLOUTS_SCHEMA = _with_version(
             pa.field("started_at", _TIMESTAMP, nullable=False),
             pa.field("finished_at", _TIMESTAMP, nullable=False),
             pa.field("generate_seconds", pa.float64(), nullable=False),
+            *ROLLOUT_QUALITY_FIELDS,
         ]
     ),
     ROLLOUTS_TABLE,
 )
+#: A frames part (output.frames: parquet): one row per stored frame of a unit, the PNG as
+#: the writer would have uploaded it (watermark and provenance included).
+FRAMES_SCHEMA = _with_version(
+    pa.schema(
+        [
+            pa.field("rollout_id", pa.string(), nullable=False),
+            pa.field("step", pa.int32(), nullable=False),
+            pa.field("png", pa.binary(), nullable=False),
+        ]
+    ),
+    FRAMES_TABLE,
+)
+_SCHEMAS = {STEPS_TABLE: STEPS_SCHEMA, ROLLOUTS_TABLE: ROLLOUTS_SCHEMA, FRAMES_TABLE: FRAMES_SCHEMA}
 
 
 def query_schema(table: str) -> pa.Schema:
-    """The schema the query side reads a table with, across runs: partition columns first,
-    and `image_tokens` as a variable-size list so runs of different models unify."""
-    if table == STEPS_TABLE:
-        base = steps_schema(None)
-    elif table == ROLLOUTS_TABLE:
-        base = ROLLOUTS_SCHEMA
-    else:
+    """The schema the query side reads a table with, across runs: partition columns first.
+    Version-1 parts (fixed-size token lists, no quality columns) read with it too."""
+    base = _SCHEMAS.get(table)
+    if base is None:
         raise UserError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
     partitions = [pa.field("run_date", pa.string()), pa.field("run_id", pa.string())]
     return pa.schema(partitions + list(base), metadata=base.metadata)
@@ -176,7 +212,7 @@ def _run_part(run_date: str | dt.date, run_id: str) -> str:
 
 def run_prefix(table: str, run_date: str | dt.date, run_id: str) -> str:
     """'steps/run_date=2026-11-30/run_id=nightly' (for any top-level folder of the layout)."""
-    if table not in (*TABLES, FRAMES_DIR, PREVIEWS_DIR, RUNS_DIR):
+    if table not in (*TABLES, FRAMES_DIR, VIDEOS_DIR, PREVIEWS_DIR, RUNS_DIR):
         raise UserError(f"unknown layout folder {table!r}")
     return f"{table}/{_run_part(run_date, run_id)}"
 
@@ -189,6 +225,16 @@ def steps_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
 def rollouts_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
     unit = _check(unit_id, _UNIT_ID, "unit id")
     return f"{run_prefix(ROLLOUTS_TABLE, run_date, run_id)}/part-{unit}.parquet"
+
+
+def frames_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+    unit = _check(unit_id, _UNIT_ID, "unit id")
+    return f"{run_prefix(FRAMES_TABLE, run_date, run_id)}/part-{unit}.parquet"
+
+
+def video_key(run_date: str | dt.date, run_id: str, rollout_id: str) -> str:
+    rollout = _check(rollout_id, _ROLLOUT_ID, "rollout id")
+    return f"{run_prefix(VIDEOS_DIR, run_date, run_id)}/{rollout}.mp4"
 
 
 def frame_key(run_date: str | dt.date, run_id: str, rollout_id: str, step: int) -> str:

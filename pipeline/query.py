@@ -139,6 +139,8 @@ def open_table(
         keys, other = part_keys(storage, table)
     except OSError as exc:
         raise UserError(f"cannot list {storage.uri}/{table} ({exc})") from None
+    if table == layout.FRAMES_TABLE:  # runs with output.frames: png keep their PNGs there
+        other = [k for k in other if not k.endswith(".png")]
     if not keys and not other:
         raise NoTable(f"no {table} table under {storage.uri} (nothing written there yet?)")
     if other:

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.layout import STEP_QUALITY_COLUMNS
 from pipeline.logs import log_context, setup_actor_logging
 from pipeline.plan import RolloutItem, UnitReceipt, WorkUnit
+from pipeline.quality import rollout_quality
 from pipeline.sources import NEUTRAL_ACTION, constant_action
 from pipeline.spec import JobSpec
 from pipeline.storage import open_storage
@@ -55,6 +57,13 @@ class _Ready:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _per_row(values: Any, batch: int) -> np.ndarray:
+    """A StepOutput signal as float32 (B,); NaN where the engine gave none."""
+    if values is None:
+        return np.full(batch, np.nan, dtype=np.float32)
+    return np.asarray(values, dtype=np.float32).reshape(batch)
 
 
 def _short(exc: BaseException) -> str:
@@ -94,7 +103,7 @@ class RolloutActor:
         self.storage = open_storage(o.root, endpoint_url=o.endpoint_url, region=o.region)
         self.writer = OutputWriter(
             self.storage, run_date=spec.run.run_date.isoformat(), run_id=spec.run.run_id,
-            frames=o.frames, previews=o.previews, preview_scale=preview_scale,
+            frames=o.frames, video=o.video, previews=o.previews, preview_scale=preview_scale,
             image_tokens=o.image_tokens, watermark=o.watermark, model_id=self.model.model_id,
             threads=o.writer_threads,
             tokens_per_image=self.model.tokens_per_image if o.image_tokens else None)
@@ -155,7 +164,7 @@ class RolloutActor:
                 started = _now()
                 t = time.perf_counter()
                 try:
-                    lost = self._run_batch(unit, batch)
+                    lost, quality = self._run_batch(unit, batch)
                 except Exception as exc:
                     log.exception("unit %s: batch failed", unit.unit_id)
                     failed += self._fail(unit, [r.item for r in batch], exc, started=started,
@@ -167,9 +176,10 @@ class RolloutActor:
                         failed += self._fail(unit, [r.item], lost[r.item.rollout_id],
                                              started=started, errors=errors)
                         continue
-                    self.writer.finish_rollout(unit.unit_id, self._row(
+                    self.writer.finish_rollout(unit.unit_id, {**self._row(
                         r.item, status="ok", error=None, started=started,
-                        context_steps=len(r.context_images), seconds=seconds))
+                        context_steps=len(r.context_images), seconds=seconds),
+                        **quality.get(r.item.rollout_id, {})})
                     ok += 1
         return ok, failed, errors
 
@@ -205,35 +215,56 @@ class RolloutActor:
                               actions=actions, observations=observations))
         return out
 
-    def _run_batch(self, unit: WorkUnit, batch: list[_Ready]) -> dict[str, Exception]:
-        """Roll the batch out and hand every step to the writer; the rollouts that failed
-        on their own (endpoint only), by rollout id."""
+    def _run_batch(self, unit: WorkUnit,
+                   batch: list[_Ready]) -> tuple[dict[str, Exception], dict[str, dict[str, Any]]]:
+        """Roll the batch out and hand every step to the writer. Returns the rollouts that
+        failed on their own (endpoint only) and each rollout's quality aggregates (engine
+        only: an endpoint sends no probabilities), both by rollout id."""
         if self.engine is None:
-            return self._run_endpoint_batch(unit, batch)
+            return self._run_endpoint_batch(unit, batch), {}
         ctx_images = np.stack([r.context_images for r in batch])  # (B,T,3,H,W)
         ctx_actions = np.stack([r.context_actions for r in batch])  # (B,T,16)
+        # Encoded once here, so context steps get their tokens and the engine skips encoding.
+        ctx_tokens = self.model.encode_images(ctx_images)  # (B,T,n)
         mode = self.spec.rollouts.mode
         actions = np.stack([r.actions for r in batch]) if mode == "world_model" else None
         observations = np.stack([r.observations for r in batch]) if mode == "policy" else None
         t_ctx = ctx_images.shape[1]
-        for r in batch:  # context steps are rows too, so every rollout is complete in `steps`
+        ctx_tokens_np = ctx_tokens.cpu().numpy()
+        for b, r in enumerate(batch):  # context steps are rows too: every rollout is whole
             for t in range(t_ctx):
                 self.writer.add_step(unit.unit_id, r.item.rollout_id, step=t,
                                      image=r.context_images[t], action=r.context_actions[t],
-                                     generated=False, action_source="seed")
+                                     generated=False, action_source="seed",
+                                     image_tokens=ctx_tokens_np[b, t])
+        o = self.spec.output
         outputs = self.engine.rollout(
-            context_images=ctx_images, context_actions=ctx_actions, steps=self.spec.rollouts.steps,
-            mode=mode, actions=actions, observations=observations, sampling=self.sampling,
-            seeds=[r.item.rng_seed for r in batch])
+            context_tokens=ctx_tokens, context_actions=ctx_actions,
+            steps=self.spec.rollouts.steps, mode=mode, actions=actions,
+            observations=observations, sampling=self.sampling,
+            seeds=[r.item.rng_seed for r in batch],
+            # frames: none stores no pixels: skip the decoder unless previews or videos want them
+            decode_images=o.frames != "none" or o.previews or o.video)
+        signals = {name: [] for name in STEP_QUALITY_COLUMNS}  # name -> per step [B]
         for out in outputs:
             images, step_actions = out.images, out.actions.numpy()  # (B,3,H,W), (B,16)
-            tokens = out.image_tokens.numpy() if self.spec.output.image_tokens else None
+            tokens = out.image_tokens.numpy()
+            step = {name: _per_row(getattr(out, name), len(batch))
+                    for name in STEP_QUALITY_COLUMNS}
+            for name, values in step.items():
+                signals[name].append(values)
             for b, r in enumerate(batch):
                 self.writer.add_step(
-                    unit.unit_id, r.item.rollout_id, step=t_ctx + out.index, image=images[b],
+                    unit.unit_id, r.item.rollout_id, step=t_ctx + out.index,
+                    image=None if images is None else images[b],
                     action=step_actions[b], generated=True, action_source=out.action_source,
-                    image_tokens=None if tokens is None else tokens[b])
-        return {}
+                    image_tokens=tokens[b], quality={k: v[b] for k, v in step.items()})
+        per_step = {k: np.stack(v, axis=1) if v else np.zeros((len(batch), 0), np.float32)
+                    for k, v in signals.items()}  # name -> (B, steps)
+        return {}, {r.item.rollout_id: rollout_quality(
+            {k: v[b] for k, v in per_step.items()}, first_step=t_ctx,
+            tokens_per_image=self.model.tokens_per_image,
+            image_vocab_size=self.model.image_vocab_size) for b, r in enumerate(batch)}
 
     def _run_endpoint_batch(self, unit: WorkUnit, batch: list[_Ready]) -> dict[str, Exception]:
         jobs = [RolloutJob(context_images=r.context_images, context_actions=r.context_actions,

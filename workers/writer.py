@@ -1,18 +1,24 @@
-"""The actor's background output writer: PNG frames, GIF previews, Parquet parts, commit markers.
+"""The actor's background output writer: frames, previews, videos, Parquet parts, commit
+markers.
 
 The actor hands over each step as soon as the engine yields it (`add_step`) and goes on
 computing; PNG encoding and uploads run on a small thread pool (Pillow's encoder and boto3
-release the GIL). A bounded number of pending uploads keeps memory bounded: `add_step`
-blocks when the pool falls behind.
+release the GIL). A bounded number of pending jobs keeps memory bounded: `add_step` blocks
+when the pool falls behind.
+
+Frames are stored as `output.frames` says: `png` uploads one PNG per frame while the unit
+runs; `parquet` encodes the same PNGs on the pool and keeps them until the unit's frames
+part is written (one object per unit); `none` stores nothing but the steps' image tokens.
 
 Per work unit, in this order (docs/outputs.md, "Output layout"):
-1. frames (and previews) are uploaded while the unit runs;
-2. `finish_unit` waits for them, then writes the unit's steps and rollouts Parquet parts;
+1. frames, previews and videos are uploaded while the unit runs;
+2. `finish_unit` waits for them, then writes the unit's frames part (parquet mode), then its
+   steps and rollouts Parquet parts;
 3. the commit marker goes last. A failed upload fails the whole unit (WriteError), so the
    driver retries it; names are deterministic, so the retry overwrites.
 
-Steps of failed rollouts are not written (their rollouts row says why); frames they already
-uploaded stay and are overwritten by a retry.
+Steps of failed rollouts are not written (their rollouts row says why); PNGs they already
+uploaded stay and are overwritten by a retry; their frames never reach a frames part.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import layout
+from pipeline.choices import FRAME_MODES
 from pipeline.errors import UserError
 from pipeline.markers import marker_bytes
 from pipeline.metrics import Metrics
 from pipeline.storage import Storage, StorageFatalError, backoff_delay
-from workers.encode import encode_gif, encode_png
+from workers.encode import encode_gif, encode_mp4, encode_png, provenance_text
 from workers.wham.actions import (
     ACTION_DIM,
     BUTTON_NAMES,
@@ -63,7 +70,7 @@ class UnitWriteResult:
     ok: int
     failed: int
     steps: int
-    frames: int
+    frames: int  # frames stored: PNG objects, or rows of the frames part
     previews: int
     write_seconds: float  # time finish_unit spent waiting for uploads and writing parts
     committed: bool  # False if an earlier attempt had already written the marker
@@ -78,6 +85,7 @@ class _Step:
     source: str
     tokens: np.ndarray | None  # (n,)
     frame_key: str | None
+    quality: dict[str, float]  # pipeline.quality step signals; empty for context steps
 
 
 @dataclass
@@ -85,6 +93,7 @@ class _Unit:
     steps: dict[str, dict[int, _Step]] = field(default_factory=dict)
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
     preview_frames: dict[str, list[tuple[np.ndarray, bool]]] = field(default_factory=dict)
+    pngs: dict[tuple[str, int], bytes] = field(default_factory=dict)  # frames: parquet
     futures: list[Future[Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: BaseException | None = None
@@ -101,7 +110,8 @@ class OutputWriter:
         *,
         run_date: str | dt.date,
         run_id: str,
-        frames: bool = True,
+        frames: str = "parquet",
+        video: bool = False,
         previews: bool = False,
         preview_scale: int = 1,
         image_tokens: bool = True,
@@ -113,18 +123,20 @@ class OutputWriter:
     ) -> None:
         if preview_scale < 1 or threads < 1:
             raise ValueError("preview_scale and threads must be >= 1")
+        if frames not in FRAME_MODES:
+            raise ValueError(f"frames must be one of {FRAME_MODES}, got {frames!r}")
         # Inside a Ray actor every put's latency goes to the run's upload histogram.
         self.storage = Metrics(run_id).timed(storage)
         self.run_date = layout.run_date_str(run_date)
         self.run_id = layout.check_run_id(run_id)
         self.frames = frames
+        self.video = video
         self.previews = previews
         self.preview_scale = preview_scale
         self.image_tokens = image_tokens
         self.watermark = watermark
         self.model_id = model_id
         self.tokens_per_image = tokens_per_image if image_tokens else None
-        self.steps_schema = layout.steps_schema(self.tokens_per_image)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="wham-writer")
         self._slots = threading.BoundedSemaphore(max_pending or 8 * threads)
         self._units: dict[str, _Unit] = {}
@@ -166,12 +178,14 @@ class OutputWriter:
         generated: bool,
         action_source: str,
         image_tokens: np.ndarray | None = None,
+        quality: Mapping[str, float] | None = None,
     ) -> None:
-        """Record one step of one rollout and queue its frame upload.
+        """Record one step of one rollout and queue its frame's encoding and upload.
 
         `image` uint8 (3,H,W) (copied, so the caller may reuse its buffer); `action` model
-        form (16,); `image_tokens` (n,) or None. Blocks only when too many uploads are
-        pending; raises WriteError if an earlier upload of this unit failed.
+        form (16,); `image_tokens` (n,) or None; `quality` the step's signals
+        (`layout.STEP_QUALITY_COLUMNS`, NaN where absent). Blocks only when too many jobs
+        are pending; raises WriteError if an earlier upload of this unit failed.
         """
         unit = self._unit(unit_id)
         if unit.error is not None:
@@ -179,36 +193,51 @@ class OutputWriter:
         if action_source not in layout.ACTION_SOURCES:
             raise ValueError(f"action_source must be one of {layout.ACTION_SOURCES}")
         action = validate_actions(np.asarray(action).reshape(ACTION_DIM), name="action")
-        tokens = None
-        if self.image_tokens and image_tokens is not None:
-            tokens = np.asarray(image_tokens).reshape(-1)
-            if self.tokens_per_image is not None and tokens.size != self.tokens_per_image:
-                raise ValueError(
-                    f"expected {self.tokens_per_image} image tokens, got {tokens.size}"
-                )
-            if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
-                raise ValueError("image tokens must fit in uint16")
         key = None
         if image is not None:
             image = np.array(image, dtype=np.uint8, copy=True)
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"image must be uint8 (3,H,W), got shape {image.shape}")
-            if self.frames:
-                key = layout.frame_key(self.run_date, self.run_id, rollout_id, step)
-                self._submit(unit, self._write_frame, unit, key, image, rollout_id, step, generated)
-            if self.previews:
+            key = self._queue_frame(unit, unit_id, image, rollout_id, step, generated)
+            if self.previews or self.video:
                 unit.preview_frames.setdefault(rollout_id, []).append((image, generated))
         unit.steps.setdefault(rollout_id, {})[step] = _Step(
             step=step,
             generated=generated,
             action=action,
             source=action_source,
-            tokens=tokens,
+            tokens=self._checked_tokens(image_tokens),
             frame_key=key,
+            quality={k: float(v) for k, v in (quality or {}).items()
+                     if k in layout.STEP_QUALITY_COLUMNS},
         )
 
+    def _checked_tokens(self, image_tokens: np.ndarray | None) -> np.ndarray | None:
+        if not self.image_tokens or image_tokens is None:
+            return None
+        tokens = np.asarray(image_tokens).reshape(-1)
+        if self.tokens_per_image is not None and tokens.size != self.tokens_per_image:
+            raise ValueError(f"expected {self.tokens_per_image} image tokens, got {tokens.size}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+            raise ValueError("image tokens must fit in uint16")
+        return tokens
+
+    def _queue_frame(self, unit: _Unit, unit_id: str, image: np.ndarray, rollout_id: str,
+                     step: int, generated: bool) -> str | None:
+        """Queue the frame's PNG (an object, or bytes for the frames part); the key that
+        the step's `frame_key` names."""
+        if self.frames == "none":
+            return None
+        if self.frames == "png":
+            key = layout.frame_key(self.run_date, self.run_id, rollout_id, step)
+        else:
+            key = layout.frames_part_key(self.run_date, self.run_id, unit_id)
+        self._submit(unit, self._write_frame, unit, key, image, rollout_id, step, generated)
+        return key
+
     def finish_rollout(self, unit_id: str, row: Mapping[str, Any]) -> None:
-        """Record a rollout's row (rollouts columns except unit_id); queues its preview."""
+        """Record a rollout's row (rollouts columns except unit_id); queues its preview and
+        video."""
         missing = [k for k in _REQUIRED_ROLLOUT_KEYS if row.get(k) is None]
         if missing:
             raise ValueError(f"rollout row is missing {', '.join(missing)}")
@@ -218,9 +247,14 @@ class OutputWriter:
         rollout_id = row["rollout_id"]
         unit.rollouts[rollout_id] = {**row, "unit_id": unit_id}
         frames = unit.preview_frames.pop(rollout_id, None)
-        if row["status"] == "ok" and frames:
+        if row["status"] != "ok" or not frames:
+            return
+        if self.previews:
             key = layout.preview_key(self.run_date, self.run_id, rollout_id)
             self._submit(unit, self._write_preview, unit, key, frames, rollout_id)
+        if self.video:
+            key = layout.video_key(self.run_date, self.run_id, rollout_id)
+            self._submit(unit, self._write_video, key, frames, rollout_id)
 
     # ------------------------------------------------------------------ workers
 
@@ -240,24 +274,20 @@ class OutputWriter:
     def _put(self, key: str, data: bytes, *, content_type: str) -> None:
         self._retrying(lambda: self.storage.put_bytes(key, data, content_type=content_type))
 
-    def _provenance(self, rollout_id: str, step: int | None) -> dict[str, str]:
-        text = {
-            "Software": "wham-batch",
-            "generator": "WHAM world model (wham-batch)",
-            "model_id": self.model_id,
-            "run_id": self.run_id,
-            "rollout_id": rollout_id,
-        }
-        if step is not None:
-            text["step"] = str(step)
-        return text
+    def _provenance(self, rollout_id: str, step: int | None = None,
+                    generated: bool | None = None) -> dict[str, str]:
+        return provenance_text(model_id=self.model_id, run_id=self.run_id,
+                               rollout_id=rollout_id, step=step, generated=generated)
 
     def _write_frame(
         self, unit: _Unit, key: str, image: np.ndarray, rollout_id: str, step: int, generated: bool
     ) -> None:
-        text = self._provenance(rollout_id, step)
-        text["generated"] = "true" if generated else "false"
-        data = encode_png(image, text=text, watermark=self.watermark and generated)
+        data = encode_png(image, text=self._provenance(rollout_id, step, generated),
+                          watermark=self.watermark and generated)
+        if self.frames == "parquet":
+            with unit.lock:
+                unit.pngs[(rollout_id, step)] = data
+            return
         self._put(key, data, content_type="image/png")
         with unit.lock:
             unit.frames += 1
@@ -265,13 +295,19 @@ class OutputWriter:
     def _write_preview(
         self, unit: _Unit, key: str, frames: list[tuple[np.ndarray, bool]], rollout_id: str
     ) -> None:
-        comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id, None).items())
+        comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id).items())
         data = encode_gif(
             frames, scale=self.preview_scale, watermark=self.watermark, comment=comment
         )
         self._put(key, data, content_type="image/gif")
         with unit.lock:
             unit.previews += 1
+
+    def _write_video(self, key: str, frames: list[tuple[np.ndarray, bool]],
+                     rollout_id: str) -> None:
+        comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id).items())
+        data = encode_mp4(frames, watermark=self.watermark, comment=comment)
+        self._put(key, data, content_type="video/mp4")
 
     # ------------------------------------------------------------------ commit
 
@@ -294,15 +330,19 @@ class OutputWriter:
                 f"first: {errors[0]}"
             ) from errors[0]
 
-    def _steps_table(self, unit: _Unit) -> Any:
-        import pyarrow as pa
-
-        rows = [
+    @staticmethod
+    def _ok_steps(unit: _Unit) -> list[tuple[str, _Step]]:
+        """(rollout_id, step) of the unit's ok rollouts, in (rollout, step) order."""
+        return [
             (rollout_id, s)
             for rollout_id in sorted(unit.steps)
             if unit.rollouts[rollout_id]["status"] == "ok"
             for s in (unit.steps[rollout_id][k] for k in sorted(unit.steps[rollout_id]))
         ]
+
+    def _steps_table(self, rows: list[tuple[str, _Step]]) -> Any:
+        import pyarrow as pa
+
         n = len(rows)
         actions = np.stack([s.action for _, s in rows]) if n else np.zeros((0, ACTION_DIM), int)
         steps = np.array([s.step for _, s in rows], dtype=np.int32)
@@ -319,27 +359,27 @@ class OutputWriter:
         flat_bins = pa.array(actions.astype(np.uint8).reshape(-1), pa.uint8())
         columns["action_bins"] = pa.FixedSizeListArray.from_arrays(flat_bins, ACTION_DIM)
         columns["action_source"] = pa.array([s.source for _, s in rows], pa.string())
-        columns["image_tokens"] = self._tokens_column([s.tokens for _, s in rows])
+        columns["image_tokens"] = _tokens_column([s.tokens for _, s in rows])
         columns["frame_key"] = pa.array([s.frame_key for _, s in rows], pa.string())
         columns["timestamp_s"] = steps.astype(np.float64) / layout.STEP_RATE_HZ
+        for name in layout.STEP_QUALITY_COLUMNS:
+            values = np.array([s.quality.get(name, np.nan) for _, s in rows], dtype=np.float32)
+            columns[name] = pa.array(values, pa.float32(), mask=np.isnan(values))
         return pa.Table.from_arrays(
-            [pa.array(columns[f.name], f.type) for f in self.steps_schema],
-            schema=self.steps_schema,
+            [pa.array(columns[f.name], f.type) for f in layout.STEPS_SCHEMA],
+            schema=layout.STEPS_SCHEMA,
         )
 
-    def _tokens_column(self, tokens: list[np.ndarray | None]) -> Any:
+    @staticmethod
+    def _frames_table(unit: _Unit, rows: list[tuple[str, _Step]]) -> Any:
         import pyarrow as pa
 
-        if self.tokens_per_image is None:
-            return pa.nulls(len(tokens), layout.image_tokens_type(None))
-        width = self.tokens_per_image
-        present = np.array([t is not None for t in tokens], dtype=bool)
-        values = np.zeros((len(tokens), width), dtype=np.uint16)  # (n,tokens_per_image)
-        for i, t in enumerate(tokens):
-            if t is not None:
-                values[i] = t
-        return pa.FixedSizeListArray.from_arrays(
-            pa.array(values.reshape(-1), pa.uint16()), width, mask=pa.array(~present)
+        kept = [(r, s.step) for r, s in rows if (r, s.step) in unit.pngs]
+        return pa.Table.from_arrays(
+            [pa.array([r for r, _ in kept], pa.string()),
+             pa.array([step for _, step in kept], pa.int32()),
+             pa.array([unit.pngs[k] for k in kept], pa.binary())],
+            schema=layout.FRAMES_SCHEMA,
         )
 
     def _rollouts_table(self, unit: _Unit) -> Any:
@@ -355,7 +395,9 @@ class OutputWriter:
         import pyarrow.parquet as pq
 
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        # PNG bytes are compressed already: zstd over them costs time and saves nothing.
+        compression = {name: "none" if name == "png" else "zstd" for name in table.column_names}
+        pq.write_table(table, sink, compression=compression)
         self._put(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
 
     def finish_unit(self, unit_id: str, *, plan_fingerprint: str = "") -> UnitWriteResult:
@@ -372,8 +414,14 @@ class OutputWriter:
         orphans = sorted(set(unit.steps) - set(unit.rollouts))
         if orphans:
             raise ValueError(f"unit {unit_id}: rollouts {orphans[:3]} have steps but no row")
-        steps = self._steps_table(unit)
+        rows = self._ok_steps(unit)
+        steps = self._steps_table(rows)
         rollouts = self._rollouts_table(unit)
+        if self.frames == "parquet":
+            frames = self._frames_table(unit, rows)
+            unit.frames = frames.num_rows
+            self._put_parquet(layout.frames_part_key(self.run_date, self.run_id, unit_id),
+                              frames)
         self._put_parquet(layout.steps_part_key(self.run_date, self.run_id, unit_id), steps)
         self._put_parquet(layout.rollouts_part_key(self.run_date, self.run_id, unit_id), rollouts)
         ok = sum(r["status"] == "ok" for r in unit.rollouts.values())
@@ -413,3 +461,16 @@ class OutputWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tokens_column(tokens: list[np.ndarray | None]) -> Any:
+    """list<uint16> of every row's image tokens (null where a row has none)."""
+    import pyarrow as pa
+
+    present = [t for t in tokens if t is not None]
+    sizes = np.array([0 if t is None else t.size for t in tokens], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    values = (np.concatenate(present) if present else np.zeros(0)).astype(np.uint16)
+    mask = pa.array([t is None for t in tokens], pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.uint16()),
+                                    type=layout.IMAGE_TOKENS_TYPE, mask=mask)

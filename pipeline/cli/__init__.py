@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import cluster, demo, model, query, run, serve, verify
+from pipeline.cli import cluster, demo, export, model, query, run, serve, verify
 from pipeline.cli.command import Command, interrupted_status, stop_on_sigterm
 from pipeline.errors import UserError
 from pipeline.versions import version_line
@@ -22,6 +22,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     run.VALIDATE,
     query.QUERY,
     verify.VERIFY,
+    export.EXPORT,
+    export.DECODE,
     cluster.SUBMIT,
     cluster.STATUS,
     cluster.LOGS,

@@ -1,4 +1,5 @@
-"""`wham-batch query`: read the steps and rollouts tables of an output root, with SQL."""
+"""`wham-batch query`: read the steps, rollouts and frames tables of an output root, with
+SQL."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         help="one SQL SELECT over the tables `steps` and `rollouts`, e.g. \"SELECT rollout_id, "
         "count(*) FROM steps JOIN rollouts USING (run_id, rollout_id) WHERE status = 'ok' "
         "GROUP BY rollout_id\" (instead of --table/--where/--columns/--run-id)")
-    p.add_argument("--table", choices=("steps", "rollouts"), default=None,
+    p.add_argument("--table", choices=layout.TABLES, default=None,
                    help="the table to read without --sql (default steps)")
     p.add_argument("--run-id", help="only this run")
     p.add_argument(
@@ -163,7 +164,7 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 QUERY = Command(
-    "query", "query the steps and rollouts tables of an output root (SQL)", _arguments,
+    "query", "query the steps, rollouts and frames tables of an output root (SQL)", _arguments,
     run_query,
     description="Read the output tables across runs. --sql runs one read-only SQL SELECT "
     "(DuckDB) over the tables steps and rollouts, joined with USING (run_id, rollout_id); "

@@ -27,7 +27,7 @@ from pipeline.versions import software_versions
 
 MARKER_READERS = 16  # parallel reads of commit markers
 OUTPUT_FOLDERS = (layout.STEPS_TABLE, layout.ROLLOUTS_TABLE, layout.FRAMES_DIR,
-                  layout.PREVIEWS_DIR, layout.RUNS_DIR)
+                  layout.VIDEOS_DIR, layout.PREVIEWS_DIR, layout.RUNS_DIR)
 
 
 def read_json(storage: Storage, key: str) -> dict[str, Any] | None:

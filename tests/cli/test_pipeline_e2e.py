@@ -24,12 +24,14 @@ from pipeline.cli import main as cli_main
 from pipeline.driver import actor_name, run_job
 from pipeline.errors import UserError
 from pipeline.layout import (
+    FRAMES_SCHEMA,
     ROLLOUTS_SCHEMA,
+    STEPS_SCHEMA,
     commits_prefix,
+    frames_part_key,
     manifest_key,
     rollouts_part_key,
     steps_part_key,
-    steps_schema,
     success_key,
 )
 from pipeline.spec import JobSpec, spec_from_data
@@ -104,12 +106,17 @@ def test_local_and_s3_roots(tmp_path: Path, where: str, request: pytest.FixtureR
     assert len(units) == summary.units_total == 6
     for uid in units:
         part = pq.read_table(io.BytesIO(storage.get_bytes(steps_part_key(DATE, run_id, uid))))
-        assert part.schema.equals(steps_schema(16), check_metadata=True)
+        assert part.schema.equals(STEPS_SCHEMA, check_metadata=True)
         part = pq.read_table(io.BytesIO(storage.get_bytes(rollouts_part_key(DATE, run_id, uid))))
         assert part.schema.equals(ROLLOUTS_SCHEMA, check_metadata=True)
-    for key in steps.column("frame_key").to_pylist():
-        image = Image.open(io.BytesIO(storage.get_bytes(key)))
-        assert image.format == "PNG" and image.size == (16, 16)
+        part = pq.read_table(io.BytesIO(storage.get_bytes(frames_part_key(DATE, run_id, uid))))
+        assert part.schema.equals(FRAMES_SCHEMA, check_metadata=True)
+        assert part.num_rows == 4 * (1 + 4)  # frames: parquet (the default), one per step row
+        for png in part.column("png").to_pylist():
+            image = Image.open(io.BytesIO(png))
+            assert image.format == "PNG" and image.size == (16, 16)
+    assert set(steps.column("frame_key").to_pylist()) == {
+        frames_part_key(DATE, run_id, uid) for uid in units}
 
 
 def _commits(spec: JobSpec) -> list[str]:

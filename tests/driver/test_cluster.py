@@ -356,9 +356,9 @@ def test_submit_wait_then_query_logs_status_runs(
     assert [k for k in rollouts if 'status="ok"' in k] and sum(rollouts.values()) == 2
     units = wait_for_metric(port, "ray_wham_units_committed_total", run_id, total=1)
     assert sum(units.values()) == 1
-    # Every put of the actor's writer was timed: 4 frames + 2 parts + 1 marker at least.
+    # Every put of the actor's writer was timed: the frames part, 2 table parts, 1 marker.
     uploads = scrape(port, "ray_wham_upload_seconds_count", run_id)
-    assert sum(uploads.values()) >= 7
+    assert sum(uploads.values()) >= 4
 
 
 def test_invalid_config_never_reaches_the_cluster(

@@ -65,7 +65,7 @@ def write_run(storage, run_date: str, run_id: str, *, units: int = 2, tokens: in
         storage,
         run_date=run_date,
         run_id=run_id,
-        frames=False,
+        frames="none",
         image_tokens=tokens is not None,
         model_id="preset:tiny",
         threads=1,
@@ -228,6 +228,8 @@ def test_missing_table_and_bad_columns(tmp_path):
     with pytest.raises(UserError, match="unknown column.*nope"):
         query(str(tmp_path), columns=["step", "nope"])
     with pytest.raises(UserError, match="unknown table"):
+        open_table(str(tmp_path), "pictures")
+    with pytest.raises(UserError, match="no frames table"):  # frames: none wrote no frames
         open_table(str(tmp_path), "frames")
 
 

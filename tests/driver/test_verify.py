@@ -39,7 +39,7 @@ def written(request, tmp_path):
     fingerprint = run_fingerprint(spec, units)
     for unit in units:
         commit_unit(storage, spec, dataclasses.replace(unit, plan_fingerprint=fingerprint),
-                    frames=True)
+                    frames="png")
     storage.put_bytes(layout.manifest_key(DATE, "audit"), json.dumps(
         {"plan_fingerprint": fingerprint, "counts": {"units_total": len(units)}}).encode())
     return root, storage, len(units)

@@ -19,6 +19,7 @@ from PIL import Image
 from support.faultproxy import record_figures
 
 from pipeline.cli import main as cli_main
+from pipeline.query import open_table
 from pipeline.spec import spec_from_data
 from pipeline.storage import open_storage
 
@@ -60,7 +61,9 @@ def _outputs(config: Path) -> dict:
     return {
         "tokens": [(r["rollout_id"], r["step"], r["image_tokens"]) for r in generated],
         "actions": [(r["rollout_id"], r["step"], r["action_bins"]) for r in rows],
-        "frames": {r["frame_key"]: storage.get_bytes(r["frame_key"]) for r in rows},
+        # output.frames: parquet (the default): every step's PNG, by (rollout, step)
+        "frames": {(f["rollout_id"], f["step"]): f["png"]
+                   for f in open_table(spec.output.root, "frames").to_table().to_pylist()},
     }
 
 

@@ -42,12 +42,13 @@ RSS_GROWTH_LIMIT = 64 * 2**20  # after warm-up; a leak per unit or rollout would
 
 
 class _StubEngine:
-    """The engine's interface without the model: frames are the last context frame."""
+    """The engine's interface without the model: frames are grey."""
 
     def __init__(self, model: object) -> None:
         self.tokens_per_image = model.tokens_per_image
+        self.image_size = tuple(model.image_size)
 
-    def rollout(self, *, context_images: np.ndarray, steps: int, seeds: list[int],
+    def rollout(self, *, context_tokens: object, steps: int, seeds: list[int],
                 actions: np.ndarray | None = None, **_: object):  # noqa: ANN201
         import torch
 
@@ -58,7 +59,7 @@ class _StubEngine:
         for i in range(steps):
             tokens = (base + i + torch.arange(self.tokens_per_image)).remainder(64)  # (B,n)
             yield StepOutput(index=i, image_tokens=tokens,
-                             images=np.ascontiguousarray(context_images[:, -1]),  # (B,3,H,W)
+                             images=np.full((batch, 3, *self.image_size), 128, np.uint8),
                              actions=torch.as_tensor(actions[:, i]).reshape(batch, 16),
                              action_source="given")
 

@@ -56,7 +56,7 @@ def read(spec: JobSpec, key: str):
 
 def test_unit_is_generated_written_and_committed(tmp_path: Path) -> None:
     seed_folder(tmp_path)
-    spec = make_spec(tmp_path)
+    spec = make_spec(tmp_path, output={"frames": "png"})
     actor = RolloutActor(spec, worker="w0")
     info = actor.ready()
     assert info["model_id"] == "preset:tiny" and info["batch_size"] == 4

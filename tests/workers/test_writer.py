@@ -52,7 +52,7 @@ def rollout_row(rollout_id: str, *, status: str = "ok", error: str | None = None
 
 def make_writer(storage, **kw) -> OutputWriter:
     options = dict(
-        frames=True,
+        frames="png",
         previews=False,
         preview_scale=1,
         image_tokens=True,
@@ -117,7 +117,7 @@ def test_unit_round_trip(storage):
     steps = pq.read_table(
         io.BytesIO(storage.get_bytes(layout.steps_part_key(**RUN, unit_id="u000000")))
     )
-    assert steps.schema.equals(layout.steps_schema(16), check_metadata=True)
+    assert steps.schema.equals(layout.STEPS_SCHEMA, check_metadata=True)
     assert steps.column("rollout_id").to_pylist() == ["seed_a-r000"] * 5 + ["seed_b-r000"] * 5
     rows = steps.to_pylist()[5:]  # seed_b, in step order
     for step, (row, (_, act, gen, tokens)) in enumerate(zip(rows, sent, strict=True)):
@@ -264,10 +264,12 @@ def test_commit_marker_is_written_last(tmp_path):
 def test_failed_upload_fails_the_unit(tmp_path):
     storage = RecordingStorage(tmp_path, fail_on="000002.png")
     with make_writer(storage) as writer:
-        feed_rollout(writer, "u000005", "s-r000")
-        writer.finish_rollout("u000005", rollout_row("s-r000"))
+        # The failure surfaces in finish_unit, or earlier in add_step if it came first.
         with pytest.raises(WriteError, match="simulated outage"):
+            feed_rollout(writer, "u000005", "s-r000")
+            writer.finish_rollout("u000005", rollout_row("s-r000"))
             writer.finish_unit("u000005")
+        writer.abort_unit("u000005")
         # Once an upload of a unit has failed, its next steps are refused at once.
         storage.fail_on = "t-r000"
         writer.add_step(
@@ -321,13 +323,13 @@ def test_gif_preview(storage):
 
 def test_tokens_disabled_and_frames_disabled(tmp_path):
     storage = LocalStorage(tmp_path)
-    with make_writer(storage, image_tokens=False, frames=False) as writer:
+    with make_writer(storage, image_tokens=False, frames="none") as writer:
         feed_rollout(writer, "u000009", "s-r000")
         writer.finish_rollout("u000009", rollout_row("s-r000"))
         result = writer.finish_unit("u000009")
     assert result.frames == 0 and not list(storage.list_keys("frames/"))
     table = pq.read_table(tmp_path / layout.steps_part_key(**RUN, unit_id="u000009"))
-    assert table.schema.equals(layout.steps_schema(None), check_metadata=True)
+    assert table.schema.equals(layout.STEPS_SCHEMA, check_metadata=True)
     assert table.column("image_tokens").null_count == 5
     assert table.column("frame_key").null_count == 5
 
@@ -396,7 +398,9 @@ def test_bad_inputs(tmp_path):
             writer.finish_unit("u000012")
     with pytest.raises(Exception, match="run_id"):
         OutputWriter(LocalStorage(tmp_path), run_date="2026-11-30", run_id="../x", model_id="m")
-    assert pa.types.is_fixed_size_list(layout.steps_schema(8).field("image_tokens").type)
+    with pytest.raises(ValueError, match="frames must be one of"):
+        make_writer(LocalStorage(tmp_path), frames=True)
+    assert pa.types.is_list(layout.STEPS_SCHEMA.field("image_tokens").type)
 
 
 @pytest.mark.parametrize("background", [0, 128, 255, "noise"])

@@ -36,7 +36,7 @@ class FlakyStorage(LocalStorage):
 
 
 def finish(storage, *, fingerprint: str = "f" * 64):  # noqa: ANN001, ANN201
-    writer = OutputWriter(storage, **RUN, frames=False, image_tokens=False, model_id="m",
+    writer = OutputWriter(storage, **RUN, frames="none", image_tokens=False, model_id="m",
                           threads=1)
     with writer:
         return writer.finish_unit("u000000", plan_fingerprint=fingerprint)
@@ -71,7 +71,7 @@ def test_frame_upload_failing_for_good_is_not_wrapped(tmp_path):
     import numpy as np
 
     storage = FlakyStorage(tmp_path, fail_on="frames/", times=99, errno_=errno.ENOSPC)
-    writer = OutputWriter(storage, **RUN, frames=True, image_tokens=False, model_id="m",
+    writer = OutputWriter(storage, **RUN, frames="png", image_tokens=False, model_id="m",
                           threads=1)
     with writer:
         writer.add_step("u000000", "s-r000", step=0, image=np.zeros((3, 8, 8), np.uint8),

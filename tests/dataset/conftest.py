@@ -1,0 +1,56 @@
+"""Runs of the real pipeline (local Ray, tiny model) in every frame storage mode, shared by
+the loader, decode and export tests: same seeds and settings, so the modes can be compared."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.driver import run_job
+from pipeline.spec import JobSpec, spec_from_data
+from workers.actor import RolloutActor
+
+REPO = Path(__file__).resolve().parents[2]
+DATE = "2026-02-03"
+RUN_ID = "modes"
+MODES = ("png", "parquet", "none")
+
+
+def job(seeds: Path, root: str, mode: str, **sections: dict) -> JobSpec:
+    data = {
+        "run": {"name": "modes", "run_id": RUN_ID, "run_date": DATE, "seed": 11},
+        "model": {"preset": "tiny", "device": "cpu"},
+        "seeds": {"source": str(seeds)},
+        "rollouts": {"steps": 5, "per_seed": 2},
+        "resources": {"actors": 1, "batch_size": 2, "rollouts_per_unit": 2},
+        "output": {"root": root, "frames": mode},
+    }
+    for key, value in sections.items():
+        data[key] = {**data[key], **value}
+    return spec_from_data(data)
+
+
+@pytest.fixture(scope="session")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("seeds")
+    for p in sorted((REPO / "configs" / "seeds" / "demo").glob("*.png"))[:3]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mode_roots(tmp_path_factory: pytest.TempPathFactory, seeds: Path, ray_local: None,
+               s3_server: str) -> dict[str, str]:
+    """One committed run per frame mode (parquet on the S3 endpoint, the others local):
+    3 seeds x 2 rollouts x (1 context + 5 generated) steps, 3 units of 2 rollouts."""
+    import boto3
+
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="modes")
+    roots = {mode: str(tmp_path_factory.mktemp(f"out-{mode}")) for mode in MODES}
+    roots["parquet"] = "s3://modes/root"
+    for mode, root in roots.items():
+        summary = run_job(job(seeds, root, mode), actor_cls=RolloutActor, progress=False)
+        assert summary.complete and summary.rollouts_ok == 6
+    return roots
