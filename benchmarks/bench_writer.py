@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.storage import LocalStorage  # noqa: E402
-from workers import watermark  # noqa: E402
+from workers import encode as watermark  # noqa: E402
 from workers.writer import OutputWriter  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -96,6 +96,7 @@ def bench_overlap(frames: list[np.ndarray], root: Path) -> list[tuple[str, float
         run_date="2026-01-01",
         run_id="bench",
         model_id="bench",
+        frames="png",
         threads=2,
         image_tokens=False,
     )

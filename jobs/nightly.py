@@ -4,7 +4,9 @@ The date (UTC today unless given) becomes `run.run_date`, and with the shipped t
 `nightly-{date}` the run id, so:
 
 - running again for the same date resumes that night's run (committed units are skipped;
-  a night that already finished prints "nothing left to do" and exits 0);
+  a night whose `_SUCCESS` is there and whose outputs pass `wham-batch verify`'s check
+  prints "nothing left to do" and exits 0; one that fails the check is resumed, which
+  redoes the damaged units);
 - a new date writes a new `run_date=` partition.
 
 The exit status is the run's: 0 when complete within the failure budget, 1 when units
@@ -21,6 +23,7 @@ import sys
 
 from pipeline.cli.command import interrupted_status, stop_on_sigterm
 from pipeline.cli.run import run_and_report
+from pipeline.driver.verify import RunCheck, verify_run
 from pipeline.errors import UserError
 from pipeline.layout import success_key
 from pipeline.logs import setup_logging
@@ -51,11 +54,14 @@ def nightly_overrides(run_date: dt.date, overrides: list[str]) -> list[str]:
     return [*overrides, f"run.run_date={run_date.isoformat()}"]
 
 
-def already_complete(spec: JobSpec) -> bool:
-    """True if this run id has its _SUCCESS marker (every unit committed)."""
+def already_complete(spec: JobSpec) -> RunCheck | None:
+    """The check of this night's run against storage when its `_SUCCESS` marker is there
+    (None when it is not): `_SUCCESS` alone is not trusted."""
     storage = open_storage(spec.output.root, endpoint_url=spec.output.endpoint_url,
                            region=spec.output.region)
-    return storage.exists(success_key(spec.run.run_date, spec.run.run_id))
+    if not storage.exists(success_key(spec.run.run_date, spec.run.run_id)):
+        return None
+    return verify_run(storage, run_date=spec.run.run_date, run_id=spec.run.run_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         run_date = resolve_date(args.date)
         spec = load_spec(args.config, nightly_overrides(run_date, args.overrides))
         setup_logging()
-        if already_complete(spec):
-            print(f"run {spec.run.run_id} (run_date={run_date}) is complete: "
+        check = already_complete(spec)
+        if check is not None and check.ok:
+            print(f"run {spec.run.run_id} (run_date={run_date}) is complete and verified "
+                  f"({check.units_checked} units, {check.rows} rows, {check.frames} frames): "
                   "nothing left to do")
             return 0
+        if check is not None:
+            for line in check.lines():
+                print(f"warning: {line}", file=sys.stderr)
+            print(f"run {spec.run.run_id} has _SUCCESS but fails the check against storage: "
+                  "resuming it to redo the damaged units", file=sys.stderr, flush=True)
         print(f"nightly run {spec.run.run_id} (run_date={run_date})", flush=True)
         return run_and_report(spec, quiet=args.quiet)
     except (UserError, WHAMError) as exc:

@@ -24,7 +24,6 @@ uploaded stay and are overwritten by a retry; their frames never reach a frames 
 from __future__ import annotations
 
 import datetime as dt
-import io
 import threading
 import time
 from collections.abc import Mapping
@@ -41,14 +40,15 @@ from pipeline.markers import marker_bytes
 from pipeline.metrics import Metrics
 from pipeline.storage import Storage, StorageFatalError, backoff_delay
 from workers.encode import encode_gif, encode_mp4, encode_png, provenance_text
-from workers.wham.actions import (
-    ACTION_DIM,
-    BUTTON_NAMES,
-    NUM_BUTTONS,
-    STICK_NAMES,
-    bins_to_sticks,
-    validate_actions,
+from workers.tables import (
+    StepRow,
+    frames_table,
+    ok_steps,
+    parquet_bytes,
+    rollouts_table,
+    steps_table,
 )
+from workers.wham.actions import ACTION_DIM, validate_actions
 
 #: Longest wait for one unit's uploads (and for a free upload slot) before the unit fails.
 FLUSH_TIMEOUT_S = 600.0
@@ -77,20 +77,9 @@ class UnitWriteResult:
     retryable: int = 0  # failed rollouts a rerun may complete (their row said `retryable`)
 
 
-@dataclass(slots=True)
-class _Step:
-    step: int
-    generated: bool
-    action: np.ndarray  # int64 (16,)
-    source: str
-    tokens: np.ndarray | None  # (n,)
-    frame_key: str | None
-    quality: dict[str, float]  # pipeline.quality step signals; empty for context steps
-
-
 @dataclass
 class _Unit:
-    steps: dict[str, dict[int, _Step]] = field(default_factory=dict)
+    steps: dict[str, dict[int, StepRow]] = field(default_factory=dict)
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
     preview_frames: dict[str, list[tuple[np.ndarray, bool]]] = field(default_factory=dict)
     pngs: dict[tuple[str, int], bytes] = field(default_factory=dict)  # frames: parquet
@@ -201,7 +190,7 @@ class OutputWriter:
             key = self._queue_frame(unit, unit_id, image, rollout_id, step, generated)
             if self.previews or self.video:
                 unit.preview_frames.setdefault(rollout_id, []).append((image, generated))
-        unit.steps.setdefault(rollout_id, {})[step] = _Step(
+        unit.steps.setdefault(rollout_id, {})[step] = StepRow(
             step=step,
             generated=generated,
             action=action,
@@ -330,75 +319,8 @@ class OutputWriter:
                 f"first: {errors[0]}"
             ) from errors[0]
 
-    @staticmethod
-    def _ok_steps(unit: _Unit) -> list[tuple[str, _Step]]:
-        """(rollout_id, step) of the unit's ok rollouts, in (rollout, step) order."""
-        return [
-            (rollout_id, s)
-            for rollout_id in sorted(unit.steps)
-            if unit.rollouts[rollout_id]["status"] == "ok"
-            for s in (unit.steps[rollout_id][k] for k in sorted(unit.steps[rollout_id]))
-        ]
-
-    def _steps_table(self, rows: list[tuple[str, _Step]]) -> Any:
-        import pyarrow as pa
-
-        n = len(rows)
-        actions = np.stack([s.action for _, s in rows]) if n else np.zeros((0, ACTION_DIM), int)
-        steps = np.array([s.step for _, s in rows], dtype=np.int32)
-        columns: dict[str, Any] = {
-            "rollout_id": pa.array([r for r, _ in rows], pa.string()),
-            "step": steps,
-            "generated": pa.array([s.generated for _, s in rows], pa.bool_()),
-        }
-        for i, name in enumerate(BUTTON_NAMES):
-            columns[name] = actions[:, i].astype(bool)
-        sticks = bins_to_sticks(actions[:, NUM_BUTTONS:])  # (n,4) float32 bin centres
-        for i, name in enumerate(STICK_NAMES):
-            columns[name] = sticks[:, i]
-        flat_bins = pa.array(actions.astype(np.uint8).reshape(-1), pa.uint8())
-        columns["action_bins"] = pa.FixedSizeListArray.from_arrays(flat_bins, ACTION_DIM)
-        columns["action_source"] = pa.array([s.source for _, s in rows], pa.string())
-        columns["image_tokens"] = _tokens_column([s.tokens for _, s in rows])
-        columns["frame_key"] = pa.array([s.frame_key for _, s in rows], pa.string())
-        columns["timestamp_s"] = steps.astype(np.float64) / layout.STEP_RATE_HZ
-        for name in layout.STEP_QUALITY_COLUMNS:
-            values = np.array([s.quality.get(name, np.nan) for _, s in rows], dtype=np.float32)
-            columns[name] = pa.array(values, pa.float32(), mask=np.isnan(values))
-        return pa.Table.from_arrays(
-            [pa.array(columns[f.name], f.type) for f in layout.STEPS_SCHEMA],
-            schema=layout.STEPS_SCHEMA,
-        )
-
-    @staticmethod
-    def _frames_table(unit: _Unit, rows: list[tuple[str, _Step]]) -> Any:
-        import pyarrow as pa
-
-        kept = [(r, s.step) for r, s in rows if (r, s.step) in unit.pngs]
-        return pa.Table.from_arrays(
-            [pa.array([r for r, _ in kept], pa.string()),
-             pa.array([step for _, step in kept], pa.int32()),
-             pa.array([unit.pngs[k] for k in kept], pa.binary())],
-            schema=layout.FRAMES_SCHEMA,
-        )
-
-    def _rollouts_table(self, unit: _Unit) -> Any:
-        import pyarrow as pa
-
-        rows = [unit.rollouts[k] for k in sorted(unit.rollouts)]
-        names = layout.ROLLOUTS_SCHEMA.names
-        return pa.Table.from_pylist(
-            [{k: row.get(k) for k in names} for row in rows], schema=layout.ROLLOUTS_SCHEMA
-        )
-
     def _put_parquet(self, key: str, table: Any) -> None:
-        import pyarrow.parquet as pq
-
-        sink = io.BytesIO()
-        # PNG bytes are compressed already: zstd over them costs time and saves nothing.
-        compression = {name: "none" if name == "png" else "zstd" for name in table.column_names}
-        pq.write_table(table, sink, compression=compression)
-        self._put(key, sink.getvalue(), content_type="application/vnd.apache.parquet")
+        self._put(key, parquet_bytes(table), content_type="application/vnd.apache.parquet")
 
     def finish_unit(self, unit_id: str, *, plan_fingerprint: str = "") -> UnitWriteResult:
         """Wait for the unit's uploads, write its Parquet parts, then its commit marker
@@ -414,11 +336,11 @@ class OutputWriter:
         orphans = sorted(set(unit.steps) - set(unit.rollouts))
         if orphans:
             raise ValueError(f"unit {unit_id}: rollouts {orphans[:3]} have steps but no row")
-        rows = self._ok_steps(unit)
-        steps = self._steps_table(rows)
-        rollouts = self._rollouts_table(unit)
+        rows = ok_steps(unit.steps, unit.rollouts)
+        steps = steps_table(rows)
+        rollouts = rollouts_table(unit.rollouts)
         if self.frames == "parquet":
-            frames = self._frames_table(unit, rows)
+            frames = frames_table(rows, unit.pngs)
             unit.frames = frames.num_rows
             self._put_parquet(layout.frames_part_key(self.run_date, self.run_id, unit_id),
                               frames)
@@ -462,15 +384,3 @@ class OutputWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _tokens_column(tokens: list[np.ndarray | None]) -> Any:
-    """list<uint16> of every row's image tokens (null where a row has none)."""
-    import pyarrow as pa
-
-    present = [t for t in tokens if t is not None]
-    sizes = np.array([0 if t is None else t.size for t in tokens], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    values = (np.concatenate(present) if present else np.zeros(0)).astype(np.uint16)
-    mask = pa.array([t is None for t in tokens], pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.uint16()),
-                                    type=layout.IMAGE_TOKENS_TYPE, mask=mask)

@@ -1,7 +1,9 @@
 """Check a run against storage: what its commit markers claim must be there.
 
 For every committed unit: its steps and rollouts parts exist, are readable Parquet and hold
-the row counts its marker records, and every frame object its steps rows name exists.
+the row counts its marker records, every row has a frame or image tokens, and every frame
+its steps rows name exists: as a PNG object (`output.frames: png`) or as a row of the unit's
+frames part (`parquet`, which must also hold the count its marker records).
 Frames are checked with one listing per unit, never one request per frame: the listing
 covers the span from the unit's smallest to its largest frame key (S3 pages hold 1,000
 keys, so a unit of up to ~1,000 frames is one request). Parts are read whole through the
@@ -135,13 +137,27 @@ def check_unit(storage: Storage, parts: _Parts, *, run_date: str, run_id: str, u
     if steps is None:
         return check
     check.rows = steps.metadata.num_rows
+    columns = [c for c in ("rollout_id", "step", "frame_key", "image_tokens")
+               if c in steps.schema_arrow.names]
     try:
-        names = steps.read(columns=["frame_key"]).column("frame_key").to_pylist()
+        table = steps.read(columns=columns)
     except Exception as exc:  # a part whose footer reads but whose data does not
         check.problems.append(f"steps part of {unit_id} cannot be read ({exc})")
         return check
-    keys = {k for k in names if k is not None}
-    check.frames = len(keys)
+    names = table.column("frame_key").to_pylist()
+    tokens = (table.column("image_tokens").is_valid().to_pylist()
+              if "image_tokens" in columns else [False] * len(names))
+    bare = sum(1 for name, has in zip(names, tokens, strict=True) if name is None and not has)
+    if bare:
+        check.problems.append(f"{bare} rows have neither a frame nor image tokens")
+    part_key = layout.frames_part_key(run_date, run_id, unit_id)
+    in_part = {(r, s) for r, s, k in zip(table.column("rollout_id").to_pylist(),
+                                          table.column("step").to_pylist(), names, strict=True)
+               if k == part_key}
+    if in_part:
+        _check_frames_part(parts, part_key, in_part, marker, check)
+    keys = {k for k in names if k is not None and k != part_key}
+    check.frames = len(keys) + len(in_part)
     frames_prefix = layout.run_prefix(layout.FRAMES_DIR, run_date, run_id) + "/"
     outside = sorted(k for k in keys if not k.startswith(frames_prefix))
     if outside:
@@ -153,6 +169,28 @@ def check_unit(storage: Storage, parts: _Parts, *, run_date: str, run_id: str, u
         check.problems.append(f"{len(missing)} of {len(keys)} frames its rows name are "
                               f"missing, e.g. {missing[0]}")
     return check
+
+
+def _check_frames_part(parts: _Parts, key: str, wanted: set[tuple[str, int]],
+                       marker: dict[str, Any], check: UnitCheck) -> None:
+    """The unit's frames part (`output.frames: parquet`) holds a frame for every steps row
+    that names it, and as many rows as the marker records."""
+    expect = marker.get("frames")
+    part = _check_part(parts, key, expect=int(expect) if expect is not None else None,
+                       what="frames", check=check)
+    if part is None:
+        return
+    try:
+        table = part.read(columns=["rollout_id", "step"])
+    except Exception as exc:
+        check.problems.append(f"frames part {key} cannot be read ({exc})")
+        return
+    held = set(zip(table.column("rollout_id").to_pylist(), table.column("step").to_pylist(),
+                   strict=True))
+    missing = sorted(wanted - held)
+    if missing:
+        check.problems.append(f"{len(missing)} of {len(wanted)} frames its rows name are "
+                              f"missing from {key}, e.g. {missing[0][0]} step {missing[0][1]}")
 
 
 def check_units(storage: Storage, *, run_date: str, run_id: str,

@@ -93,12 +93,22 @@ def test_same_date_resumes_and_new_date_partitions(
     # Same night again: complete already, nothing runs, nothing is added.
     capsys.readouterr()
     assert _night(s3_bucket, "2026-11-29") == 0
-    assert "nothing left to do" in capsys.readouterr().out
+    assert "complete and verified (2 units" in capsys.readouterr().out
+    assert _rollout_rows(s3_bucket) == first
+
+    # `_SUCCESS` is not trusted alone: a night whose frames part was lost is redone.
+    from pipeline.layout import frames_part_key
+
+    storage = open_storage(s3_bucket)
+    storage.delete(frames_part_key("2026-11-29", "nightly-2026-11-29", "u000000"))
+    assert _night(s3_bucket, "2026-11-29") == 0
+    err = capsys.readouterr().err
+    assert "fails the check against storage" in err and "frames part" in err
+    assert storage.exists(frames_part_key("2026-11-29", "nightly-2026-11-29", "u000000"))
     assert _rollout_rows(s3_bucket) == first
 
     # A night interrupted after one of its two units: `runs` shows it partial, and the
     # rerun redoes only the missing unit without duplicating rows.
-    storage = open_storage(s3_bucket)
     storage.delete_prefix(commit_key("2026-11-29", "nightly-2026-11-29", "u000001"))
     storage.delete_prefix(success_key("2026-11-29", "nightly-2026-11-29"))
     (partial,) = _runs(s3_bucket, capsys)

@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from support.units import commit_unit
 
@@ -24,25 +26,31 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 DATE = "2026-01-02"
 
 
-@pytest.fixture(params=["local", "s3"])
-def written(request, tmp_path):
-    """A run of 6 seeds x 2 rollouts in units of 4, committed with frames, plus manifest."""
-    root = str(tmp_path / "out") if request.param == "local" else request.getfixturevalue(
-        "s3_bucket")
+def write_run(root: str, frames: str) -> tuple[object, int]:
+    """A run of 6 seeds x 2 rollouts in units of 4, committed with `frames`, plus manifest."""
     spec = spec_from_data({
         "run": {"name": "v", "run_id": "audit", "run_date": DATE},
         "model": {"preset": "tiny"}, "seeds": {"source": str(DEMO)},
         "rollouts": {"steps": 2, "per_seed": 2},
-        "resources": {"rollouts_per_unit": 4}, "output": {"root": root}})
+        "resources": {"rollouts_per_unit": 4}, "output": {"root": root, "frames": frames}})
     storage = open_storage(root)
     units = plan_for_spec(spec, discover_seeds(str(DEMO)))
     fingerprint = run_fingerprint(spec, units)
     for unit in units:
         commit_unit(storage, spec, dataclasses.replace(unit, plan_fingerprint=fingerprint),
-                    frames="png")
+                    frames=frames)
     storage.put_bytes(layout.manifest_key(DATE, "audit"), json.dumps(
         {"plan_fingerprint": fingerprint, "counts": {"units_total": len(units)}}).encode())
-    return root, storage, len(units)
+    return storage, len(units)
+
+
+@pytest.fixture(params=["local", "s3"])
+def written(request, tmp_path):
+    """A run with a PNG object per frame, on a folder and on the S3 endpoint."""
+    root = str(tmp_path / "out") if request.param == "local" else request.getfixturevalue(
+        "s3_bucket")
+    storage, units = write_run(root, "png")
+    return root, storage, units
 
 
 def test_a_whole_run_verifies(written, capsys):
@@ -107,3 +115,46 @@ def test_listing_after_a_key(written):
     keys = list(storage.list_keys("frames/"))
     assert list(storage.list_keys("frames/", start_after=keys[2])) == keys[3:]
     assert list(storage.list_keys("frames/", start_after=keys[-1])) == []
+
+
+def rewrite_part(storage, key: str, edit) -> None:  # noqa: ANN001
+    table = pq.read_table(pa.BufferReader(storage.get_bytes(key)))
+    sink = pa.BufferOutputStream()
+    pq.write_table(edit(table), sink)
+    storage.put_bytes(key, sink.getvalue().to_pybytes())
+
+
+def test_frames_in_parquet_parts_are_checked_row_by_row(tmp_path, capsys):
+    storage, units = write_run(str(tmp_path / "out"), "parquet")
+    check = verify_run(storage, run_date=DATE, run_id="audit")
+    assert check.ok and check.rows == check.frames == units * 4 * 3
+    assert not any(k.endswith(".png") for k in storage.list_keys("frames/"))
+
+    rewrite_part(storage, layout.frames_part_key(DATE, "audit", "u000000"),
+                 lambda t: t.slice(1))  # the first frame is gone
+    storage.delete(layout.frames_part_key(DATE, "audit", "u000001"))
+    check = verify_run(storage, run_date=DATE, run_id="audit")
+    assert sorted(check.bad_units) == ["u000000", "u000001"]
+    first = " ".join(check.bad_units["u000000"])
+    assert "holds 11 rows, its marker records 12" in first
+    assert "1 of 12 frames its rows name are missing from" in first
+    assert "frames part" in check.bad_units["u000001"][0]
+    assert "is missing" in check.bad_units["u000001"][0]
+    assert main(["verify", str(tmp_path / "out"), "--run-id", "audit"]) == 1
+    assert "unit u000000:" in capsys.readouterr().err
+
+
+def test_rows_without_frame_or_tokens_are_flagged(tmp_path):
+    storage, units = write_run(str(tmp_path / "out"), "none")
+    check = verify_run(storage, run_date=DATE, run_id="audit")
+    assert check.ok and check.rows == units * 4 * 3 and check.frames == 0
+
+    def drop_tokens(table: pa.Table) -> pa.Table:
+        i = table.schema.get_field_index("image_tokens")
+        field = table.schema.field(i)
+        return table.set_column(i, field, pa.nulls(table.num_rows, field.type))
+
+    rewrite_part(storage, layout.steps_part_key(DATE, "audit", "u000002"), drop_tokens)
+    check = verify_run(storage, run_date=DATE, run_id="audit")
+    assert list(check.bad_units) == ["u000002"]
+    assert check.bad_units["u000002"] == ["12 rows have neither a frame nor image tokens"]

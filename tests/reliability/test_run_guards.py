@@ -113,17 +113,18 @@ def test_outputs_damaged_under_success_are_found_and_redone(
     assert run(spec).complete
     storage = open_storage(spec.output.root)
     rows = steps_table(spec)
-    # frames of unit 1's rollouts gone; unit 3's steps part gone, marker kept; unit 5's
-    # marker cut short (it would read as a smaller unit)
-    unit1 = {r["frame_key"] for r in rows if r["rollout_id"].startswith("seed_1-")}
-    for key in unit1:
-        storage.delete(key)
+    # frames of unit 1's rollouts gone (its frames part); unit 3's steps part gone, marker
+    # kept; unit 5's marker cut short (it would read as a smaller unit)
+    unit1_rows = [r for r in rows if r["rollout_id"].startswith("seed_1-")]
+    (unit1,) = {r["frame_key"] for r in unit1_rows}
+    assert unit1 == layout.frames_part_key(DATE, "night", "u000001")
+    storage.delete(unit1)
     storage.delete(layout.steps_part_key(DATE, "night", "u000003"))
     marker = layout.commit_key(DATE, "night", "u000005")
     storage.put_bytes(marker, storage.get_bytes(marker)[:40])
     assert main(["verify", spec.output.root, "--run-id", "night"]) == 1
     err = capsys.readouterr().err
-    assert f"{len(unit1)} of {len(unit1)} frames its rows name are missing" in err
+    assert f"unit u000001: frames part {unit1} is missing" in err
     assert "unit u000001" in err and "steps part" in err and "u000003" in err
     assert "commit marker of unit u000005 cannot be trusted: not valid JSON" in err
     assert "_SUCCESS is present although" in err
@@ -136,32 +137,41 @@ def test_outputs_damaged_under_success_are_found_and_redone(
     assert_same_final_state(spec, reference_rows)
     assert main(["verify", spec.output.root, "--run-id", "night"]) == 0
     assert "run night (2026-05-06) ok: 6 units, 48 steps rows" in capsys.readouterr().out
-    record_figures("damaged_outputs", damaged=3, redone=3, frames_deleted=len(unit1),
+    record_figures("damaged_outputs", damaged=3, redone=3, frames_deleted=len(unit1_rows),
                    rows_lost=0)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("frames", ["png", "parquet"])
 def test_objects_deleted_from_the_bucket_mid_run_are_rewritten(
-        tmp_path: Path, s3_bucket: str, reference_rows: list[dict]) -> None:
+        tmp_path: Path, s3_bucket: str, reference_rows: list[dict], frames: str) -> None:
     data = make_job(tmp_path, run_id="night")
-    data["output"]["root"] = s3_bucket
+    data["output"].update(root=s3_bucket, frames=frames)
     spec = spec_from_data(data)
     storage = open_storage(s3_bucket)
     deleted: list[str] = []
 
     def delete_first_units_frames(event) -> None:  # noqa: ANN001
         if event.kind == "unit_committed" and event.unit_id == "u000000" and not deleted:
-            prefix = layout.run_prefix(layout.FRAMES_DIR, DATE, "night") + "/seed_0-"
-            deleted.extend(storage.list_keys(prefix))
+            if frames == "png":
+                prefix = layout.run_prefix(layout.FRAMES_DIR, DATE, "night") + "/seed_0-"
+                deleted.extend(storage.list_keys(prefix))
+            else:
+                deleted.append(layout.frames_part_key(DATE, "night", "u000000"))
             for key in deleted:
                 storage.delete(key)
 
     summary = run_job(spec, progress=False, actor_cls=RolloutActor,
                       on_event=delete_first_units_frames)
-    assert len(deleted) == 2 * 4  # two rollouts x (1 seed + 3 generated) frames
+    # png: two rollouts x (1 seed + 3 generated) frames; parquet: the unit's frames part
+    assert len(deleted) == (2 * 4 if frames == "png" else 1)
     assert summary.complete and summary.units_redone == 1
     rows = steps_table(spec)
-    assert rows == reference_rows and missing_frames(spec, rows) == []
+    if frames == "png":  # the reference run keeps its frames in parts
+        assert all(r["frame_key"].endswith(".png") for r in rows)
+        rows = [{**r, "frame_key": None} for r in rows]
+        reference_rows = [{**r, "frame_key": None} for r in reference_rows]
+    assert rows == reference_rows and missing_frames(spec, steps_table(spec)) == []
     assert storage.exists(layout.success_key(DATE, "night"))
     record_figures("deleted_mid_run", deleted=len(deleted), redone=1, rows_lost=0)
 

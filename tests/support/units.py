@@ -1,7 +1,8 @@
 """Commit a work unit the way the actor does, with the real writer but without a model:
 one seed step plus `rollouts.steps` generated steps per rollout (neutral actions), real
-Parquet parts and a real commit marker; PNG frames too when `frames` is on. Stub actors in
-driver tests use it so a run's outputs pass the driver's check against storage."""
+Parquet parts and a real commit marker; frames stored as `frames` says (`none`: each row
+holds image tokens instead, as a tokens-only run's rows do). Stub actors in driver tests use
+it so a run's outputs pass the driver's check against storage."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.storage import Storage
 from workers.writer import OutputWriter, UnitWriteResult
 
 FRAME = np.zeros((3, 8, 8), dtype=np.uint8)
+TOKENS = np.arange(4, dtype=np.int64)
 
 
 def rollout_row(spec: JobSpec, item, *, worker: str = "stub") -> dict:  # noqa: ANN001
@@ -33,14 +35,17 @@ def rollout_row(spec: JobSpec, item, *, worker: str = "stub") -> dict:  # noqa: 
 
 
 def commit_unit(storage: Storage, spec: JobSpec, unit: WorkUnit, *,
-                frames: bool = False) -> UnitWriteResult:
+                frames: str = "none") -> UnitWriteResult:
+    pixels = frames != "none"
     writer = OutputWriter(storage, run_date=spec.run.run_date, run_id=spec.run.run_id,
-                          frames=frames, image_tokens=False, model_id="stub", threads=1)
+                          frames=frames, image_tokens=not pixels, model_id="stub",
+                          tokens_per_image=None if pixels else len(TOKENS), threads=1)
     with writer:
         for item in unit.items:
             for step in range(spec.rollouts.steps + 1):
                 writer.add_step(unit.unit_id, item.rollout_id, step=step,
-                                image=FRAME if frames else None, action=NEUTRAL_ACTION,
+                                image=FRAME if pixels else None, action=NEUTRAL_ACTION,
+                                image_tokens=None if pixels else TOKENS,
                                 generated=step > 0,
                                 action_source="given" if step else "seed")
             writer.finish_rollout(unit.unit_id, rollout_row(spec, item))
