@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -212,12 +213,16 @@ def write_docs(result: dict, *, seconds: float, command: str) -> None:
         *table, "",
         "Decode ms/token is the engine's own `Decoder` + `decode_n_tokens` (sampling and the "
         "quality statistics included) with 1,112 cached positions. The floors read every 2-D "
-        "weight of the GPT once at that batch (the tied head once): `x @ W.T` is the issue's "
-        "yardstick; the prepacked kernel is the same products through the oneDNN weights the "
+        "weight of the GPT once at that batch (the tied head once): `x @ W.T` through "
+        "torch's default BLAS is the plain yardstick; the prepacked kernel is the same "
+        "products through the oneDNN weights the "
         "engine uses on the CPU; the last is the weight bytes over a measured read bandwidth. "
         f"Batch 4 costs {result.get('batch_cost_ratio', float('nan')):.2f}x batch 1 per "
         f"token. Quality statistics: {overhead} of decode time.", "",
     ]
+    lines = [line if line.startswith(("|", "#")) else textwrap.fill(line, 92,
+                                                                       break_on_hyphens=False)
+             for line in lines]
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^### |^## (?!Engine)|\Z)", re.S | re.M)
     section = "\n".join(lines)

@@ -8,7 +8,7 @@ anything else under the table's folder is left out with a warning naming it, and
 that cannot be read is an error naming the file.
 
 `sql(root, "SELECT ... FROM steps JOIN rollouts USING (run_id, rollout_id) ...")` runs one
-SQL query with DuckDB over the two tables (the same Arrow datasets, so local folders and
+SQL query with DuckDB over the tables it names (the same Arrow datasets, so local folders and
 s3:// roots work alike) and returns a `pyarrow.Table`. The connection is locked down once
 the tables are registered: no file, URL or extension can be read, nothing can be written
 (no COPY, ATTACH, spilling), settings cannot be changed back, and only one SELECT runs. Its
@@ -263,13 +263,22 @@ def sql(
     region: str | None = None,
     committed_only: bool = False,
 ) -> Any:
-    """One read-only SQL SELECT over the `steps` and `rollouts` tables of `root` (a
-    folder or s3:// prefix), as a pyarrow Table; UserError for bad or oversized SQL."""
+    """One read-only SQL SELECT over the `steps`, `rollouts` and `frames` tables of `root`
+    (a folder or s3:// prefix), as a pyarrow Table; UserError for bad or oversized SQL."""
     check_sql(text)
     check_limit(limit)
     tables = _Tables(root, endpoint_url=endpoint_url, region=region,
-                     committed_only=committed_only)
+                     committed_only=committed_only, names=_tables_named(text))
     return tables.run(text, limit=limit, what="--sql")
+
+
+def _tables_named(text: str) -> tuple[str, ...]:
+    """The tables whose name appears in `text` (a table left out is registered empty): a
+    query over steps does not list a root's frames. A name that appears only inside a
+    string costs an extra listing, nothing more."""
+    lowered = text.lower()
+    named = tuple(t for t in layout.TABLES if re.search(rf"\b{t}\b", lowered))
+    return named or layout.TABLES
 
 
 def _quote(name: str) -> str:

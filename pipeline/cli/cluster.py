@@ -94,7 +94,7 @@ def _print_failure_tail(client: Any, job_id: str) -> None:
         print(f"(could not fetch logs: {exc})", file=sys.stderr)
         return
     if info.message:
-        print(f"cluster says: {info.message}", file=sys.stderr)
+        print(redact(f"cluster says: {info.message}"), file=sys.stderr)  # holds a log tail
     if lines:
         print(f"last {len(lines)} log lines:", file=sys.stderr)
         print(redact("\n".join(f"  {line}" for line in lines)), file=sys.stderr)
@@ -181,7 +181,7 @@ def _job_row(info: Any) -> dict[str, Any]:
     return {
         "job_id": info.submission_id,
         "status": str(info.status.value),
-        "message": info.message,
+        "message": redact(info.message) if info.message else info.message,
         "entrypoint": info.entrypoint,
         "start_time": when(info.start_time),
         "end_time": when(info.end_time),

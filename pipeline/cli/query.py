@@ -35,9 +35,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="output root: a local folder or s3://bucket/prefix")
     p.add_argument(
         "--sql", metavar="QUERY",
-        help="one SQL SELECT over the tables `steps` and `rollouts`, e.g. \"SELECT rollout_id, "
-        "count(*) FROM steps JOIN rollouts USING (run_id, rollout_id) WHERE status = 'ok' "
-        "GROUP BY rollout_id\" (instead of --table/--where/--columns/--run-id)")
+        help="one SQL SELECT over the tables `steps`, `rollouts` and `frames`, e.g. "
+        "\"SELECT rollout_id, count(*) FROM steps JOIN rollouts USING (run_id, rollout_id) "
+        "WHERE status = 'ok' GROUP BY rollout_id\" (instead of --table/--where/--columns/--run-id)")
     p.add_argument("--table", choices=layout.TABLES, default=None,
                    help="the table to read without --sql (default steps)")
     p.add_argument("--run-id", help="only this run")
@@ -82,13 +82,20 @@ def format_table(table: Any, *, more: bool) -> str:
 
 
 def _flatten_lists(table: Any) -> Any:
-    """CSV cannot hold list columns: write them as JSON text."""
+    """CSV cannot hold list columns (written as JSON text) nor bytes that are not text (the
+    frames table's PNGs: written as base64)."""
+    import base64
+
     import pyarrow as pa
 
     for i, field in enumerate(table.schema):
         if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type):
             text = [None if v is None else json.dumps(v) for v in table.column(i).to_pylist()]
             table = table.set_column(i, field.name, pa.array(text, pa.string()))
+        elif pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            text = [None if v is None else base64.b64encode(v).decode("ascii")
+                    for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f"{field.name}_base64", pa.array(text, pa.string()))
     return table
 
 
@@ -167,7 +174,8 @@ QUERY = Command(
     "query", "query the steps, rollouts and frames tables of an output root (SQL)", _arguments,
     run_query,
     description="Read the output tables across runs. --sql runs one read-only SQL SELECT "
-    "(DuckDB) over the tables steps and rollouts, joined with USING (run_id, rollout_id); "
+    "(DuckDB) over the tables steps, rollouts and frames (joined with USING (run_id, "
+    "rollout_id), frames also on step); "
     "--table/--where/--columns/--run-id build a simple one for you (--where is an SQL "
     "condition such as \"step >= 10 and action_source = 'model'\" or \"error is not "
     "null\"). Filters on run_id and run_date only open that run's files. Queries read "

@@ -89,6 +89,7 @@ class UnitReader:
         return self._storage
 
     def _table(self, key: str) -> Any:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
@@ -96,7 +97,18 @@ class UnitReader:
         except FileNotFoundError:
             raise UserError(f"{self.storage.key_uri(key)} is missing (was the unit committed? "
                             "run `wham-batch verify`)") from None
-        return pq.read_table(io.BytesIO(data))
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{self.storage.key_uri(key)} is not a readable Parquet file "
+                            f"({exc}); run `wham-batch verify`") from None
+
+    def _png(self, key: str) -> bytes:
+        try:
+            return self.storage.get_bytes(key)
+        except FileNotFoundError:
+            raise UserError(f"frame {self.storage.key_uri(key)} is missing; run "
+                            "`wham-batch verify`") from None
 
     def read(self, shard: Shard) -> list[RolloutRows]:
         """The shard's rollouts, in rollout order, each with its steps and frames."""
@@ -141,7 +153,7 @@ class UnitReader:
                               table.column("png").to_pylist(), strict=True))
         pngs = [k for k in keys if k is not None and not k.endswith(".parquet")]
         with ThreadPoolExecutor(PNG_READERS) as pool:
-            stored.update(zip(pngs, pool.map(self.storage.get_bytes, pngs), strict=True))
+            stored.update(zip(pngs, pool.map(self._png, pngs), strict=True))
         for r in rollouts:
             found = []
             for key, step in zip(r.steps.column("frame_key").to_pylist(),

@@ -32,9 +32,26 @@ from pipeline.errors import UserError
 from pipeline.storage import Storage
 
 log = logging.getLogger("pipeline.driver")
-LEASE_TIMEOUT_S = float(os.environ.get("WHAM_LEASE_TIMEOUT_S", "120"))
+#: Seconds after its last heartbeat that a lease is stale (`WHAM_LEASE_TIMEOUT_S`).
+LEASE_TIMEOUT_S = 120.0
 #: Tries at taking a lease that other drivers keep taking.
 ACQUIRE_TRIES = 3
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable `name` (`default` when
+    unset). Read when needed, so a bad value fails the command that uses it with an error
+    naming the variable, not every command at import."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise UserError(f"{name}={text!r}: expected a positive number of seconds")
+    return value
 
 
 def _boot_id() -> str:
@@ -80,11 +97,12 @@ class RunLease:
     """The lease of one run; `acquire()` it before touching the run, `release()` after."""
 
     def __init__(self, storage: Storage, *, run_date: str, run_id: str,
-                 timeout_s: float = LEASE_TIMEOUT_S) -> None:
+                 timeout_s: float | None = None) -> None:
         self.storage = storage
         self.run_id = run_id
         self.key = layout.lease_key(run_date, run_id)
-        self.timeout_s = timeout_s
+        self.timeout_s = (timeout_s if timeout_s is not None
+                          else env_seconds("WHAM_LEASE_TIMEOUT_S", LEASE_TIMEOUT_S))
         self.token = uuid.uuid4().hex
         self.lost_to: Holder | None = None
         self._stop = threading.Event()

@@ -235,13 +235,16 @@ def _plan(spec: JobSpec, prep: Prepared, *, clock: tuple[float, float],
                         "seeds, model or rollout settings); pass --fresh to replace them or use "
                         "a new run.run_id")
     problems = []
+    planned = {u.unit_id for u in units}
+    committed = set(markers.good) & planned
+    retryable = {u for u in committed if int(markers.good[u].get("retryable", 0)) > 0}
+    if markers.bad or retryable:  # units are about to lose their markers: not complete now
+        prep.storage.delete(layout.success_key(run_date, run_id))
     for unit_id, why in sorted(markers.bad.items()):
         problems.append(f"commit marker of unit {unit_id} could not be trusted ({why}); "
                         "the unit is redone")
         log.warning("run %s: %s", run_id, problems[-1])
         prep.storage.delete(layout.commit_key(run_date, run_id, unit_id))
-    planned = {u.unit_id for u in units}
-    committed = set(markers.good) & planned
     reopened = reopen_retryable_units(prep.storage, run_date=run_date, run_id=run_id,
                                       markers={u: markers.good[u] for u in committed})
     if reopened:
@@ -350,7 +353,9 @@ def _commit(run: _Run) -> RunSummary:
         units_redone=run.units_redone, problems=list(run.problems))
     run.lease.check()  # a driver that lost its lease must not claim the run
     run.write_manifest(summary.status)
+    success = layout.success_key(run.run_date, run.run_id)
     if summary.status == "complete":  # _SUCCESS: what exit 0 and `runs` call complete
-        run.prep.storage.put_bytes(layout.success_key(run.run_date, run.run_id), b"",
-                                   content_type="text/plain")
+        run.prep.storage.put_bytes(success, b"", content_type="text/plain")
+    elif run.prep.storage.exists(success):  # an earlier attempt's; this one says otherwise
+        run.prep.storage.delete(success)
     return summary

@@ -86,7 +86,9 @@ def delete_run(storage: Storage, *, run_date: str, run_id: str) -> int:
     run that claims data it no longer has."""
     lease = layout.lease_key(run_date, run_id)
     success = layout.success_key(run_date, run_id)
-    state = [k for k in storage.list_keys(layout.run_prefix(layout.RUNS_DIR, run_date, run_id))
+    # Folder prefixes end with "/": run `exp1` must not take `exp10`'s objects with it.
+    state = [k for k in storage.list_keys(layout.run_prefix(layout.RUNS_DIR, run_date, run_id)
+                                          + "/")
              if k not in (lease, success)]
     removed = 0
     for key in [success, *state]:
@@ -95,7 +97,7 @@ def delete_run(storage: Storage, *, run_date: str, run_id: str) -> int:
         storage.delete(key)
         removed += 1
     data = (f for f in OUTPUT_FOLDERS if f != layout.RUNS_DIR)
-    return removed + sum(storage.delete_prefix(layout.run_prefix(folder, run_date, run_id))
+    return removed + sum(storage.delete_prefix(layout.run_prefix(folder, run_date, run_id) + "/")
                          for folder in data)
 
 

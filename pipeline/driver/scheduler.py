@@ -14,12 +14,12 @@ is committed stays for a rerun.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.driver.lease import env_seconds
 from pipeline.driver.progress import Progress
 from pipeline.errors import UserError
 from pipeline.logs import LOG_LEVEL_ENV
@@ -31,7 +31,8 @@ from pipeline.storage import StorageFatalError, backoff_delay
 log = logging.getLogger("pipeline.driver")
 WAIT_S = 1.0  # longest single ray.wait; the loop re-checks timeouts between waits
 REPROBE_S = 0.5  # pause between liveness probes of a restarting actor
-ACTOR_START_TIMEOUT_S = float(os.environ.get("WHAM_ACTOR_START_TIMEOUT_S", "1800"))
+#: Longest wait for an actor to load its model (`WHAM_ACTOR_START_TIMEOUT_S`).
+ACTOR_START_TIMEOUT_S = 1800.0
 #: Facts of a ready actor that go into the run manifest's `model` entry.
 MODEL_FACTS = ("model_id", "sha256", "batch_size", "device", "dtype")
 
@@ -77,6 +78,7 @@ class Scheduler:
         self.not_before: dict[str, float] = {}  # unit id -> when its retry may start
         self.model_info: dict[str, Any] = {}
         self.metrics = Metrics(spec.run.run_id)
+        self.start_timeout_s = env_seconds("WHAM_ACTOR_START_TIMEOUT_S", ACTOR_START_TIMEOUT_S)
         self.slots = self._start_actors(actor_cls, count=min(spec.resources.actors, len(todo)),
                                         script=script, log_level=log_level)
         prog.start(actors=len(self.slots))
@@ -197,6 +199,9 @@ class Scheduler:
             cause = str(exc).strip().splitlines()
             self.model_info.setdefault("error", cause[-1] if cause else type(exc).__name__)
             log.error("%s is dead and will not restart: %s", slot.name, self.model_info["error"])
+            for unit, attempt, _ in slot.inflight.values():  # never collected from a dead slot
+                self.lose(unit, attempt, f"{slot.name} died: {self.model_info['error']}")
+            slot.inflight.clear()
             return
         slot.state = "ready"
         for key in MODEL_FACTS:
@@ -231,11 +236,11 @@ class Scheduler:
             if s.state == "dead":
                 continue
             overdue = [ref for ref, (_, _, t) in s.inflight.items() if now - t > timeout]
-            if s.probe is not None and now - s.since > ACTOR_START_TIMEOUT_S:
+            if s.probe is not None and now - s.since > self.start_timeout_s:
                 s.state = "dead"
                 for unit, attempt, _ in s.inflight.values():
                     self.lose(unit, attempt,
-                              f"{s.name} did not start within {ACTOR_START_TIMEOUT_S:.0f}s")
+                              f"{s.name} did not start within {self.start_timeout_s:.0f}s")
                 s.inflight.clear()
                 ray.kill(s.handle, no_restart=True)
             elif overdue:

@@ -6,9 +6,10 @@ its steps rows name exists: as a PNG object (`output.frames: png`) or as a row o
 frames part (`parquet`, which must also hold the count its marker records).
 Frames are checked with one listing per unit, never one request per frame: the listing
 covers the span from the unit's smallest to its largest frame key (S3 pages hold 1,000
-keys, so a unit of up to ~1,000 frames is one request). Parts are read whole through the
-root's Storage (the retries of the writes apply), so a check moves the run's tables once
-(not its frames).
+keys, so a unit of up to ~1,000 frames is one request). Steps and rollouts parts are read
+whole through the root's Storage (the retries of the writes apply); a frames part is opened
+for ranged reads and only its footer and (rollout_id, step) columns are read, so a check
+moves the run's tables once, not its frames.
 
 The driver runs this before `_SUCCESS` (a unit that fails is redone), and
 `wham-batch verify ROOT --run-id ID` runs it on any run, to audit a dataset one did not
@@ -73,14 +74,26 @@ class _Parts:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self._fs: tuple[Any, str] | None = None
 
-    def open(self, key: str) -> Any:
+    def open(self, key: str, *, whole: bool = True) -> Any:
+        """The part as a `pyarrow.parquet.ParquetFile`. `whole=False` (frames parts, which
+        hold a unit's PNG bytes) opens it for ranged reads through pyarrow's filesystem,
+        so only its footer and the columns read later move, not the frames."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        data = self.storage.get_bytes(key)  # FileNotFoundError when absent
+        if whole:
+            source = pa.BufferReader(self.storage.get_bytes(key))  # FileNotFoundError
+        else:
+            if not self.storage.exists(key):
+                raise FileNotFoundError(key)
+            if self._fs is None:
+                self._fs = self.storage.arrow_fs()
+            fs, base = self._fs
+            source = fs.open_input_file(f"{base}/{key}")
         try:
-            return pq.ParquetFile(pa.BufferReader(data))
+            return pq.ParquetFile(source)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{key} is not a readable Parquet file ({exc})") from None
 
@@ -106,9 +119,9 @@ def _listed(storage: Storage, keys: set[str]) -> set[str]:
 
 
 def _check_part(parts: _Parts, key: str, *, expect: int | None, what: str,
-                check: UnitCheck) -> Any:
+                check: UnitCheck, whole: bool = True) -> Any:
     try:
-        part = parts.open(key)
+        part = parts.open(key, whole=whole)
     except FileNotFoundError:
         check.problems.append(f"{what} part {key} is missing")
         return None
@@ -139,6 +152,11 @@ def check_unit(storage: Storage, parts: _Parts, *, run_date: str, run_id: str, u
     check.rows = steps.metadata.num_rows
     columns = [c for c in ("rollout_id", "step", "frame_key", "image_tokens")
                if c in steps.schema_arrow.names]
+    lacking = [c for c in ("rollout_id", "step", "frame_key") if c not in columns]
+    if lacking:
+        check.problems.append(f"steps part of {unit_id} has no {', '.join(lacking)} column "
+                              "(not a wham-batch steps part)")
+        return check
     try:
         table = steps.read(columns=columns)
     except Exception as exc:  # a part whose footer reads but whose data does not
@@ -147,8 +165,10 @@ def check_unit(storage: Storage, parts: _Parts, *, run_date: str, run_id: str, u
     names = table.column("frame_key").to_pylist()
     tokens = (table.column("image_tokens").is_valid().to_pylist()
               if "image_tokens" in columns else [False] * len(names))
+    meta = steps.schema_arrow.metadata or {}
+    version = meta.get(layout.SCHEMA_VERSION_KEY, str(layout.SCHEMA_VERSION).encode())
     bare = sum(1 for name, has in zip(names, tokens, strict=True) if name is None and not has)
-    if bare:
+    if bare and version != b"1":  # version 1 wrote neither with `frames: false`
         check.problems.append(f"{bare} rows have neither a frame nor image tokens")
     part_key = layout.frames_part_key(run_date, run_id, unit_id)
     in_part = {(r, s) for r, s, k in zip(table.column("rollout_id").to_pylist(),
@@ -177,7 +197,7 @@ def _check_frames_part(parts: _Parts, key: str, wanted: set[tuple[str, int]],
     that names it, and as many rows as the marker records."""
     expect = marker.get("frames")
     part = _check_part(parts, key, expect=int(expect) if expect is not None else None,
-                       what="frames", check=check)
+                       what="frames", check=check, whole=False)
     if part is None:
         return
     try:

@@ -116,6 +116,8 @@ def export_lerobot(root: str, *, run_id: str, out: str, decoder: Any = None,
                    endpoint_url: str | None = None, region: str | None = None) -> dict[str, int]:
     """Write the run as a LeRobot v3.0 dataset into the local folder `out` (must be empty)."""
     target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{out} is a file; export into a new folder")
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{out} is not empty; export into a new folder")
     episodes = run_episodes(root, run_id=run_id, frames="array", decoder=decoder,

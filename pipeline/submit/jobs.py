@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.errors import UserError
-from pipeline.secrets import redact
+from pipeline.secrets import public_url, redact
 from pipeline.submit.packaging import Submission
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def resolve_address(address: str | None) -> str:
     host, _, port = rest.partition("/")[0].rpartition(":")
     if scheme not in ("http", "https") or not rest or port == str(GCS_PORT):
         raise UserError(
-            f"{given} is not a Ray dashboard address: the Jobs API is the dashboard's "
+            f"{public_url(given)} is not a Ray dashboard address: the Jobs API is the dashboard's "
             "http://HEAD:8265 (a GCS address HEAD:6379 or ray://HEAD:10001 is what "
             "`wham-batch run --address` takes)")
     return url.rstrip("/")
@@ -98,6 +98,8 @@ class ClusterUnreachable(UserError):
 def cluster_errors(address: str) -> Iterator[None]:
     """Turn connection and authentication failures into UserErrors that say what to do."""
     import requests
+
+    address = public_url(address) or address  # no user:password in messages
     from ray.exceptions import AuthenticationError
 
     try:
@@ -138,7 +140,7 @@ def connect(address: str | None) -> JobSubmissionClient:
         try:
             return _client_class()(address, headers=headers or None)
         except RuntimeError as exc:  # answered, but not as a Ray 2 dashboard
-            raise UserError(f"{address} did not answer as a Ray dashboard ("
+            raise UserError(f"{public_url(address)} did not answer as a Ray dashboard ("
                             f"{str(exc).splitlines()[0][:200]}); check --address "
                             "(http://HEAD:8265)") from None
 

@@ -238,3 +238,32 @@ def test_resume_refuses_a_run_written_by_a_newer_schema(tmp_path: Path) -> None:
     storage.put_bytes(key, json.dumps({**manifest, "schema_version": 99}).encode())
     with pytest.raises(UserError, match="schema version 99, newer than"):
         run_job(spec, actor_cls=StubActor, progress=False)
+
+
+def test_fresh_leaves_runs_whose_id_starts_the_same_alone(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1)
+    spec.run.run_id = "exp1"
+    other = spec.model_copy(deep=True)
+    other.run.run_id = "exp10"
+    assert run_job(other, actor_cls=StubActor, progress=False).complete
+    storage = open_storage(spec.output.root)
+    before = sorted(k for k in storage.list_keys() if "run_id=exp10/" in k)
+    assert any(k.startswith("steps/") for k in before)
+    assert run_job(spec, actor_cls=StubActor, fresh=True, progress=False).complete
+    assert run_job(spec, actor_cls=StubActor, fresh=True, progress=False).complete
+    after = sorted(k for k in storage.list_keys() if "run_id=exp10/" in k)
+    assert after == before and storage.exists(success_key("2026-01-02", "exp10"))
+
+
+def test_a_rerun_that_does_not_complete_removes_an_old_success(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path, actors=1, max_unit_attempts=1)
+    assert run_job(spec, actor_cls=StubActor, progress=False).complete
+    storage = open_storage(spec.output.root)
+    marker = layout.commit_key("2026-01-02", "drv", "u000003")
+    storage.put_bytes(marker, storage.get_bytes(marker)[:40])  # cut short: redone
+    (Path(spec.output.root) / "fail-u000003").touch()  # and the redo fails
+    summary = run_job(spec, actor_cls=StubActor, progress=False)
+    assert not summary.complete and summary.units_lost == 1
+    assert not storage.exists(success_key("2026-01-02", "drv"))
+    manifest = json.loads(storage.get_bytes(manifest_key("2026-01-02", "drv")))
+    assert manifest["status"] != "complete"

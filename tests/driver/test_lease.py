@@ -4,6 +4,7 @@ taken over, heartbeats refreshed, a lost lease noticed."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -122,3 +123,19 @@ def test_a_lease_whose_create_reply_was_lost_is_still_ours(s3_server, s3_bucket)
         mine.release()
     assert proxy.counts["reset"] >= 1
     assert not open_storage(s3_bucket).exists(layout.lease_key(DATE, RUN))
+
+
+def test_the_timeout_comes_from_the_environment_and_a_bad_value_is_named(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = open_storage(str(tmp_path / "out"))
+    monkeypatch.setenv("WHAM_LEASE_TIMEOUT_S", "7.5")
+    assert RunLease(storage, run_date=DATE, run_id=RUN).timeout_s == 7.5
+    for bad in ("2m", "0", "-1", "nan", "inf"):
+        monkeypatch.setenv("WHAM_LEASE_TIMEOUT_S", bad)
+        with pytest.raises(UserError, match="WHAM_LEASE_TIMEOUT_S=.*positive number"):
+            RunLease(storage, run_date=DATE, run_id=RUN)
+    # a bad value never breaks commands that do not take a lease
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "runs", "--help"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "WHAM_LEASE_TIMEOUT_S": "2m"})
+    assert out.returncode == 0 and "usage" in out.stdout

@@ -59,13 +59,14 @@ def action(seed: int) -> np.ndarray:
     return np.concatenate([rng.integers(0, 2, 12), rng.integers(0, 11, 4)])
 
 
-def write_run(storage, run_date: str, run_id: str, *, units: int = 2, tokens: int | None = 16):
+def write_run(storage, run_date: str, run_id: str, *, units: int = 2, tokens: int | None = 16,
+              frames: str = "none"):
     """`units` units of 2 rollouts x (1 context + 3 generated) steps, committed."""
     writer = OutputWriter(
         storage,
         run_date=run_date,
         run_id=run_id,
-        frames="none",
+        frames=frames,
         image_tokens=tokens is not None,
         model_id="preset:tiny",
         threads=1,

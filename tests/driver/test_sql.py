@@ -4,6 +4,8 @@ and what a query does with stray or broken files under a table."""
 
 from __future__ import annotations
 
+import base64
+import csv
 import io
 import json
 import logging
@@ -20,7 +22,7 @@ from test_query import RUNS, write_run
 from pipeline import layout
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.query import MAX_BOOLEAN_TERMS, open_table, query, sql
+from pipeline.query import MAX_BOOLEAN_TERMS, _tables_named, open_table, query, sql
 from pipeline.storage import open_storage
 
 JOIN = ("SELECT run_id, status, count(*) AS n FROM steps JOIN rollouts "
@@ -195,3 +197,23 @@ def test_the_readmes_queries_run_on_any_date(tmp_path):
         rows = sql(str(root), text).to_pylist()
         assert rows and all(r.get("run_id", "nightly-b") == "nightly-b" for r in rows)
     assert query(str(root), where=wheres[0]).num_rows >= 0
+
+
+def test_frames_table_in_sql_and_as_csv(tmp_path, capsys):
+    root = str(tmp_path / "out")
+    write_run(open_storage(root), "2026-02-01", "framed", units=1, frames="parquet")
+    text = ("SELECT rollout_id, step, png FROM frames JOIN steps USING (run_id, rollout_id, "
+            "step) WHERE generated ORDER BY rollout_id, step")
+    rows = sql(root, text).to_pylist()
+    assert len(rows) == 2 * 3 and all(r["png"].startswith(b"\x89PNG") for r in rows)
+    assert main(["query", root, "--sql", text, "--format", "csv"]) == 0
+    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [base64.b64decode(r["png_base64"]) for r in parsed] == [r["png"] for r in rows]
+
+
+def test_a_query_opens_only_the_tables_it_names():
+    assert _tables_named("SELECT count(*) FROM steps") == ("steps",)
+    assert _tables_named("select * from ROLLOUTS join steps using (rollout_id)") == (
+        "steps", "rollouts")
+    assert _tables_named("SELECT png FROM frames") == ("frames",)
+    assert _tables_named("SELECT 1") == layout.TABLES  # nothing named: all, as before

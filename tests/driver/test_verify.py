@@ -124,8 +124,10 @@ def rewrite_part(storage, key: str, edit) -> None:  # noqa: ANN001
     storage.put_bytes(key, sink.getvalue().to_pybytes())
 
 
-def test_frames_in_parquet_parts_are_checked_row_by_row(tmp_path, capsys):
-    storage, units = write_run(str(tmp_path / "out"), "parquet")
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_frames_in_parquet_parts_are_checked_row_by_row(where, tmp_path, capsys, request):
+    root = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_bucket")
+    storage, units = write_run(root, "parquet")
     check = verify_run(storage, run_date=DATE, run_id="audit")
     assert check.ok and check.rows == check.frames == units * 4 * 3
     assert not any(k.endswith(".png") for k in storage.list_keys("frames/"))
@@ -140,7 +142,7 @@ def test_frames_in_parquet_parts_are_checked_row_by_row(tmp_path, capsys):
     assert "1 of 12 frames its rows name are missing from" in first
     assert "frames part" in check.bad_units["u000001"][0]
     assert "is missing" in check.bad_units["u000001"][0]
-    assert main(["verify", str(tmp_path / "out"), "--run-id", "audit"]) == 1
+    assert main(["verify", root, "--run-id", "audit"]) == 1
     assert "unit u000000:" in capsys.readouterr().err
 
 
@@ -158,3 +160,12 @@ def test_rows_without_frame_or_tokens_are_flagged(tmp_path):
     check = verify_run(storage, run_date=DATE, run_id="audit")
     assert list(check.bad_units) == ["u000002"]
     assert check.bad_units["u000002"] == ["12 rows have neither a frame nor image tokens"]
+
+
+def test_a_foreign_steps_part_is_a_problem_not_a_crash(tmp_path):
+    storage, _ = write_run(str(tmp_path / "out"), "png")
+    rewrite_part(storage, layout.steps_part_key(DATE, "audit", "u000001"),
+                 lambda t: t.drop_columns(["frame_key"]))
+    check = verify_run(storage, run_date=DATE, run_id="audit")
+    assert check.bad_units["u000001"] == [
+        "steps part of u000001 has no frame_key column (not a wham-batch steps part)"]
