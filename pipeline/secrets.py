@@ -84,8 +84,9 @@ def public_data(value: Any) -> Any:
 
 
 def check_endpoint_url(url: str) -> str:
-    """`url` if it is an http(s) URL with a host and no user:password part; else ValueError
-    (keys belong in the environment, never in a URL that gets logged)."""
+    """`url` if it is an http(s) URL with a host, no user:password part and no query string
+    or fragment; else ValueError (keys belong in the environment, never in a URL that gets
+    logged). Neither the credentials nor the query are repeated in the message."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -97,4 +98,8 @@ def check_endpoint_url(url: str) -> str:
     if parts.username is not None or parts.password is not None:
         raise ValueError("the URL carries credentials (user:password@); put the key in the "
                          "environment variable model.api_key_env names instead")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{public_url(url)!r} must not have a query string or fragment (the "
+                         "part after '?' or '#' was left out here, where tokens hide); put the "
+                         "key in the environment variable model.api_key_env names instead")
     return url

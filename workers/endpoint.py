@@ -9,7 +9,8 @@ and post again, `steps` times. The rollouts of a batch run concurrently on one e
 A request that times out, fails to connect, gets 408/429/5xx or an unusable answer is
 retried with exponential backoff and full jitter (or after the endpoint's Retry-After);
 after `max_attempts` tries the rollout fails with a *retryable* error (a rerun of the run
-redoes it). Other statuses (400, 401, 403, 404, ...) fail the rollout at once.
+redoes it). Other statuses (400, 401, 403, 404, ...) fail the rollout at once; so does a
+redirect (3xx), which is never followed: the key would go wherever it points.
 
 Step k of a rollout sends the seed `step_seed(rng_seed, k)`: an endpoint that honours seeds
 (`wham-batch serve`) then answers reruns identically, and no two steps share noise.
@@ -51,6 +52,7 @@ log = logging.getLogger("workers.endpoint")
 CONTEXT_STEPS = 10
 MAX_BACKOFF_S = 60.0
 RETRY_STATUSES = frozenset({408, 429})
+READ_CHUNK_BYTES = 2**16
 PROBE_SIZE = (64, 64)  # the probe frame: any size works, the endpoint resizes it
 
 
@@ -93,6 +95,17 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+def _parse_answer(data: bytes, *, size: tuple[int, int] | None,
+                  tokens_per_image: int | None) -> ScoreResult:
+    """`parse_response`, with any failure to read the answer a ProtocolError (retried)."""
+    try:
+        return parse_response(data, size=size, tokens_per_image=tokens_per_image)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a decoder's own error on a malformed answer
+        raise ProtocolError("response", f"unreadable ({type(exc).__name__})") from None
+
+
 class EndpointBackend:
     """Model facts (`model_id`, `image_size`, `tokens_per_image`, ...) as an actor reads them
     from a local replica, and `rollouts()` that runs a batch through the endpoint."""
@@ -124,7 +137,11 @@ class EndpointBackend:
         self._slots = asyncio.Semaphore(max_concurrency)
         self.image_size: tuple[int, int] = PROBE_SIZE
         self.tokens_per_image: int | None = None
-        self._probe()
+        try:
+            self._probe()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ facts
 
@@ -185,9 +202,10 @@ class EndpointBackend:
             try:
                 status, data, retry_after = await self._post(body)
                 if status == 200:
-                    return parse_response(data, size=size, tokens_per_image=self.tokens_per_image)
+                    return _parse_answer(data, size=size, tokens_per_image=self.tokens_per_image)
                 snippet = redact(data[:200].decode("utf-8", "replace"))
-                last = f"HTTP {status}: {snippet}"
+                last = (f"HTTP {status}, a redirect (not followed: set model.endpoint to the "
+                        "URL it points to)" if 300 <= status < 400 else f"HTTP {status}: {snippet}")
                 if status not in RETRY_STATUSES and status < 500:
                     raise EndpointError(f"{self.model_id} answered {last}", retryable=False)
                 wait = retry_after
@@ -209,12 +227,16 @@ class EndpointBackend:
         import aiohttp
 
         async with self._slots, self._session.post(
-                self.url, data=body, headers=self._headers,
+                self.url, data=body, headers=self._headers, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-            data = await resp.content.read(MAX_BODY_BYTES + 1)
-            if len(data) > MAX_BODY_BYTES:
-                raise ProtocolError("response", f"larger than {MAX_BODY_BYTES} bytes")
-            return resp.status, data, _retry_after(resp.headers.get("Retry-After"))
+            # The whole body, up to the bound: one read() returns only what has arrived.
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_chunked(READ_CHUNK_BYTES):
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise ProtocolError("response", f"larger than {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+            return resp.status, b"".join(chunks), _retry_after(resp.headers.get("Retry-After"))
 
     # ------------------------------------------------------------------ the loop thread
 

@@ -117,6 +117,22 @@ class ScoreResult:
     tokens: np.ndarray | None  # (n,) or None when the endpoint sent none
 
 
+def _shown(value: Any) -> str:
+    """A bad value as an error shows it: its repr, cut short (a number may have 4000 digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:32]}... ({len(text)} characters)"
+
+
+def _finite_number(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float: 10**400 is not."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 # ---------------------------------------------------------------- actions
 
 
@@ -127,10 +143,8 @@ def official_to_model(values: Any, *, field: str) -> np.ndarray:
         raise ProtocolError(field, f"expected a list of {ACTION_DIM} numbers "
                                    f"(12 buttons, 4 sticks), got {got}")
     for i, v in enumerate(values):
-        if isinstance(v, bool):
-            continue
-        if not isinstance(v, int | float) or not math.isfinite(v):
-            raise ProtocolError(f"{field}[{i}]", f"expected a finite number, got {v!r}")
+        if not isinstance(v, bool) and not _finite_number(v):
+            raise ProtocolError(f"{field}[{i}]", f"expected a finite number, got {_shown(v)}")
     arr = np.asarray(values, dtype=np.float64)  # (16,)
     buttons = (arr[:NUM_BUTTONS] >= BUTTON_THRESHOLD).astype(np.int64)
     sticks = np.clip(arr[NUM_BUTTONS:], -1.0, 1.0)
@@ -170,8 +184,9 @@ def decode_frame(data: Any, *, field: str, size: tuple[int, int] | None) -> np.n
         raise ProtocolError(field, "not valid base64") from None
     try:
         frame = decode_image(raw, formats=IMAGE_FORMATS, max_pixels=MAX_IMAGE_PIXELS)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ProtocolError(field, f"not a readable PNG or JPEG image ({exc})") from None
+    except Exception as exc:  # Pillow raises assorted types (struct.error, ...) on bad files
+        raise ProtocolError(field, f"not a readable PNG or JPEG image "
+                                   f"({type(exc).__name__}: {exc})") from None
     if size is not None:
         frame = resize_frame(frame, size)
     return np.ascontiguousarray(frame.transpose(2, 0, 1))
@@ -201,10 +216,10 @@ def _entry_tokens(value: Any, *, field: str, shape: ModelShape) -> np.ndarray | 
         raise ProtocolError(field, f"expected a list of integers, got {type(value).__name__}")
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise ProtocolError(field, "expected integers")
-    tokens = np.asarray(value, dtype=np.int64)
-    if tokens.min() < 0 or tokens.max() >= shape.image_vocab_size:
+    # Checked as Python ints: a value beyond int64 would overflow the array.
+    if not all(0 <= t < shape.image_vocab_size for t in value):
         raise ProtocolError(field, f"image tokens must lie in [0, {shape.image_vocab_size})")
-    return tokens
+    return np.asarray(value, dtype=np.int64)
 
 
 def _parameters(value: Any) -> dict[str, Any]:
@@ -214,24 +229,25 @@ def _parameters(value: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     t = params.get("temperature")
     if t is not None:
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-            raise ProtocolError(f"{field}.temperature", f"expected a number >= 0, got {t!r}")
+        if not _finite_number(t) or t < 0:
+            raise ProtocolError(f"{field}.temperature", f"expected a number >= 0, got {_shown(t)}")
         out["temperature"] = float(t)
     k = params.get("top_k")
     if k is not None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ProtocolError(f"{field}.top_k", f"expected null or an integer >= 1, got {k!r}")
+            raise ProtocolError(f"{field}.top_k",
+                                f"expected null or an integer >= 1, got {_shown(k)}")
         out["top_k"] = k
     p = params.get("top_p")
     if p is not None:
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 < p <= 1.0:
-            raise ProtocolError(f"{field}.top_p", f"expected a number in (0, 1], got {p!r}")
+            raise ProtocolError(f"{field}.top_p", f"expected a number in (0, 1], got {_shown(p)}")
         out["top_p"] = float(p)
     s = params.get("seed")
     if s is not None:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
             raise ProtocolError(f"{field}.seed", f"expected an integer in 0..{MAX_SEED}, "
-                                                 f"got {s!r}")
+                                                 f"got {_shown(s)}")
         out["seed"] = s
     return out
 
@@ -242,14 +258,16 @@ def image_key(data: str) -> str:
 
 
 def parse_request(body: bytes, *, shape: ModelShape,
-                  known: Callable[[str], np.ndarray | None] | None = None) -> ScoreRequest:
+                  known: Callable[[str], np.ndarray | None] | None = None,
+                  max_body_bytes: int = MAX_BODY_BYTES) -> ScoreRequest:
     """A request body -> ScoreRequest; ProtocolError naming the field for anything bad.
 
     `known(image_key)` may return the tokens of an image seen before (iterative clients
     send their seed frames again with every step): such an image is not decoded again.
+    `max_body_bytes` is the server's bound (`wham-batch serve --max-body-mb`).
     """
-    if len(body) > MAX_BODY_BYTES:
-        raise ProtocolError("body", f"larger than {MAX_BODY_BYTES} bytes", status=413)
+    if len(body) > max_body_bytes:
+        raise ProtocolError("body", f"larger than {max_body_bytes} bytes", status=413)
     data = _mapping(read_json(body), "body")
     inputs = _mapping(data.get("input_data"), "input_data")
     context = inputs.get("context")

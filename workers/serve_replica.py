@@ -9,9 +9,10 @@ worker thread, one at a time, as one `RolloutEngine` call per group of requests 
 share one: the same context length and the same sampling settings (a shared window and
 sampler need both). Every step is a full-generation step (frame and action).
 
-Statuses: 200 with a result; 400 / 413 with `{"error", "field"}` for bad input; 401 for a
-missing or wrong key; 503 with Retry-After when `max_batch + max_queue` requests are already
-waiting; 404 / 405 for other paths and methods; 500 only if the engine itself fails.
+Statuses: 200 with a result; 400 / 413 with `{"error", "field"}` for bad input (also for a
+request the parser fails on in a way it did not foresee); 401 for a missing or wrong key;
+503 with Retry-After when `max_batch + max_queue` requests are already waiting; 404 / 405
+for other paths and methods; 500 only if the engine itself fails.
 
 The key never reaches the replica: it holds the key's SHA-256, and compares the digest of
 the presented key with `hmac.compare_digest` (constant time).
@@ -166,9 +167,14 @@ class MuseReplica:
         try:
             body = await _read_body(request, limit=self.max_body_bytes)
             parsed = await asyncio.to_thread(parse_request, body, shape=self.shape,
-                                             known=self._tokens.get)
+                                             known=self._tokens.get,
+                                             max_body_bytes=self.max_body_bytes)
         except ProtocolError as exc:
             return _Reply(exc.status, exc.body())
+        except Exception as exc:  # a request the parser did not foresee is still bad input
+            log.warning("unreadable request: %s", type(exc).__name__)
+            return _Reply(400, {"error": f"unreadable request ({type(exc).__name__})",
+                                "field": "body"})
         if parsed.seed is None:
             parsed.seed = secrets.randbits(63)  # without a seed, a fresh one per request
         return await self._batched(parsed)

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.driver.discovery import discover_seeds, load_action_script
 from pipeline.errors import UserError
-from pipeline.secrets import public_url, redact
+from pipeline.secrets import add_secret_env, public_url, redact
 from pipeline.sources import SeedRef
 from pipeline.spec import JobSpec
 from pipeline.storage import Storage, open_storage
@@ -58,16 +58,26 @@ def check_preset(name: str, *, field: str = "model.preset") -> None:
                         f"{', '.join(wham.PRESETS)}")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are answers, not followed: urllib would resend the key to the new address
+    (any host, even from https to http)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> None:
     """UserError unless the endpoint's key variable is set and the endpoint answers.
 
     The probe is a POST with an empty context: any HTTP answer but 401/403 (the key was
-    refused) and 404 (nothing at that path) means the endpoint is there; actors find out
-    the rest (frame size, token count) with their first real request.
+    refused), 404 (nothing at that path) and a redirect (not followed, as actors do not
+    follow one) means the endpoint is there; actors find out the rest (frame size, token
+    count) with their first real request.
     """
     shown = public_url(url)
     headers = {"Content-Type": "application/json"}
     if api_key_env is not None:
+        add_secret_env(api_key_env)  # as the actors do: its value is masked in log lines
         key = os.environ.get(api_key_env, "").strip()
         if not key:
             raise UserError(f"model.api_key_env: the environment variable {api_key_env} is not "
@@ -76,11 +86,14 @@ def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> No
         headers["Authorization"] = f"Bearer {key}"
     probe = urllib.request.Request(url, data=b'{"input_data": {"context": []}}',
                                    headers=headers, method="POST")
+    opener = urllib.request.build_opener(_NoRedirects)
+    location = None
     try:
-        with urllib.request.urlopen(probe, timeout=min(timeout_s, ENDPOINT_PROBE_TIMEOUT_S)) as r:
+        with opener.open(probe, timeout=min(timeout_s, ENDPOINT_PROBE_TIMEOUT_S)) as r:
             status = r.status
     except urllib.error.HTTPError as exc:
-        status = exc.code
+        status, location = exc.code, exc.headers.get("Location")
+        exc.close()
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = redact(str(getattr(exc, "reason", exc)))
         raise UserError(f"model.endpoint: cannot reach {shown} ({reason}); check the URL and "
@@ -91,6 +104,11 @@ def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> No
     if status == 404:
         raise UserError(f"model.endpoint: {shown} answered 404 (nothing there); use the "
                         "endpoint's scoring URL")
+    if 300 <= status < 400:
+        target = redact(public_url(location) or "nowhere")
+        raise UserError(f"model.endpoint: {shown} answered HTTP {status}, a redirect to "
+                        f"{target}; redirects are not followed (the key would go with it): "
+                        "set model.endpoint to the final URL")
 
 
 def check_model_source(spec: JobSpec) -> None:

@@ -232,8 +232,9 @@ def _plan(spec: JobSpec, prep: Prepared, *, clock: tuple[float, float],
         earlier.add(previous["plan_fingerprint"])
     if earlier - {fingerprint}:
         raise UserError(f"run {run_id} already has outputs from a different plan (other "
-                        "seeds, model or rollout settings); pass --fresh to replace them or use "
-                        "a new run.run_id")
+                        "seeds, model, rollout or output.frames/image_tokens/watermark "
+                        "settings, or an older wham-batch); pass --fresh to replace them or "
+                        "use a new run.run_id")
     problems = []
     planned = {u.unit_id for u in units}
     committed = set(markers.good) & planned

@@ -68,6 +68,7 @@ def test_buttons_press_at_one_half_and_sticks_clip() -> None:
 @pytest.mark.parametrize(("values", "field"), [
     ([0] * 15, "a"), ("sixteen", "a"), ([0] * 15 + ["x"], "a[15]"),
     ([float("nan")] + [0] * 15, "a[0]"), ([0] * 14 + [float("inf"), 0], "a[14]"),
+    ([10**400] + [0] * 15, "a[0]"), ([0] * 15 + [-(2**1100)], "a[15]"),  # beyond a float
 ])
 def test_bad_actions_name_their_field(values, field) -> None:
     with pytest.raises(ProtocolError) as info:
@@ -138,18 +139,41 @@ def test_tokens_of_the_models_count_replace_the_image() -> None:
     (_body([_entry(tokens=[1] * 5 + [50])]), "input_data.context[0].tokens", 400),
     (_body([_entry(tokens=[1] * 5 + [1.5])]), "input_data.context[0].tokens", 400),
     (_body([_entry(tokens="abc")]), "input_data.context[0].tokens", 400),
+    (_body([_entry(tokens=[1] * 5 + [2**70])]), "input_data.context[0].tokens", 400),
+    (_body([_entry(tokens=[-(2**64)] + [1] * 5)]), "input_data.context[0].tokens", 400),
+    (_body([_entry(), _entry(actions=[0, 10**400] + [0] * 14)]),
+     "input_data.context[1].actions[1]", 400),
+    (_body([_entry()], temperature=10**400), "input_data.parameters.temperature", 400),
     (_body([_entry()], temperature=-1), "input_data.parameters.temperature", 400),
     (_body([_entry()], top_k=0), "input_data.parameters.top_k", 400),
     (_body([_entry()], top_p=1.5), "input_data.parameters.top_p", 400),
     (_body([_entry()], seed=2**63), "input_data.parameters.seed", 400),
     (_body([_entry()], seed=True), "input_data.parameters.seed", 400),
     (b" " * (MAX_BODY_BYTES + 1), "body", 413),
+    (_body([_entry()], seed=10**4000), "input_data.parameters.seed", 400),
 ])
 def test_bad_requests_name_their_field(body: bytes, field: str, status: int) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_request(body, shape=SHAPE)
     assert (info.value.field, info.value.status) == (field, status)
     assert info.value.body() == {"error": str(info.value), "field": field}
+    assert len(str(info.value)) < 300  # a 4000-digit number is not repeated whole
+
+
+def test_the_body_bound_is_the_servers_setting() -> None:
+    """`wham-batch serve --max-body-mb` above or below the default is the bound."""
+    padded = json.loads(_body([_entry()]))
+    padded["padding"] = "x" * (MAX_BODY_BYTES + 1)  # an unknown key: ignored
+    body = json.dumps(padded).encode()
+    with pytest.raises(ProtocolError) as info:
+        parse_request(body, shape=SHAPE)
+    assert info.value.status == 413
+    req = parse_request(body, shape=SHAPE, max_body_bytes=2 * MAX_BODY_BYTES)
+    assert req.actions.shape == (1, 16)
+    small = _body([_entry()])
+    with pytest.raises(ProtocolError, match=f"larger than {len(small) - 1} bytes") as info:
+        parse_request(small, shape=SHAPE, max_body_bytes=len(small) - 1)
+    assert info.value.status == 413
 
 
 # ---------------------------------------------------------------- both directions
@@ -172,7 +196,9 @@ def test_a_response_and_a_request_round_trip() -> None:
 
 
 @pytest.mark.parametrize("body", [b"<html>", b"{}", b'{"results": []}',
-                                  b'{"results": [{"image": "x", "actions": [0]}]}'])
+                                  b'{"results": [{"image": "x", "actions": [0]}]}',
+                                  json.dumps({"results": [{"image": _png(16, 24),
+                                                           "actions": [10**400] * 16}]}).encode()])
 def test_unusable_responses_are_protocol_errors(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         parse_response(body, size=(16, 24), tokens_per_image=6)

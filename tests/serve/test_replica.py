@@ -12,6 +12,7 @@ from starlette.requests import Request
 
 from workers import wham
 from workers.muse import (
+    MAX_BODY_BYTES,
     ScoreRequest,
     context_entry,
     model_to_official,
@@ -76,6 +77,36 @@ def test_a_declared_body_over_the_limit_is_413_unread(replica: MuseReplica) -> N
                "Content-Length": str(replica.max_body_bytes + 1)}
     reply = _handle(replica, _request(b"{}", headers=headers))
     assert reply.status == 413 and reply.body["field"] == "body"
+
+
+def test_numbers_beyond_a_float_are_400_naming_the_field(replica: MuseReplica) -> None:
+    h, w = replica.shape.image_size
+    entry = context_entry(image=np.zeros((3, h, w), np.uint8), action=np.zeros(16, np.int64),
+                          tokens=None)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for bad, field in (({**entry, "actions": [0] * 15 + [10**400]},
+                        "input_data.context[0].actions[15]"),
+                       ({**entry, "tokens": [2**70] * replica.shape.tokens_per_image},
+                        "input_data.context[0].tokens")):
+        reply = _handle(replica, _request(request_body([bad], parameters={}), headers=auth))
+        assert (reply.status, reply.body["field"]) == (400, field), reply.body
+    body = request_body([entry], parameters={"temperature": 10**400})
+    reply = _handle(replica, _request(body, headers=auth))
+    assert (reply.status, reply.body["field"]) == (400, "input_data.parameters.temperature")
+
+
+def test_the_body_bound_is_the_replicas_setting(replica: MuseReplica) -> None:
+    """A bound above the protocol's default lets a larger body through to the parser."""
+    body = json.dumps({"input_data": {"context": [{"image": "x"}]},
+                       "padding": "x" * MAX_BODY_BYTES}).encode()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert _handle(replica, _request(body, headers=auth)).status == 413
+    replica.max_body_bytes = 2 * MAX_BODY_BYTES
+    try:
+        reply = _handle(replica, _request(body, headers=auth))
+    finally:
+        replica.max_body_bytes = MAX_BODY_BYTES
+    assert (reply.status, reply.body["field"]) == (400, "input_data.context[0].actions")
 
 
 def test_a_full_replica_answers_503_with_retry_after(replica: MuseReplica) -> None:

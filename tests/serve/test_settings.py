@@ -106,6 +106,8 @@ def test_an_endpoint_is_a_third_model_source() -> None:
 
 @pytest.mark.parametrize(("model", "extra", "message"), [
     ({"endpoint": "https://user:pw@h/score"}, {}, "carries credentials"),
+    ({"endpoint": "https://h/score?code=pw"}, {}, "must not have a query string"),
+    ({"endpoint": "https://h/score#pw"}, {}, "must not have a query string or fragment"),
     ({"endpoint": "ftp://h/score"}, {}, "http:// or https://"),
     ({"endpoint": "https:///score"}, {}, "with a host"),
     ({"endpoint": "https://h/s", "api_key_env": "MY KEY"}, {}, "api_key_env"),
@@ -123,8 +125,9 @@ def test_bad_endpoint_settings_are_refused(model: dict, extra: dict, message: st
 
 @pytest.fixture
 def answering() -> Iterator[dict]:
-    """A loopback HTTP server answering every POST with `state["status"]`."""
-    state = {"status": 400, "auth": []}
+    """A loopback HTTP server answering every request with `state["status"]` (and
+    `state["location"]` as Location when set)."""
+    state = {"status": 400, "auth": [], "location": None}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -134,8 +137,12 @@ def answering() -> Iterator[dict]:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             state["auth"].append(self.headers.get("Authorization"))
             self.send_response(state["status"])
+            if state["location"]:
+                self.send_header("Location", state["location"])
             self.send_header("Content-Length", "0")
             self.end_headers()
+
+        do_GET = do_POST  # noqa: N815 - a followed redirect would arrive as a GET
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -167,6 +174,28 @@ def test_preflight_checks_the_key_variable_and_the_endpoint(
     check_endpoint(url, api_key_env="MUSE_API_KEY", timeout_s=5)
     with pytest.raises(UserError, match="cannot reach"):
         check_endpoint(f"http://127.0.0.1:{free_port()}/score", api_key_env=None, timeout_s=5)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_preflight_does_not_follow_a_redirect(answering: dict, status: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redirect would carry the key to wherever it points: it is reported, not followed."""
+    monkeypatch.setenv("MUSE_API_KEY", "k-preflight")
+    answering["status"] = status
+    answering["location"] = answering["url"].replace("/score", "/v2/score?sig=hidden")
+    with pytest.raises(UserError, match=rf"HTTP {status}, a redirect to .*/v2/score; "
+                                        "redirects are not followed") as info:
+        check_endpoint(answering["url"], api_key_env="MUSE_API_KEY", timeout_s=5)
+    assert answering["auth"] == ["Bearer k-preflight"]  # one request: nothing followed
+    assert "hidden" not in str(info.value)
+
+
+def test_preflight_masks_the_named_key_variable(
+        answering: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFLIGHT_MUSE_TOKEN", "tok-preflight-51c0e2")
+    assert redact("key tok-preflight-51c0e2") == "key tok-preflight-51c0e2"
+    check_endpoint(answering["url"], api_key_env="PREFLIGHT_MUSE_TOKEN", timeout_s=5)
+    assert redact("key tok-preflight-51c0e2") == f"key {REDACTED}"
 
 
 def test_a_named_key_variable_is_masked_in_logs(monkeypatch: pytest.MonkeyPatch) -> None:
