@@ -1,9 +1,15 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# On a CPU-only machine torch is pinned to 2.13.0 first, so nothing pulls a multi-GB CUDA
-# build. On a GPU machine pass the CUDA build you want, e.g. TORCH_SPEC="torch==2.13.0".
+# Setup installs torch (TORCH_SPEC) first, from the normal package index unless
+# TORCH_INDEX_URL names another; on Linux the normal index gives the CUDA build (several GB).
+# On a CPU-only Linux machine take the CPU build instead:
+#   make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# A GPU machine keeps the default (or passes the index of the CUDA build it wants); then
+# `.venv/bin/pip install -e ".[gpu]"` adds flash-attn.
+# python3 must be Python 3.11 or newer; otherwise name one: make demo PYTHON=python3.11
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint clean
@@ -11,9 +17,11 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(PYTHON) is Python %d.%d; wham-batch needs 3.11 or newer: make ... PYTHON=python3.11" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") \
+		"$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 

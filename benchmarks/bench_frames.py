@@ -141,7 +141,7 @@ def _table(stored: dict, times: dict, frames: dict) -> str:
     n = NIGHTLY
     rollouts = n["seeds"] * n["per_seed"]
     units = -(-rollouts // n["rollouts_per_unit"])
-    lines += ["", f"At the nightly scale of the issue ({n['seeds']:,} seeds x {n['per_seed']} "
+    lines += ["", f"At a nightly scale ({n['seeds']:,} seeds x {n['per_seed']} "
               f"rollouts x {n['steps']} steps, {n['rollouts_per_unit']} rollouts per unit) "
               f"the frames take {rollouts * (n['steps'] + 1):,} PUTs as PNG objects, "
               f"{units:,} as Parquet parts, none with `frames: none`. Reading a `none` run "

@@ -320,7 +320,8 @@ class OutputSection(_Section):
                              "or store frames (frames: parquet or png)")
         if self.video and importlib.util.find_spec("av") is None:
             raise ValueError("video: true needs PyAV; install the video extra "
-                                 "(pip install 'wham-batch[video]') or set video: false")
+                             "(.venv/bin/pip install -e '.[video]' in the project folder; "
+                             "`make setup` already installs it) or set video: false")
         return self
 
 
