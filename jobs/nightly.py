@@ -21,7 +21,7 @@ import argparse
 import datetime as dt
 import sys
 
-from pipeline.cli.command import interrupted_status, stop_on_sigterm
+from pipeline.cli.command import failure_status, interrupted_status, stop_on_sigterm
 from pipeline.cli.run import run_and_report
 from pipeline.driver.verify import RunCheck, verify_run
 from pipeline.errors import UserError
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, WHAMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        return failure_status(exc)
     except KeyboardInterrupt as exc:
         return interrupted_status(exc)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli.command import interrupted_status, stop_on_sigterm
+from pipeline.cli.command import failure_status, interrupted_status, stop_on_sigterm
 from pipeline.cli.run import add_spec_arguments, run_and_report
 from pipeline.errors import UserError
 from pipeline.spec import load_spec
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, WHAMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        return failure_status(exc)
     except KeyboardInterrupt as exc:
         return interrupted_status(exc)
 

@@ -54,9 +54,15 @@ def marker_bytes(*, run_date: str, run_id: str, unit_id: str, plan_fingerprint: 
     return json.dumps(body, sort_keys=True).encode()
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_marker(data: bytes, *, unit_id: str) -> dict[str, Any]:
     """The marker in `data` for `unit_id`; MarkerProblem if it does not parse, its
-    checksum does not match, or it names another unit or impossible counts."""
+    checksum does not match, or it names another unit, a malformed schema version or plan,
+    or impossible counts. A marker of a newer schema version is a UserError: this
+    wham-batch cannot tell whether it is sound."""
     if len(data) > MAX_MARKER_BYTES:
         raise MarkerProblem(f"{len(data)} bytes, more than a marker ever holds")
     try:
@@ -66,15 +72,19 @@ def read_marker(data: bytes, *, unit_id: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise MarkerProblem("not a JSON object")
     version = body.get("schema_version", 1)
+    if not _is_count(version) or version < 1:
+        raise MarkerProblem(f"its schema_version {version!r:.40} is not a positive integer")
     layout.check_schema_version(version, where=f"commit marker of {unit_id}")
-    if int(version) >= 2:
+    if version >= 2:
         claimed = body.pop(CHECKSUM_FIELD, None)
         if claimed != _digest(body):
             raise MarkerProblem("its checksum does not match its content")
     if body.get("unit_id", unit_id) != unit_id:
-        raise MarkerProblem(f"it names unit {body.get('unit_id')!r}")
-    for name in ("ok", "failed", "steps", "frames"):
+        raise MarkerProblem(f"it names unit {body.get('unit_id')!r:.80}")
+    if not isinstance(body.get("plan_fingerprint", ""), str):
+        raise MarkerProblem("its 'plan_fingerprint' is not a string")
+    for name in COUNT_FIELDS:
         value = body.get(name, 0)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise MarkerProblem(f"its {name!r} count {value!r} is not a non-negative integer")
+        if not _is_count(value):
+            raise MarkerProblem(f"its {name!r} count {value!r:.40} is not a non-negative integer")
     return body

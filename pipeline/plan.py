@@ -78,12 +78,22 @@ def make_plan(
     if per_seed < 1 or unit_size < 1:
         raise ValueError("per_seed and unit_size must be positive")
     items: list[RolloutItem] = []
+    seed_of: dict[str, str] = {}  # rollout id -> the uri of its seed
     for seed in sorted(seeds, key=lambda s: (s.seed_id, s.uri)):
         safe = safe_segment(seed.seed_id)
         for r in range(per_seed):
+            rollout_id = rollout_id_for(safe, r)
+            if rollout_id in seed_of:
+                # Shared rollout ids would make two seeds overwrite each other's outputs.
+                other = seed_of[rollout_id]
+                what = (f"seed {seed.uri} is listed twice" if other == seed.uri else
+                        f"seeds {other} and {seed.uri} both get the seed id {safe!r}")
+                raise UserError(f"{what}, so their rollouts would share the id {rollout_id!r};"
+                                " give every seed its own seed id")
+            seed_of[rollout_id] = seed.uri
             items.append(RolloutItem(
                 seed_id=seed.seed_id, seed_uri=seed.uri, rollout_index=r,
-                rollout_id=rollout_id_for(safe, r),
+                rollout_id=rollout_id,
                 rng_seed=rng_seed_for(run_seed, seed.seed_id, r), seed_root=seed.root,
             ))
     return [

@@ -5,7 +5,10 @@ is threaded (two calls at once) but only one unit computes at a time: while unit
 for its uploads and commit marker, unit k+1 already runs on the engine.
 
 A seed that cannot be loaded or a batch whose rollout raises becomes `failed` rollout rows
-with the error; the actor itself never dies of it.
+with the error; the actor itself never dies of it. Those rows are `retryable` (a rerun redoes
+their unit) when the seed could not be read (`workers.inputs.SeedReadError`) or the endpoint
+failed them. Outputs that cannot be written are no rollout's fault: the unit fails (the
+driver retries it; a store that refuses writes, `StorageFatalError`, stops the run).
 
 The model is a local replica (`model.checkpoint` / `model.preset`), or with `model.endpoint`
 an `EndpointBackend` that rolls out through a Muse-protocol endpoint: it carries the same
@@ -32,13 +35,13 @@ from pipeline.plan import RolloutItem, UnitReceipt, WorkUnit
 from pipeline.quality import rollout_quality
 from pipeline.sources import NEUTRAL_ACTION, constant_action
 from pipeline.spec import JobSpec
-from pipeline.storage import open_storage
+from pipeline.storage import StorageFatalError, open_storage
 from workers import wham
 from workers.encode import auto_preview_scale
 from workers.endpoint import EndpointBackend, EndpointError, RolloutJob
 from workers.inputs import load_seed, make_actions
 from workers.replica import batch_size_for, load_replica
-from workers.writer import OutputWriter
+from workers.writer import OutputWriter, WriteError
 
 log = logging.getLogger("workers.actor")
 MAX_ERROR_CHARS = 500
@@ -165,6 +168,12 @@ class RolloutActor:
                 t = time.perf_counter()
                 try:
                     lost, quality = self._run_batch(unit, batch)
+                except WriteError as exc:  # outputs failed, not rollouts: the unit fails
+                    if isinstance(exc.__cause__, StorageFatalError):
+                        raise exc.__cause__ from None  # as it is: the driver stops the run
+                    raise
+                except StorageFatalError:
+                    raise
                 except Exception as exc:
                     log.exception("unit %s: batch failed", unit.unit_id)
                     failed += self._fail(unit, [r.item for r in batch], exc, started=started,

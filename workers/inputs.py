@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from pipeline.choices import ACTION_KINDS
 from pipeline.errors import UserError
 from pipeline.sources import SeedData, SeedError, SeedRef, constant_action
-from pipeline.storage import read_uri
+from pipeline.storage import StorageFatalError, read_uri
 from workers.wham.actions import ACTION_DIM, NUM_BUTTONS, NUM_STICK_BINS, validate_actions
 from workers.wham.errors import InputError
 
@@ -43,6 +43,14 @@ SEED_IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 #: Largest uncompressed array read from one `.npz` member (guards against zip bombs).
 MAX_CLIP_BYTES = 2 * 1024**3
 DEFAULT_BUTTON_PROB = 0.05
+
+
+class SeedReadError(SeedError):
+    """A seed that could not be read (storage still failing after its retries, access
+    refused): its rollouts fail `retryable`, so a rerun reopens their unit and reads it
+    again. A seed that is missing, too large or does not decode is a plain SeedError."""
+
+    retryable = True
 
 
 def _check_inside_root(ref: SeedRef) -> None:
@@ -145,7 +153,8 @@ def load_seed(
     Pictures give one context frame. Clips give their first `context_steps` frames and
     actions as context (fewer if the clip is shorter) and up to `future_steps` recorded
     frames and actions after them (for replayed actions and policy mode). A file larger
-    than `max_bytes` is not read. Every problem raises SeedError naming the seed.
+    than `max_bytes` is not read. Every problem raises SeedError naming the seed
+    (SeedReadError when reading it failed).
     """
     if context_steps < 1:
         raise ValueError(f"context_steps must be >= 1, got {context_steps}")
@@ -154,7 +163,9 @@ def load_seed(
         data = read_uri(ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
     except FileNotFoundError:
         raise SeedError(f"seed {ref.seed_id}: {ref.uri} does not exist") from None
-    except (OSError, UserError) as exc:
+    except (OSError, StorageFatalError) as exc:  # I/O: a later attempt may read it
+        raise SeedReadError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
+    except UserError as exc:  # too large, a malformed location: the same next time
         raise SeedError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
     is_clip = ref.uri.lower().endswith(".npz")
     try:

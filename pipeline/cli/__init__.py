@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from pipeline.cli import cluster, demo, export, model, query, run, serve, verify
-from pipeline.cli.command import Command, interrupted_status, stop_on_sigterm
+from pipeline.cli.command import Command, failure_status, interrupted_status, stop_on_sigterm
 from pipeline.errors import UserError
 from pipeline.versions import version_line
 from workers.wham.errors import WHAMError
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, WHAMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        return failure_status(exc)
     except KeyboardInterrupt as exc:
         return interrupted_status(exc)
 

@@ -43,6 +43,17 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+def failure_status(exc: OSError) -> int:
+    """Print a storage or network failure that outlasted its retries (no traceback, no
+    credentials); exit status 2, like any other problem of the environment."""
+    from pipeline.secrets import redact
+
+    print(redact(f"error: storage or network failure: {exc}"), file=sys.stderr)
+    print("nothing is lost: what was committed stays, and the same command resumes",
+          file=sys.stderr)
+    return 2
+
+
 def interrupted_status(exc: KeyboardInterrupt) -> int:
     """Print why the command stopped; its exit status (143 for SIGTERM, 130 for Ctrl-C)."""
     if isinstance(exc, Terminated):

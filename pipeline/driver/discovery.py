@@ -2,7 +2,8 @@
 
 Discovery only lists names, so the driver stays light; actors read and decode each seed
 (workers.inputs). Seed ids are safe key segments (`storage.safe_segment`); ids of seeds whose
-names differ only in extension get a hash of the full name appended.
+names differ only in extension get a hash of the full name appended. Two seeds that still
+end up with one id (a name made safe or shortened can meet another) are refused, naming both.
 
 A scripted action table (`rollouts.actions: {kind: file}`) is small and read once here, then
 shipped to the actors: a CSV or Parquet table, one row per step, one column per action name
@@ -59,6 +60,21 @@ def _ids_for(stems: list[str], names: list[str]) -> list[str]:
         else:
             ids.append(safe_segment(stem))
     return ids
+
+
+def _check_unique_ids(refs: list[SeedRef], source: str) -> list[SeedRef]:
+    """`refs`, or a UserError naming both seeds when two of them got the same id (ids are
+    made safe and shortened, so distinct names can meet): their rollouts would share ids
+    and overwrite each other's outputs."""
+    first: dict[str, str] = {}
+    for ref in refs:
+        other = first.setdefault(ref.seed_id, ref.uri)
+        if other != ref.uri:
+            raise UserError(
+                f"seeds.source {source}: seeds {other} and {ref.uri} both get the seed id "
+                f"{ref.seed_id!r} (names are made safe and shortened for ids); rename one "
+                "of them, or list the seeds in a manifest with distinct seed_id values")
+    return refs
 
 
 def _stem(name: str) -> str:
@@ -177,7 +193,7 @@ def discover_seeds(
                               max_bytes=max_bytes)
         if glob:
             refs = [r for r in refs if _matches(r.uri, (glob,), case_sensitive=True)]
-        return refs[:limit]
+        return _check_unique_ids(refs[:limit], source)
     root = source.rstrip("/") if source.startswith("s3://") else str(Path(source).absolute())
     if not source.startswith("s3://") and Path(source).is_file():
         names, root = [Path(source).name], str(Path(source).absolute().parent)
@@ -187,10 +203,10 @@ def discover_seeds(
     names = [n for n in names if _matches(n, patterns, case_sensitive=bool(glob))]
     # Ids come from every match before the limit, so a seed's id does not depend on it.
     ids = _ids_for([_stem(n) for n in names], names)
-    return [
+    return _check_unique_ids([
         SeedRef(seed_id=seed_id, uri=_join_uri(root, name), root=root)
         for seed_id, name in zip(ids, names, strict=True)
-    ][:limit]
+    ][:limit], source)
 
 
 def _column_floats(table: Any, name: str, *, where: str) -> np.ndarray:

@@ -19,10 +19,12 @@ from typing import Any
 
 from pipeline import layout
 from pipeline.driver.progress import Totals
-from pipeline.markers import MarkerProblem, read_marker
+from pipeline.errors import UserError
+from pipeline.markers import MAX_MARKER_BYTES, MarkerProblem, read_marker
 from pipeline.plan import WorkUnit, plan_fingerprint
 from pipeline.spec import JobSpec
 from pipeline.storage import Storage, open_storage
+from pipeline.storage.base import ObjectTooLarge
 from pipeline.versions import software_versions
 
 MARKER_READERS = 16  # parallel reads of commit markers
@@ -112,23 +114,41 @@ class Markers:
 
 def _read_one(storage: Storage, key: str, unit_id: str) -> dict[str, Any] | str | None:
     try:
-        return read_marker(storage.get_bytes(key), unit_id=unit_id)
+        return read_marker(storage.get_bytes(key, max_bytes=MAX_MARKER_BYTES), unit_id=unit_id)
     except FileNotFoundError:
         return None  # removed since the listing
+    except ObjectTooLarge:
+        return f"larger than the {MAX_MARKER_BYTES} bytes a marker ever holds"
     except MarkerProblem as exc:
         return str(exc)
 
 
+def _commit_keys(run_date: str, run_id: str, names: Iterable[str]) -> dict[str, str]:
+    """unit id -> marker key of the files listed under commits/ that are named like a
+    unit's marker; any other file there is no marker and is left out."""
+    out = {}
+    for name in names:
+        uid = name.removesuffix(".json")
+        if name.endswith(".json") and "/" not in name:
+            try:
+                out[uid] = layout.commit_key(run_date, run_id, uid)
+            except UserError:  # not a unit id
+                continue
+    return out
+
+
 def read_markers(storage: Storage, *, run_date: str, run_id: str,
                  unit_ids: Iterable[str] | None = None) -> Markers:
-    """The run's markers (those of `unit_ids`, or all from one listing), checked."""
+    """The run's markers (those of `unit_ids`, or all from one listing), checked. Files under
+    commits/ that are not named like a unit's marker are not markers: they are skipped."""
     if unit_ids is None:
         prefix = layout.commits_prefix(run_date, run_id)
-        names = (k.removeprefix(prefix) for k in storage.list_keys(prefix))
-        unit_ids = [n.removesuffix(".json") for n in names
-                    if n.endswith(".json") and "/" not in n]
-    ids = list(unit_ids)
-    keys = [layout.commit_key(run_date, run_id, uid) for uid in ids]
+        listed = _commit_keys(run_date, run_id,
+                              (k.removeprefix(prefix) for k in storage.list_keys(prefix)))
+        ids, keys = list(listed), list(listed.values())
+    else:
+        ids = list(unit_ids)
+        keys = [layout.commit_key(run_date, run_id, uid) for uid in ids]
     with ThreadPoolExecutor(MARKER_READERS) as pool:
         found = list(pool.map(lambda kv: _read_one(storage, *kv), zip(keys, ids, strict=True)))
     out = Markers()

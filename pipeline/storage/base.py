@@ -23,9 +23,13 @@ MAX_SEGMENT_CHARS = 96
 PROBE_PREFIX = ".wham-batch-write-probe-"
 
 
-def too_large(where: str, size: int, max_bytes: int) -> UserError:
-    return UserError(f"{where} is {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:g} "
-                     "MiB read at most (seeds.max_file_mb)")
+class ObjectTooLarge(UserError):
+    """An object larger than the `max_bytes` its reader allows (it was not read whole)."""
+
+
+def too_large(where: str, size: int, max_bytes: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"{where} is {size / 2**20:.1f} MiB, more than the "
+                          f"{max_bytes / 2**20:g} MiB read at most (seeds.max_file_mb)")
 
 
 def backoff_delay(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> float:

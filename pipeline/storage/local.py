@@ -38,6 +38,10 @@ _FATAL_ERRNOS = {
     errno.EACCES: "is not writable (permission denied)",
     errno.EPERM: "is not writable (operation not permitted)",
 }
+#: errno from link(2) on a file system without hard links (vfat, exFAT, some FUSE mounts):
+#: `create_if_absent` then creates the name exclusively instead.
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+                  errno.ENOSYS}
 
 
 def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
@@ -185,9 +189,10 @@ class LocalStorage(Storage):
         except FileExistsError:
             return False
         except OSError as exc:
-            if exc.errno in _FATAL_ERRNOS:
-                raise
-            # File systems without hard links: exclusive create (not atomic for readers).
+            if exc.errno in _FATAL_ERRNOS and exc.errno not in _NO_HARD_LINKS:
+                raise  # full, over quota, read-only, no access: the fallback fails the same
+            # File systems without hard links: exclusive create (not atomic for readers). A
+            # real permission problem fails there again, and is reported as fatal then.
             try:
                 self._write_new(dir_fd, name, data)
             except FileExistsError:

@@ -11,6 +11,7 @@ import io
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from pipeline.storage.base import (
     PROBE_PREFIX,
     Storage,
     StorageFatalError,
+    backoff_delay,
     join_keys,
     too_large,
     validate_key,
@@ -30,6 +32,16 @@ from pipeline.storage.base import (
 #: Objects at least this large go through boto3's multipart transfer.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+#: Tries of a conditional create that S3 answers 409 ConditionalRequestConflict.
+CONFLICT_ATTEMPTS = 3
+#: Error codes S3 answers when it is busy or briefly failing (still so after boto3's own
+#: retries); and 409 ConditionalRequestConflict: another conditional write of the same key
+#: was in flight. A later attempt may succeed: an OSError the caller may retry.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
+    "InternalError", "ServiceUnavailable", "500", "502", "503", "504",
+    "ConditionalRequestConflict",
+})
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -162,6 +174,8 @@ class S3Storage(Storage):
                     f"access denied to {self._where()} ({code}) while trying to {action}; "
                     "check the credentials in the environment or AWS profile"
                 )
+            if code in _TRANSIENT_CODES:
+                return OSError(f"S3 answered {code} on {self._where()} while trying to {action}")
             return UserError(f"S3 error {code} on {self._where()} while trying to {action}")
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return UserError(
@@ -263,19 +277,26 @@ class S3Storage(Storage):
             raise self._fail(exc, f"list {prefix!r}") from None
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-        except ClientError as exc:
-            # 412: it exists; 409: another conditional write of the same key is in flight.
-            if exc.response.get("Error", {}).get("Code") in (
-                "PreconditionFailed",
-                "ConditionalRequestConflict",
-            ):
-                return False
-            raise self._fail(exc, f"create {key!r}") from None
-        return True
+        attempt = 0
+        while True:
+            try:
+                self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                    IfNoneMatch="*")
+                return True
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if code == "PreconditionFailed":
+                    return False  # 412: it exists
+                # 409: another conditional write of the key was in flight. It says nothing
+                # about whether the key exists: ask again; still so, a retryable OSError.
+                if code != "ConditionalRequestConflict" or attempt + 1 >= CONFLICT_ATTEMPTS:
+                    raise self._fail(exc, f"create {key!r}") from None
+            except BotoCoreError as exc:  # timeouts, dropped connections: OSError
+                raise self._fail(exc, f"create {key!r}") from None
+            time.sleep(backoff_delay(attempt))
+            attempt += 1
 
     def _delete(self, key: str) -> None:
         self._call(

@@ -347,3 +347,15 @@ def test_progress_off_a_terminal_logs_at_least_every_five_seconds(
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "starting something ..."
     assert messages[1].startswith("starting something, ") and messages[1].endswith("s ...")
+
+
+def test_a_storage_failure_is_a_clean_error_without_credentials(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli.command import failure_status
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-0123456789")
+    status = failure_status(OSError("PUT https://bucket/key?sig=s3cr3t-value-0123456789: "
+                                    "SlowDown after 5 attempts"))
+    err = capsys.readouterr().err
+    assert status == 2 and "storage or network failure" in err and "SlowDown" in err
+    assert "s3cr3t-value" not in err and "Traceback" not in err and "resumes" in err

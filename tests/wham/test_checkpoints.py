@@ -375,6 +375,30 @@ def test_code_executing_pickle_is_rejected(tmp_path, payload):
     assert not marker.exists()
 
 
+class _Builds:
+    """Pickles as a call of the builtin container `kind` on `arg`."""
+
+    def __init__(self, kind, arg):
+        self.kind, self.arg = kind, arg
+
+    def __reduce__(self):
+        return (self.kind, (self.arg,))
+
+
+# range(10**6) stands in for range(2**40), which loaded for real would exhaust memory.
+@pytest.mark.parametrize("kind, arg, given", [(list, range(10**6), "builtins.range"),
+                                              (tuple, range(10**6), "builtins.range"),
+                                              (set, "abc", "str"),
+                                              (frozenset, {"a": 1}, "dict")])
+def test_containers_are_built_only_from_what_the_pickle_holds(tmp_path, kind, arg, given):
+    model = random_model("tiny")
+    ckpt = tmp_path / "bomb.ckpt"
+    _write_official(ckpt, model, {"big": _Builds(kind, arg)})
+    with pytest.raises(CheckpointError, match=rf"bomb.ckpt: refusing to load: the pickle "
+                                              rf"builds a {kind.__name__} from \({given}"):
+        load_model(ckpt)
+
+
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path, fake_reference_code):
     import zipfile
 

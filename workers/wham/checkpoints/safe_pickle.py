@@ -40,12 +40,14 @@ REFUSED_BUILTINS = frozenset({
     "type", "super", "object", "memoryview", "execfile", "reload", "apply", "file",
 })
 # Builtins that are called for real: cheap constructors that cannot run code or allocate
-# unboundedly.
+# unboundedly. (No `range`: list(range(2**40)) would build a huge list from a few bytes.)
 SAFE_BUILTINS = {
-    "set": set, "frozenset": frozenset, "slice": slice, "range": range, "complex": complex,
-    "int": int, "float": float, "str": str, "bool": bool, "tuple": tuple, "list": list,
+    "slice": slice, "complex": complex, "int": int, "float": float, "str": str, "bool": bool,
     "dict": dict,
 }
+# Containers called for real only on a list or tuple the pickle already built (how pickle
+# spells a set: set([...])), so their size is bounded by the pickle's own.
+SAFE_CONTAINERS = {"set": set, "frozenset": frozenset, "tuple": tuple, "list": list}
 
 
 class Inert:
@@ -153,6 +155,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self.storage_types[name]
         if module == "builtins" and name in SAFE_BUILTINS:
             return SAFE_BUILTINS[name]
+        if module == "builtins" and name in SAFE_CONTAINERS:
+            return self._container(SAFE_CONTAINERS[name])
         if module == "builtins" and name in REFUSED_BUILTINS:
             raise CheckpointError(f"{self.source}: refusing to load: the pickle calls {full}")
         if module.split(".")[0] in REFUSED_MODULES:
@@ -163,6 +167,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if full not in self.inert_classes:
             self.inert_classes[full] = type(name, (Inert,), {"pickled_name": full})
         return self.inert_classes[full]
+
+    def _container(self, kind: type) -> Any:
+        def build(*args: Any) -> Any:
+            if not args:
+                return kind()
+            if len(args) == 1 and type(args[0]) in (list, tuple):
+                return kind(args[0])
+            given = ", ".join(getattr(a, "pickled_name", type(a).__name__) for a in args)
+            raise CheckpointError(
+                f"{self.source}: refusing to load: the pickle builds a {kind.__name__} from "
+                f"({given}), not from a list or tuple it holds (it could exhaust memory)")
+
+        return build
 
     def persistent_load(self, pid: Any) -> LazyStorage:
         if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
