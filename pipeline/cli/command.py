@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipeline.secrets import redact
+
 
 @dataclass(frozen=True)
 class Command:
@@ -46,8 +48,6 @@ def stop_on_sigterm() -> None:
 def failure_status(exc: OSError) -> int:
     """Print a storage or network failure that outlasted its retries (no traceback, no
     credentials); exit status 2, like any other problem of the environment."""
-    from pipeline.secrets import redact
-
     print(redact(f"error: storage or network failure: {exc}"), file=sys.stderr)
     print("nothing is lost: what was committed stays, and the same command resumes",
           file=sys.stderr)

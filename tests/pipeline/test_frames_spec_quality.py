@@ -49,7 +49,7 @@ def test_video_needs_pyav(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "av" else real(name, *a))
-    with pytest.raises(UserError, match=r"wham-batch\[video\]"):
+    with pytest.raises(UserError, match=r"pip install -e .\.\[video\]."):
         _spec(video=True)
 
 
