@@ -21,7 +21,7 @@ import argparse
 import datetime as dt
 import sys
 
-from pipeline.cli.command import failure_status, interrupted_status, stop_on_sigterm
+from pipeline.cli.command import run_command
 from pipeline.cli.run import run_and_report
 from pipeline.driver.verify import RunCheck, verify_run
 from pipeline.errors import UserError
@@ -29,7 +29,6 @@ from pipeline.layout import success_key
 from pipeline.logs import setup_logging
 from pipeline.spec import JobSpec, load_spec
 from pipeline.storage import open_storage
-from workers.wham.errors import WHAMError
 
 DEFAULT_CONFIG = "configs/nightly.yaml"
 
@@ -75,31 +74,26 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="KEY=VALUE", help="override a field (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    stop_on_sigterm()
-    try:
-        run_date = resolve_date(args.date)
-        spec = load_spec(args.config, nightly_overrides(run_date, args.overrides))
-        setup_logging()
-        check = already_complete(spec)
-        if check is not None and check.ok:
-            print(f"run {spec.run.run_id} (run_date={run_date}) is complete and verified "
-                  f"({check.units_checked} units, {check.rows} rows, {check.frames} frames): "
-                  "nothing left to do")
-            return 0
-        if check is not None:
-            for line in check.lines():
-                print(f"warning: {line}", file=sys.stderr)
-            print(f"run {spec.run.run_id} has _SUCCESS but fails the check against storage: "
-                  "resuming it to redo the damaged units", file=sys.stderr, flush=True)
-        print(f"nightly run {spec.run.run_id} (run_date={run_date})", flush=True)
-        return run_and_report(spec, quiet=args.quiet)
-    except (UserError, WHAMError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        return failure_status(exc)
-    except KeyboardInterrupt as exc:
-        return interrupted_status(exc)
+    return run_command(lambda: _night(args))
+
+
+def _night(args: argparse.Namespace) -> int:
+    run_date = resolve_date(args.date)
+    spec = load_spec(args.config, nightly_overrides(run_date, args.overrides))
+    setup_logging()
+    check = already_complete(spec)
+    if check is not None and check.ok:
+        print(f"run {spec.run.run_id} (run_date={run_date}) is complete and verified "
+              f"({check.units_checked} units, {check.rows} rows, {check.frames} frames): "
+              "nothing left to do")
+        return 0
+    if check is not None:
+        for line in check.lines():
+            print(f"warning: {line}", file=sys.stderr)
+        print(f"run {spec.run.run_id} has _SUCCESS but fails the check against storage: "
+              "resuming it to redo the damaged units", file=sys.stderr, flush=True)
+    print(f"nightly run {spec.run.run_id} (run_date={run_date})", flush=True)
+    return run_and_report(spec, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli.command import failure_status, interrupted_status, stop_on_sigterm
+from pipeline.cli.command import run_command
 from pipeline.cli.run import add_spec_arguments, run_and_report
-from pipeline.errors import UserError
 from pipeline.spec import load_spec
-from workers.wham.errors import WHAMError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,18 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true",
                         help="only warnings and errors on stderr (no progress)")
     args = parser.parse_args(argv)
-    stop_on_sigterm()  # `wham-batch stop` / `ray job stop` send SIGTERM: stop the actors too
-    try:
-        spec = load_spec(args.config, args.overrides)
-        return run_and_report(spec, fresh=args.fresh, quiet=args.quiet)
-    except (UserError, WHAMError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        return failure_status(exc)
-    except KeyboardInterrupt as exc:
-        return interrupted_status(exc)
-
+    # `wham-batch stop` / `ray job stop` send SIGTERM: it stops the actors too
+    return run_command(lambda: run_and_report(load_spec(args.config, args.overrides),
+                                              fresh=args.fresh, quiet=args.quiet))
 
 if __name__ == "__main__":
     sys.exit(main())

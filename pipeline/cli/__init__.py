@@ -11,10 +11,8 @@ import argparse
 import sys
 
 from pipeline.cli import cluster, demo, export, model, query, run, serve, verify
-from pipeline.cli.command import Command, failure_status, interrupted_status, stop_on_sigterm
-from pipeline.errors import UserError
+from pipeline.cli.command import Command, run_command
 from pipeline.versions import version_line
-from workers.wham.errors import WHAMError
 
 #: Every command, in the order `--help` lists them.
 COMMANDS: dict[str, Command] = {c.name: c for c in (
@@ -68,17 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    stop_on_sigterm()
-    try:
-        return int(args.func(args) or 0)
-    except (UserError, WHAMError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        return failure_status(exc)
-    except KeyboardInterrupt as exc:
-        return interrupted_status(exc)
-
+    return run_command(lambda: args.func(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipeline.errors import UserError
 from pipeline.secrets import redact
+from workers.wham.errors import WHAMError
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,18 @@ def interrupted_status(exc: KeyboardInterrupt) -> int:
         return 143
     print("interrupted", file=sys.stderr)
     return 130
+
+
+def run_command(body: Callable[[], int | None]) -> int:
+    """Run an entry point's work: SIGTERM stops it like Ctrl-C (130 / 143); a user, model,
+    storage or network error prints one message, no traceback, and exits 2."""
+    stop_on_sigterm()
+    try:
+        return int(body() or 0)
+    except (UserError, WHAMError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        return failure_status(exc)
+    except KeyboardInterrupt as exc:
+        return interrupted_status(exc)
