@@ -16,13 +16,17 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
+# pip at -qq: errors only (its warnings are about the machine's pip configuration, not this
+# project, and would bury the demo's output).
+PIP_INSTALL = $(BIN)/python -m pip install --quiet --quiet
+
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(PYTHON) is Python %d.%d; wham-batch needs 3.11 or newer: make ... PYTHON=python3.11" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") \
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") \
 		"$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
 demo: setup
