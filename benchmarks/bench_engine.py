@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import textwrap
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from docs_section import replace_section  # noqa: E402
 
 from workers.wham import (  # noqa: E402
     RolloutEngine,
@@ -223,12 +224,7 @@ def write_docs(result: dict, *, seconds: float, command: str) -> None:
     lines = [line if line.startswith(("|", "#")) else textwrap.fill(line, 92,
                                                                        break_on_hyphens=False)
              for line in lines]
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^### |^## (?!Engine)|\Z)", re.S | re.M)
-    section = "\n".join(lines)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + section)
-    DOCS.write_text(text.rstrip() + "\n")
+    replace_section(DOCS, "\n".join(lines), stop=("## ", "### "))
 
 
 def gpu_main() -> dict:

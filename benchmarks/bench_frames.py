@@ -29,6 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from docs_section import replace_section  # noqa: E402
+
 from pipeline.dataset import RolloutWindows  # noqa: E402
 from pipeline.driver import run_job  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
@@ -116,15 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               "other work on the machine).")
     print(header + "\n\n" + body)
     if args.write_docs:
-        text = DOCS.read_text()
-        start = text.find(SECTION)
-        if start == -1:
-            text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-            start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        end = len(text) if end == -1 else end
-        text = text[:start] + f"{SECTION}\n\n{header}\n\n{body}\n" + text[end:]
-        DOCS.write_text(text)
+        replace_section(DOCS, f"{SECTION}\n\n{header}\n\n{body}\n")
     return 0
 
 

@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from docs_section import replace_section  # noqa: E402
+
 from pipeline.storage import LocalStorage  # noqa: E402
 from workers import encode as watermark  # noqa: E402
 from workers.writer import OutputWriter  # noqa: E402
@@ -181,15 +183,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
-        old = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-        start = old.find(SECTION)
-        if start < 0:
-            new = old.rstrip("\n") + "\n\n" + text
-        else:
-            end = old.find("\n## ", start + len(SECTION))
-            new = old[:start] + text + (old[end:] if end >= 0 else "")
-        DOCS.parent.mkdir(exist_ok=True)
-        DOCS.write_text(new)
+        replace_section(DOCS, text)
 
 
 if __name__ == "__main__":

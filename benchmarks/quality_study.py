@@ -35,6 +35,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from docs_section import replace_section  # noqa: E402
+
 from pipeline.dataset import RolloutWindows  # noqa: E402
 from pipeline.driver.discovery import discover_seeds  # noqa: E402
 from pipeline.plan import plan_for_spec  # noqa: E402
@@ -162,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
               "fraction counted lower-is-better.")
     print(header + "\n\n" + body)
     if args.write_docs:
-        text = DOCS.read_text()
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        end = len(text) if end == -1 else end
-        text = text[:start] + f"{SECTION}\n\n{header}\n\n{body}\n" + text[end:]
-        DOCS.write_text(text)
+        replace_section(DOCS, f"{SECTION}\n\n{header}\n\n{body}\n")
     return 0
 
 
