@@ -217,19 +217,24 @@ def run_prefix(table: str, run_date: str | dt.date, run_id: str) -> str:
     return f"{table}/{_run_part(run_date, run_id)}"
 
 
-def steps_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+def part_key(table: str, run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+    """One unit's part of `table` (steps, rollouts or frames)."""
+    if table not in TABLES:
+        raise UserError(f"unknown table {table!r}")
     unit = _check(unit_id, _UNIT_ID, "unit id")
-    return f"{run_prefix(STEPS_TABLE, run_date, run_id)}/part-{unit}.parquet"
+    return f"{run_prefix(table, run_date, run_id)}/part-{unit}.parquet"
+
+
+def steps_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+    return part_key(STEPS_TABLE, run_date, run_id, unit_id)
 
 
 def rollouts_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
-    unit = _check(unit_id, _UNIT_ID, "unit id")
-    return f"{run_prefix(ROLLOUTS_TABLE, run_date, run_id)}/part-{unit}.parquet"
+    return part_key(ROLLOUTS_TABLE, run_date, run_id, unit_id)
 
 
 def frames_part_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
-    unit = _check(unit_id, _UNIT_ID, "unit id")
-    return f"{run_prefix(FRAMES_TABLE, run_date, run_id)}/part-{unit}.parquet"
+    return part_key(FRAMES_TABLE, run_date, run_id, unit_id)
 
 
 def video_key(run_date: str | dt.date, run_id: str, rollout_id: str) -> str:

@@ -86,12 +86,10 @@ class _Parts:
         if whole:
             source = pa.BufferReader(self.storage.get_bytes(key))  # FileNotFoundError
         else:
-            if not self.storage.exists(key):
-                raise FileNotFoundError(key)
             if self._fs is None:
                 self._fs = self.storage.arrow_fs()
             fs, base = self._fs
-            source = fs.open_input_file(f"{base}/{key}")
+            source = fs.open_input_file(f"{base}/{key}")  # FileNotFoundError
         try:
             return pq.ParquetFile(source)
         except (pa.ArrowInvalid, OSError) as exc:
