@@ -16,6 +16,8 @@ import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from pipeline.errors import UserError
+
 # Environment variables whose values are credentials; their values are masked in logs.
 SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
@@ -37,6 +39,21 @@ _extra_secret_vars: set[str] = set()
 def add_secret_env(name: str) -> None:
     """Mask the value of environment variable `name` in logs from now on (this process)."""
     _extra_secret_vars.add(name)
+
+
+def bearer_headers(api_key_env: str | None, *, missing: str) -> dict[str, str]:
+    """The JSON request headers of a Muse endpoint call: with `Authorization: Bearer` from
+    the variable `api_key_env` (registered for masking first) unless it is None. A variable
+    that is unset or empty is a UserError: `model.api_key_env: <name> is not set; <missing>`
+    (`missing` says what to do where the caller runs)."""
+    headers = {"Content-Type": "application/json"}
+    if api_key_env is not None:
+        add_secret_env(api_key_env)
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            raise UserError(f"model.api_key_env: {api_key_env} is not set; {missing}")
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
 
 
 def _secret_values() -> list[str]:

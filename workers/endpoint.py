@@ -25,7 +25,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
-import os
 import random
 import threading
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.secrets import add_secret_env, public_url, redact
+from pipeline.secrets import bearer_headers, public_url, redact
 from pipeline.sources import NEUTRAL_ACTION
 from workers.muse import (
     MAX_BODY_BYTES,
@@ -121,14 +120,8 @@ class EndpointBackend:
         self.model_id = public_url(url)
         self.timeout_s, self.max_attempts, self.backoff_s = timeout_s, max_attempts, backoff_s
         self.sampling = sampling  # temperature, top_k, top_p as the protocol names them
-        self._headers = {"Content-Type": "application/json"}
-        if api_key_env is not None:
-            add_secret_env(api_key_env)
-            key = os.environ.get(api_key_env, "").strip()
-            if not key:
-                raise UserError(f"model.api_key_env: {api_key_env} is not set on this worker; "
-                                "export the endpoint's key in every node's environment")
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._headers = bearer_headers(api_key_env, missing=(
+            "it must hold the endpoint's key on every node the actors run on"))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="endpoint-client")

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.driver.discovery import discover_seeds, load_action_script
 from pipeline.errors import UserError
-from pipeline.secrets import add_secret_env, public_url, redact
+from pipeline.secrets import bearer_headers, public_url, redact
 from pipeline.sources import SeedRef
 from pipeline.spec import JobSpec
 from pipeline.storage import Storage, open_storage
@@ -75,15 +75,9 @@ def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> No
     count) with their first real request.
     """
     shown = public_url(url)
-    headers = {"Content-Type": "application/json"}
-    if api_key_env is not None:
-        add_secret_env(api_key_env)  # as the actors do: its value is masked in log lines
-        key = os.environ.get(api_key_env, "").strip()
-        if not key:
-            raise UserError(f"model.api_key_env: the environment variable {api_key_env} is not "
-                            f"set; export the endpoint's key in it (or set model.api_key_env: "
-                            "null for an endpoint that needs no key)")
-        headers["Authorization"] = f"Bearer {key}"
+    headers = bearer_headers(api_key_env, missing=(
+        "export the endpoint's key in that variable (or set model.api_key_env: null for an "
+        "endpoint that needs no key)"))
     probe = urllib.request.Request(url, data=b'{"input_data": {"context": []}}',
                                    headers=headers, method="POST")
     opener = urllib.request.build_opener(_NoRedirects)
