@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pipeline.driver.preflight import GCS_PORT
 from pipeline.errors import UserError
 from pipeline.secrets import public_url, redact
 from pipeline.submit.packaging import Submission
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 # (connect, read) seconds for each call to the dashboard; Ray's client has no default.
 REQUEST_TIMEOUT_S = (10.0, 120.0)
-GCS_PORT = 6379
 _API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 DEFAULT_POLL_S = 2.0
 
