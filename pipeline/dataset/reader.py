@@ -14,7 +14,6 @@ opened lazily, once per process.
 from __future__ import annotations
 
 import io
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.dataset.index import Shard, Source
+from pipeline.driver.run_state import read_json
 from pipeline.errors import UserError
 from pipeline.storage import Storage, open_storage
 from workers.encode import encode_png, provenance_text, watermarked
@@ -168,11 +168,7 @@ class UnitReader:
     def _manifest(self, shard: Shard) -> dict[str, Any]:
         run = (shard.run_date, shard.run_id)
         if run not in self._manifests:
-            try:
-                data = json.loads(self.storage.get_bytes(layout.manifest_key(*run)))
-            except (FileNotFoundError, ValueError):
-                data = {}
-            self._manifests[run] = data if isinstance(data, dict) else {}
+            self._manifests[run] = read_json(self.storage, layout.manifest_key(*run)) or {}
         return self._manifests[run]
 
     def _model(self, shard: Shard) -> Any:
