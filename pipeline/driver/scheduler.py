@@ -195,13 +195,10 @@ class Scheduler:
             slot.reprobe_at = time.monotonic() + REPROBE_S  # restarting: ask again shortly
             return
         except RayActorError as exc:
-            slot.state = "dead"
             cause = str(exc).strip().splitlines()
             self.model_info.setdefault("error", cause[-1] if cause else type(exc).__name__)
             log.error("%s is dead and will not restart: %s", slot.name, self.model_info["error"])
-            for unit, attempt, _ in slot.inflight.values():  # never collected from a dead slot
-                self.lose(unit, attempt, f"{slot.name} died: {self.model_info['error']}")
-            slot.inflight.clear()
+            self._dead(slot, f"{slot.name} died: {self.model_info['error']}")
             return
         slot.state = "ready"
         for key in MODEL_FACTS:
@@ -211,6 +208,14 @@ class Scheduler:
         self.prog.actor_ready(slot.name)
 
     # ---------------------------------------------------------------- failures
+
+    def _dead(self, slot: _Slot, why: str) -> None:
+        """Mark `slot` dead; its units in flight are lost (a dead slot is never collected
+        from) and retried elsewhere."""
+        slot.state = "dead"
+        for unit, attempt, _ in slot.inflight.values():
+            self.lose(unit, attempt, why)
+        slot.inflight.clear()
 
     def lose(self, unit: WorkUnit, attempt: int, why: str) -> None:
         """A unit came back without a receipt: retry it, or count it lost for good."""
@@ -237,11 +242,7 @@ class Scheduler:
                 continue
             overdue = [ref for ref, (_, _, t) in s.inflight.items() if now - t > timeout]
             if s.probe is not None and now - s.since > self.start_timeout_s:
-                s.state = "dead"
-                for unit, attempt, _ in s.inflight.values():
-                    self.lose(unit, attempt,
-                              f"{s.name} did not start within {self.start_timeout_s:.0f}s")
-                s.inflight.clear()
+                self._dead(s, f"{s.name} did not start within {self.start_timeout_s:.0f}s")
                 ray.kill(s.handle, no_restart=True)
             elif overdue:
                 log.warning("%s: unit overran %.0fs; restarting the actor", s.name, timeout)
