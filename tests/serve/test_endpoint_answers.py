@@ -3,13 +3,12 @@ read, answers over the size limit, and redirects (never followed)."""
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from support.stubhttp import scripted_server
 
 from pipeline.errors import UserError
 from pipeline.sources import NEUTRAL_ACTION
@@ -29,35 +28,9 @@ def big_answer() -> bytes:
 
 @pytest.fixture
 def server(big_answer: bytes) -> Iterator[dict]:
-    """A loopback HTTP server answering every request with `state`'s status, body and
-    Location; it records each request's method, path and Authorization header."""
-    state: dict = {"status": 200, "body": big_answer, "location": None, "seen": []}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _answer(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            state["seen"].append((self.command, self.path, self.headers.get("Authorization")))
-            self.send_response(state["status"])
-            if state["location"]:
-                self.send_header("Location", state["location"])
-            self.send_header("Content-Length", str(len(state["body"])))
-            self.end_headers()
-            self.wfile.write(state["body"])
-
-        do_POST = do_GET = _answer  # noqa: N815 - http.server's naming
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/score"
-    try:
+    """A loopback server answering every request with the big answer (by default)."""
+    with scripted_server(body=big_answer) as state:
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def _backend(url: str, *, api_key_env: str | None = None) -> EndpointBackend:

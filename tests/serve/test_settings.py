@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from support.procs import free_port
+from support.stubhttp import scripted_server
 
 from pipeline.cli import main as cli_main
 from pipeline.driver.preflight import check_endpoint
@@ -125,33 +124,10 @@ def test_bad_endpoint_settings_are_refused(model: dict, extra: dict, message: st
 
 @pytest.fixture
 def answering() -> Iterator[dict]:
-    """A loopback HTTP server answering every request with `state["status"]` (and
-    `state["location"]` as Location when set)."""
-    state = {"status": 400, "auth": [], "location": None}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            state["auth"].append(self.headers.get("Authorization"))
-            self.send_response(state["status"])
-            if state["location"]:
-                self.send_header("Location", state["location"])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_POST  # noqa: N815 - a followed redirect would arrive as a GET
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/score"
-    try:
+    """A loopback server answering every request with `state["status"]` (and
+    `state["location"]` as Location when set), no body."""
+    with scripted_server(status=400) as state:
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_preflight_checks_the_key_variable_and_the_endpoint(
@@ -162,9 +138,9 @@ def test_preflight_checks_the_key_variable_and_the_endpoint(
         check_endpoint(url, api_key_env="MUSE_API_KEY", timeout_s=5)
     monkeypatch.setenv("MUSE_API_KEY", "k-preflight")
     check_endpoint(url, api_key_env="MUSE_API_KEY", timeout_s=5)  # 400: it is there
-    assert answering["auth"][-1] == "Bearer k-preflight"
+    assert answering["seen"][-1][2] == "Bearer k-preflight"
     check_endpoint(url, api_key_env=None, timeout_s=5)
-    assert answering["auth"][-1] is None
+    assert answering["seen"][-1][2] is None
     for status, message in ((401, "refused the key"), (403, "refused the key"),
                             (404, "answered 404")):
         answering["status"] = status
@@ -186,7 +162,8 @@ def test_preflight_does_not_follow_a_redirect(answering: dict, status: int,
     with pytest.raises(UserError, match=rf"HTTP {status}, a redirect to .*/v2/score; "
                                         "redirects are not followed") as info:
         check_endpoint(answering["url"], api_key_env="MUSE_API_KEY", timeout_s=5)
-    assert answering["auth"] == ["Bearer k-preflight"]  # one request: nothing followed
+    # one request: nothing followed
+    assert [auth for _, _, auth in answering["seen"]] == ["Bearer k-preflight"]
     assert "hidden" not in str(info.value)
 
 
