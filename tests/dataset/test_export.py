@@ -130,3 +130,8 @@ def test_mistakes_are_messages(mode_roots, tmp_path, capsys):
                      str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert Path(tmp_path / "full" / "a").read_text() == "x"
+    (tmp_path / "afile").write_text("keep")
+    assert cli_main(["export", mode_roots["png"], "--run-id", RUN_ID, "--format", "lerobot",
+                     str(tmp_path / "afile")]) == 2
+    assert "is a file; export into a new folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep"
