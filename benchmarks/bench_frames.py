@@ -31,11 +31,11 @@ sys.path.insert(0, str(REPO))
 
 from docs_section import replace_section  # noqa: E402
 
+from pipeline.contracts.spec import load_spec  # noqa: E402
+from pipeline.contracts.storage import open_storage  # noqa: E402
 from pipeline.dataset import RolloutWindows  # noqa: E402
 from pipeline.driver import run_job  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from pipeline.storage import open_storage  # noqa: E402
-from workers.actor import RolloutActor  # noqa: E402
+from workers.actor.actor import RolloutActor  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Frame storage"

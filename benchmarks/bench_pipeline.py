@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 import ray
 
+from pipeline.contracts.plan import UnitReceipt, WorkUnit
+from pipeline.contracts.sources import NEUTRAL_ACTION
+from pipeline.contracts.spec import JobSpec, spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.driver import actor_name, run_job
-from pipeline.plan import UnitReceipt, WorkUnit
-from pipeline.sources import NEUTRAL_ACTION
-from pipeline.spec import JobSpec, spec_from_data
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
-from workers.writer import OutputWriter
+from workers.actor.actor import RolloutActor
+from workers.actor.writer import OutputWriter
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REPO = Path(__file__).resolve().parent.parent
@@ -140,9 +140,9 @@ def _engine_worker(args: tuple[dict, list[str]]) -> tuple[int, float, float]:
     """One process, one torch thread (like one actor): (frames, seconds, CPU seconds)."""
     import torch
 
-    from pipeline.plan import rng_seed_for
-    from pipeline.sources import NEUTRAL_ACTION, SeedRef
-    from workers.inputs import load_seed, make_actions
+    from pipeline.contracts.plan import rng_seed_for
+    from pipeline.contracts.sources import NEUTRAL_ACTION, SeedRef
+    from workers.actor.inputs import load_seed, make_actions
     from workers.wham import RolloutEngine, SamplingParams, load_model, random_model
 
     spec_data, uris = args

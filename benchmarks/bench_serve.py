@@ -44,9 +44,9 @@ import numpy as np
 import torch
 
 from workers import wham
-from workers.encode import encode_png
-from workers.muse import context_entry
-from workers.replica import load_replica
+from workers.actor.encode import encode_png
+from workers.actor.muse import context_entry
+from workers.actor.replica import load_replica
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 10

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from docs_section import replace_section  # noqa: E402
 
-from pipeline.storage import LocalStorage  # noqa: E402
-from workers import encode as watermark  # noqa: E402
-from workers.writer import OutputWriter  # noqa: E402
+from pipeline.contracts.storage import LocalStorage  # noqa: E402
+from workers.actor import encode as watermark  # noqa: E402
+from workers.actor.writer import OutputWriter  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Writer"

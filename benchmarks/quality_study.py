@@ -37,12 +37,12 @@ sys.path.insert(0, str(REPO))
 
 from docs_section import replace_section  # noqa: E402
 
+from pipeline.contracts.plan import plan_for_spec  # noqa: E402
+from pipeline.contracts.spec import spec_from_data  # noqa: E402
 from pipeline.dataset import RolloutWindows  # noqa: E402
 from pipeline.driver.discovery import discover_seeds  # noqa: E402
-from pipeline.plan import plan_for_spec  # noqa: E402
 from pipeline.query import query  # noqa: E402
-from pipeline.spec import spec_from_data  # noqa: E402
-from workers.actor import RolloutActor  # noqa: E402
+from workers.actor.actor import RolloutActor  # noqa: E402
 from workers.toygame.clips import make_clip, write_clip  # noqa: E402
 from workers.toygame.evaluate import HELD_OUT_SEED, psnr  # noqa: E402
 

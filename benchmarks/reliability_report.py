@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_FILES = ("tests/reliability", "tests/driver/test_sql.py", "tests/driver/test_lease.py",
-              "tests/pipeline/test_storage_guards.py")
+              "tests/contracts/test_storage_guards.py")
 
 
 def run_tests(figures: Path, *, load_seeds: int, skip_multinode: bool) -> int:

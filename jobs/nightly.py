@@ -23,12 +23,12 @@ import sys
 
 from pipeline.cli.command import run_command
 from pipeline.cli.run import run_and_report
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.layout import success_key
+from pipeline.contracts.logs import setup_logging
+from pipeline.contracts.spec import JobSpec, load_spec
+from pipeline.contracts.storage import open_storage
 from pipeline.driver.verify import RunCheck, verify_run
-from pipeline.errors import UserError
-from pipeline.layout import success_key
-from pipeline.logs import setup_logging
-from pipeline.spec import JobSpec, load_spec
-from pipeline.storage import open_storage
 
 DEFAULT_CONFIG = "configs/nightly.yaml"
 

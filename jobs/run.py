@@ -11,7 +11,7 @@ import sys
 
 from pipeline.cli.command import run_command
 from pipeline.cli.run import add_spec_arguments, run_and_report
-from pipeline.spec import load_spec
+from pipeline.contracts.spec import load_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import sys
 
 from pipeline.cli import cluster, demo, export, model, query, run, serve, verify
 from pipeline.cli.command import Command, run_command
-from pipeline.versions import version_line
+from pipeline.contracts.versions import version_line
 
 #: Every command, in the order `--help` lists them.
 COMMANDS: dict[str, Command] = {c.name: c for c in (

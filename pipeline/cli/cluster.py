@@ -13,8 +13,8 @@ from typing import Any
 from pipeline import submit as sub
 from pipeline.cli.command import Command
 from pipeline.cli.run import add_spec_arguments
+from pipeline.contracts.secrets import redact
 from pipeline.driver.run_state import list_runs
-from pipeline.secrets import redact
 
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 EXIT_JOB_FAILED = 1

@@ -10,8 +10,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.errors import UserError
-from pipeline.secrets import redact
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.secrets import redact
 from workers.wham.errors import WHAMError
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli.command import Command
-from pipeline.errors import UserError
+from pipeline.contracts.errors import UserError
 from workers import wham
 from workers.toygame import SIZE
 from workers.toygame.evaluate import HORIZONS, evaluate

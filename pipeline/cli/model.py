@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.choices import DTYPES, MODES
 from pipeline.cli.command import Command
-from pipeline.errors import UserError
+from pipeline.contracts.choices import DTYPES, MODES
+from pipeline.contracts.errors import UserError
 from workers import wham
-from workers.encode import auto_preview_scale, encode_gif
-from workers.replica import load_replica, resolve_device
+from workers.actor.encode import auto_preview_scale, encode_gif
+from workers.actor.replica import load_replica, resolve_device
 
 MAX_CONTEXT = 10
 

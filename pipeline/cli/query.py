@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import layout
 from pipeline.cli.command import Command
-from pipeline.errors import UserError
-from pipeline.query import MAX_LIMIT, query, sql
-from pipeline.storage import open_storage
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import open_storage
+from pipeline.query.sql import MAX_LIMIT, query, sql
 
 FORMATS = ("table", "csv", "json", "parquet")
 #: Rows the text table shows when no --limit is given.

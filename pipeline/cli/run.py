@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.command import Command
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.logs import setup_logging
+from pipeline.contracts.spec import JobSpec, dump_spec, load_spec
+from pipeline.contracts.spec.load import spec_schema
+from pipeline.contracts.spec.paths import is_uri, missing_local_paths, remote_paths
 from pipeline.driver import RunSummary, run_job
 from pipeline.driver.preflight import CONNECT_TIMEOUT_S
-from pipeline.errors import UserError
-from pipeline.logs import setup_logging
-from pipeline.spec import JobSpec, dump_spec, load_spec
-from pipeline.spec.load import spec_schema
-from pipeline.spec.paths import is_uri, missing_local_paths, remote_paths
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
+from workers.actor.ray_hooks import install_ray_hooks
 
 EXIT_RUN_NOT_OK = 1
 
@@ -126,6 +127,7 @@ def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False,
     """Run the driver, print the summary and where to look; exit status for the CLI."""
     level = "WARNING" if quiet else None
     setup_logging(level=level)
+    install_ray_hooks()  # the driver's own metrics (units in flight, committed) go to Ray
     summary = run_job(spec, actor_cls=RolloutActor, fresh=fresh, progress=not quiet,
                       ray_address=address, connect_timeout_s=connect_timeout_s,
                       actor_log_level=level)

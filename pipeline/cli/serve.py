@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.choices import DEVICES, DTYPES
 from pipeline.cli.command import Command
-from pipeline.logs import setup_logging
+from pipeline.contracts.choices import DEVICES, DTYPES
+from pipeline.contracts.logs import setup_logging
 from pipeline.serve import (
     API_KEY_ENV,
     ServeConfig,
@@ -26,7 +26,7 @@ from pipeline.serve import (
     resolve_api_key,
     serve_until_stopped,
 )
-from workers.serve_replica import MuseReplica, key_digest
+from workers.actor.serve_replica import MuseReplica, key_digest
 
 #: flag dest -> ServeConfig field, for the flags that override a YAML's settings.
 _FLAGS = ("checkpoint", "preset", "device", "dtype", "host", "port", "replicas",

@@ -15,10 +15,10 @@ import sys
 from dataclasses import asdict
 
 from pipeline.cli.command import Command
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import Storage, open_storage
 from pipeline.driver.run_state import read_runs
 from pipeline.driver.verify import verify_run
-from pipeline.errors import UserError
-from pipeline.storage import Storage, open_storage
 
 EXIT_PROBLEMS = 1
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import layout
+from pipeline.contracts import layout
 from pipeline.query import query
 
 

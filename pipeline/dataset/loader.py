@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.contracts.errors import UserError
 from pipeline.dataset.index import Shard, Source, select_shards
 from pipeline.dataset.ray_data import windows_dataset
 from pipeline.dataset.reader import UnitReader
 from pipeline.dataset.windows import shard_windows
-from pipeline.errors import UserError
 
 
 class RolloutWindows:

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import Storage, open_storage
 from pipeline.dataset.index import Shard, Source
 from pipeline.driver.run_state import read_json
-from pipeline.errors import UserError
-from pipeline.storage import Storage, open_storage
-from workers.encode import encode_png, provenance_text, watermarked
-from workers.replica import load_replica
+from workers.actor.encode import encode_png, provenance_text, watermarked
+from workers.actor.replica import load_replica
 
 #: Parallel GETs of per-frame PNG objects within one unit.
 PNG_READERS = 8

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import layout
+from pipeline.contracts import layout
 from pipeline.dataset.index import Shard, count_windows
 from pipeline.dataset.reader import RolloutRows, UnitReader
 from workers.wham.actions import ACTION_NAMES, BUTTON_NAMES

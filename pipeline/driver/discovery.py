@@ -1,7 +1,7 @@
 """Finding the inputs of a run (driver side): the seeds and a scripted action table.
 
 Discovery only lists names, so the driver stays light; actors read and decode each seed
-(workers.inputs). Seed ids are safe key segments (`storage.safe_segment`); ids of seeds whose
+(workers.actor.inputs). Seed ids are safe key segments (`storage.safe_segment`); ids of seeds whose
 names differ only in extension get a hash of the full name appended. Two seeds that still
 end up with one id (a name made safe or shortened can meet another) are refused, naming both.
 
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.choices import SEED_FORMATS
-from pipeline.errors import UserError
-from pipeline.sources import SeedRef, actions_from_values
-from pipeline.storage import open_storage, read_uri, safe_segment
+from pipeline.contracts.choices import SEED_FORMATS
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.sources import SeedRef, actions_from_values
+from pipeline.contracts.storage import open_storage, read_uri, safe_segment
 from workers.wham.actions import ACTION_NAMES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

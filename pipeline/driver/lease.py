@@ -27,9 +27,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import layout
-from pipeline.errors import UserError
-from pipeline.storage import Storage
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import Storage
 
 log = logging.getLogger("pipeline.driver")
 #: Seconds after its last heartbeat that a lease is stale (`WHAM_LEASE_TIMEOUT_S`).

@@ -15,12 +15,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.secrets import bearer_headers, public_url, redact
+from pipeline.contracts.sources import SeedRef
+from pipeline.contracts.spec import JobSpec
+from pipeline.contracts.storage import Storage, open_storage
 from pipeline.driver.discovery import discover_seeds, load_action_script
-from pipeline.errors import UserError
-from pipeline.secrets import bearer_headers, public_url, redact
-from pipeline.sources import SeedRef
-from pipeline.spec import JobSpec
-from pipeline.storage import Storage, open_storage
 from workers import wham
 
 #: Seconds to wait for a named cluster's address to answer (`wham-batch run --connect-timeout`).

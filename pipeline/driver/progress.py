@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any, TextIO
 
-from pipeline.plan import UnitReceipt
+from pipeline.contracts.plan import UnitReceipt
 
 log = logging.getLogger("pipeline.driver")
 #: Off a terminal, the longest gap between two progress lines.

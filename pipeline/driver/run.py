@@ -13,7 +13,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.logs import set_log_context
+from pipeline.contracts.plan import WorkUnit, check_plan_size, pending_units, plan_for_spec
+from pipeline.contracts.spec import JobSpec
 from pipeline.driver.lease import RunLease
 from pipeline.driver.preflight import (
     CONNECT_TIMEOUT_S,
@@ -35,10 +39,6 @@ from pipeline.driver.run_state import (
 )
 from pipeline.driver.scheduler import Scheduler
 from pipeline.driver.verify import check_units
-from pipeline.errors import UserError
-from pipeline.logs import set_log_context
-from pipeline.plan import WorkUnit, check_plan_size, pending_units, plan_for_spec
-from pipeline.spec import JobSpec
 
 log = logging.getLogger("pipeline.driver")
 #: Rounds of generate-then-verify in one attempt: units that fail verification are redone

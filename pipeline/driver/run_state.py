@@ -3,7 +3,7 @@
 Everything here reads or writes the `_runs/run_date=.../run_id=.../` folder of the layout
 (docs/outputs.md, "Output layout"). The driver writes the manifest when a run starts and
 ends; `runs` and the nightly entry point read it back. Markers are read in parallel, since a
-resumed S3 run may have thousands, and checked (`pipeline.markers.read_marker`): a marker
+resumed S3 run may have thousands, and checked (`pipeline.contracts.markers.read_marker`): a marker
 that does not parse or whose checksum does not match is reported and counts as absent.
 """
 
@@ -17,15 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.markers import MAX_MARKER_BYTES, MarkerProblem, read_marker
+from pipeline.contracts.plan import WorkUnit, plan_fingerprint
+from pipeline.contracts.spec import JobSpec
+from pipeline.contracts.storage import Storage, open_storage
+from pipeline.contracts.storage.base import ObjectTooLarge
+from pipeline.contracts.versions import software_versions
 from pipeline.driver.progress import Totals
-from pipeline.errors import UserError
-from pipeline.markers import MAX_MARKER_BYTES, MarkerProblem, read_marker
-from pipeline.plan import WorkUnit, plan_fingerprint
-from pipeline.spec import JobSpec
-from pipeline.storage import Storage, open_storage
-from pipeline.storage.base import ObjectTooLarge
-from pipeline.versions import software_versions
 
 MARKER_READERS = 16  # parallel reads of commit markers
 OUTPUT_FOLDERS = (layout.STEPS_TABLE, layout.ROLLOUTS_TABLE, layout.FRAMES_DIR,

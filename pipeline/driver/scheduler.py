@@ -19,14 +19,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.logs import LOG_LEVEL_ENV
+from pipeline.contracts.metrics import Metrics
+from pipeline.contracts.plan import UnitReceipt, WorkUnit
+from pipeline.contracts.spec import JobSpec
+from pipeline.contracts.storage import StorageFatalError, backoff_delay
 from pipeline.driver.lease import env_seconds
 from pipeline.driver.progress import Progress
-from pipeline.errors import UserError
-from pipeline.logs import LOG_LEVEL_ENV
-from pipeline.metrics import Metrics
-from pipeline.plan import UnitReceipt, WorkUnit
-from pipeline.spec import JobSpec
-from pipeline.storage import StorageFatalError, backoff_delay
 
 log = logging.getLogger("pipeline.driver")
 WAIT_S = 1.0  # longest single ray.wait; the loop re-checks timeouts between waits
@@ -88,8 +88,8 @@ class Scheduler:
         import ray
 
         r = self.spec.resources
-        # Actors read their log level from the environment (pipeline.logs); Ray merges these
-        # variables into the job's own.
+        # Actors read their log level from the environment (pipeline.contracts.logs); Ray merges
+        # these variables into the job's own.
         env = {"runtime_env": {"env_vars": {LOG_LEVEL_ENV: log_level}}} if log_level else {}
         remote_cls = ray.remote(
             num_gpus=r.gpus_per_actor, num_cpus=r.cpus_per_actor, max_restarts=r.max_restarts,

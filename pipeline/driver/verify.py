@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import Storage
 from pipeline.driver.run_state import Markers, read_json, read_markers
-from pipeline.errors import UserError
-from pipeline.storage import Storage
 
 #: Units checked at once (each reads two part footers and lists its frames).
 VERIFY_THREADS = 16

@@ -13,11 +13,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import open_storage
 from pipeline.dataset.index import Source, select_shards
 from pipeline.dataset.reader import UnitReader
-from pipeline.errors import UserError
-from pipeline.storage import open_storage
 
 DECODE_FORMATS = ("parquet", "png")
 

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.contracts.errors import UserError
 from pipeline.dataset.index import Shard, Source, select_shards
 from pipeline.dataset.reader import RolloutRows, UnitReader
-from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import layout
-from pipeline.errors import UserError
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
 from pipeline.export.episodes import RunEpisodes, run_episodes
 from workers.wham.actions import ACTION_NAMES, BUTTON_NAMES
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import layout
-from pipeline.errors import UserError
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
 from pipeline.export.episodes import run_episodes
-from workers.encode import VIDEO_CODEC, VIDEO_FPS, VIDEO_PIX_FMT, Mp4Writer
+from workers.actor.encode import VIDEO_CODEC, VIDEO_FPS, VIDEO_PIX_FMT, Mp4Writer
 from workers.wham.actions import ACTION_NAMES, NUM_BUTTONS, bins_to_sticks
 
 CODEBASE_VERSION = "v3.0"

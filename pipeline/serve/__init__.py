@@ -1,5 +1,5 @@
 """`wham-batch serve`: the driver side of the Muse-protocol server on Ray Serve (settings in
-`config`, deployment in `app`; the replica itself is `workers.serve_replica`)."""
+`config`, deployment in `app`; the replica itself is `workers.actor.serve_replica`)."""
 
 from __future__ import annotations
 

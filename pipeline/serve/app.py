@@ -2,7 +2,7 @@
 
 `deploy` checks the model source and the cluster, starts Serve's proxy on the configured
 host and port, and runs the application; `serve_until_stopped` keeps it up until SIGINT or
-SIGTERM. The replica class is given (`workers.serve_replica.MuseReplica` from the entry
+SIGTERM. The replica class is given (`workers.actor.serve_replica.MuseReplica` from the entry
 point); the driver side never imports the actor side.
 
 Backpressure has two lines: a replica answers 503 (JSON, Retry-After) once `max_batch +
@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.contracts.errors import UserError
 from pipeline.driver.preflight import check_checkpoint, check_preset, connect_ray
-from pipeline.errors import UserError
 from pipeline.serve.config import ONGOING_HEADROOM, ServeConfig
 
 log = logging.getLogger("pipeline.serve")

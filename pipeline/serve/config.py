@@ -15,9 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.choices import DEVICES, DTYPES
-from pipeline.errors import UserError
-from pipeline.spec.paths import absolute, is_uri
+from pipeline.contracts.choices import DEVICES, DTYPES
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.spec.paths import absolute, is_uri
 
 API_KEY_ENV = "WHAM_API_KEY"
 MAX_KEY_FILE_BYTES = 4096
@@ -114,7 +114,7 @@ def config_from_data(data: Any, *, source: str) -> ServeConfig:
 
 
 #: Settings that name local files: relative ones mean the YAML's folder (in a YAML) or the
-#: current folder (on the command line), as in a job spec (`pipeline.spec.paths`).
+#: current folder (on the command line), as in a job spec (`pipeline.contracts.spec.paths`).
 PATH_SETTINGS = ("checkpoint", "api_key_file")
 
 

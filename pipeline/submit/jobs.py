@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.secrets import public_url, redact
 from pipeline.driver.preflight import GCS_PORT
-from pipeline.errors import UserError
-from pipeline.secrets import public_url, redact
 from pipeline.submit.packaging import Submission
 
 if TYPE_CHECKING:

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
-from pipeline.spec import JobSpec, load_spec
-from pipeline.spec.paths import get_field
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.spec import JobSpec, load_spec
+from pipeline.contracts.spec.paths import get_field
+from pipeline.contracts.versions import GIT_COMMIT_ENV, PROJECT_DIR, git_commit
 from pipeline.submit.paths import cluster_overrides
-from pipeline.versions import GIT_COMMIT_ENV, PROJECT_DIR, git_commit
 
 ENTRY_MODULE = "jobs.run"
 # Package folders shipped as py_modules when the config lives outside the project folder.

@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from pipeline.errors import UserError
-from pipeline.spec import JobSpec, apply_overrides
-from pipeline.spec.load import read_spec_data
-from pipeline.spec.paths import INPUT_FIELDS, PATH_FIELDS, get_field, relative_paths
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.spec import JobSpec, apply_overrides
+from pipeline.contracts.spec.load import read_spec_data
+from pipeline.contracts.spec.paths import INPUT_FIELDS, PATH_FIELDS, get_field, relative_paths
 
 
 def _inside(path: str, root: Path | None) -> str | None:

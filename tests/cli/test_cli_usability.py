@@ -22,10 +22,10 @@ from PIL import Image
 from support.procs import free_port
 
 from pipeline.cli import main as cli_main
+from pipeline.contracts.layout import manifest_key, success_key
+from pipeline.contracts.spec import load_spec
+from pipeline.contracts.storage import open_storage
 from pipeline.driver.run_state import list_runs
-from pipeline.layout import manifest_key, success_key
-from pipeline.spec import load_spec
-from pipeline.storage import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SEEDS = REPO / "configs" / "seeds" / "demo"
@@ -139,7 +139,7 @@ def test_previews_default_to_auto_scale(tmp_path: Path) -> None:
 def test_version_names_the_software_and_never_needs_git(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline
-    from pipeline import versions
+    from pipeline.contracts import versions
 
     shown = wham_batch("--version", cwd=tmp_path)
     assert shown.returncode == 0
@@ -283,7 +283,7 @@ def test_exit_status_runs_and_success_marker_agree(
 
 
 def test_dream_gif_marks_small_frames_like_the_pipeline_previews(tmp_path: Path) -> None:
-    from workers.encode import auto_preview_scale, encode_gif
+    from workers.actor.encode import auto_preview_scale, encode_gif
 
     clip = REPO / "configs" / "seeds" / "toygame" / "clip_1000000.npz"
     result = wham_batch("dream", "--checkpoint", str(REPO / "models" / "demo"), "--context",
@@ -315,8 +315,8 @@ def test_dream_gif_marks_small_frames_like_the_pipeline_previews(tmp_path: Path)
 
 def test_progress_off_a_terminal_logs_at_least_every_five_seconds(
         caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.contracts.plan import UnitReceipt
     from pipeline.driver.progress import LOG_EVERY_S, Progress, StatusLine, Totals
-    from pipeline.plan import UnitReceipt
 
     assert LOG_EVERY_S <= 5
     now = [0.0]

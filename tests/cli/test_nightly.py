@@ -12,8 +12,8 @@ import pytest
 
 from jobs.nightly import main as nightly_main
 from jobs.nightly import nightly_overrides, resolve_date
-from pipeline.errors import UserError
-from pipeline.logs import set_log_context
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.logs import set_log_context
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = ROOT / "configs" / "seeds" / "demo"
@@ -48,7 +48,7 @@ def test_date_defaults_to_utc_today_and_is_validated() -> None:
 
 
 def test_shipped_nightly_config_gets_a_dated_run_id() -> None:
-    from pipeline.spec import load_spec
+    from pipeline.contracts.spec import load_spec
 
     spec = load_spec(ROOT / "configs" / "nightly.yaml",
                      nightly_overrides(dt.date(2026, 11, 30), []))
@@ -65,7 +65,7 @@ def _night(root: str, date: str) -> int:
 def _rollout_rows(root: str) -> list[tuple[str, str, str]]:
     import pyarrow.dataset as ds
 
-    from pipeline.storage import open_storage
+    from pipeline.contracts.storage import open_storage
 
     fs, base = open_storage(root).arrow_fs()
     table = ds.dataset(f"{base}/rollouts", filesystem=fs, partitioning="hive").to_table(
@@ -83,8 +83,8 @@ def _runs(root: str, capsys: pytest.CaptureFixture[str]) -> list[dict]:
 
 def test_same_date_resumes_and_new_date_partitions(
         ray_local: None, s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.layout import commit_key, success_key
-    from pipeline.storage import open_storage
+    from pipeline.contracts.layout import commit_key, success_key
+    from pipeline.contracts.storage import open_storage
 
     assert _night(s3_bucket, "2026-11-29") == 0
     first = _rollout_rows(s3_bucket)
@@ -97,7 +97,7 @@ def test_same_date_resumes_and_new_date_partitions(
     assert _rollout_rows(s3_bucket) == first
 
     # `_SUCCESS` is not trusted alone: a night whose frames part was lost is redone.
-    from pipeline.layout import frames_part_key
+    from pipeline.contracts.layout import frames_part_key
 
     storage = open_storage(s3_bucket)
     storage.delete(frames_part_key("2026-11-29", "nightly-2026-11-29", "u000000"))
@@ -148,6 +148,6 @@ def test_bad_config_exits_2_before_running(s3_bucket: str,
                          f"output.root={s3_bucket}"])
     assert code == 2
     assert "rollouts.steps" in capsys.readouterr().err
-    from pipeline.storage import open_storage
+    from pipeline.contracts.storage import open_storage
 
     assert list(open_storage(s3_bucket).list_keys("")) == []

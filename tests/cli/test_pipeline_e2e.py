@@ -21,9 +21,8 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main as cli_main
-from pipeline.driver import actor_name, run_job
-from pipeline.errors import UserError
-from pipeline.layout import (
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.layout import (
     FRAMES_SCHEMA,
     ROLLOUTS_SCHEMA,
     STEPS_SCHEMA,
@@ -34,9 +33,10 @@ from pipeline.layout import (
     steps_part_key,
     success_key,
 )
-from pipeline.spec import JobSpec, spec_from_data
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
+from pipeline.contracts.spec import JobSpec, spec_from_data
+from pipeline.contracts.storage import open_storage
+from pipeline.driver import actor_name, run_job
+from workers.actor.actor import RolloutActor
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "seeds" / "demo"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
+from pipeline.contracts.spec import spec_from_data
 from pipeline.driver import run_job
-from pipeline.spec import spec_from_data
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 DEMO_SEEDS = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 pytestmark = pytest.mark.usefixtures("ray_local")

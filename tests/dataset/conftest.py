@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.contracts.spec import JobSpec, spec_from_data
 from pipeline.driver import run_job
-from pipeline.spec import JobSpec, spec_from_data
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 REPO = Path(__file__).resolve().parents[2]
 DATE = "2026-02-03"

@@ -12,10 +12,10 @@ import pytest
 from conftest import RUN_ID
 from PIL import Image
 
-from pipeline import layout
 from pipeline.cli import main as cli_main
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
 from pipeline.dataset import RolloutWindows
-from pipeline.errors import UserError
 from pipeline.export.decode import decode_run
 from pipeline.export.lerobot import model_actions
 from pipeline.query import open_table

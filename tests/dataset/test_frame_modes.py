@@ -10,14 +10,14 @@ import pyarrow.compute as pc
 import pytest
 from conftest import DATE, RUN_ID, job
 
-from pipeline import layout
 from pipeline.cli import main as cli_main
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import open_storage
 from pipeline.dataset import RolloutWindows
 from pipeline.driver import run_job
-from pipeline.errors import UserError
 from pipeline.query import open_table, query
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 UNITS = ("u000000", "u000001", "u000002")
 

@@ -11,11 +11,11 @@ import torch
 from conftest import DATE, MODES, RUN_ID
 from PIL import Image
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import open_storage
 from pipeline.dataset import RolloutWindows
-from pipeline.errors import UserError
 from pipeline.query import open_table, query
-from pipeline.storage import open_storage
 from workers.wham.actions import ACTION_NAMES, BUTTON_NAMES
 
 

@@ -11,10 +11,10 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import REPO
 
+from pipeline.contracts.plan import make_plan
+from pipeline.contracts.spec import spec_from_data
 from pipeline.driver.discovery import discover_seeds
-from pipeline.plan import make_plan
-from pipeline.spec import spec_from_data
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 RUNS = {"run-tiny": ("tiny", 16), "run-vit": ("tiny-vit", 15)}
 

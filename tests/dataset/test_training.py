@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO
 
+from pipeline.contracts.plan import plan_for_spec
+from pipeline.contracts.spec import spec_from_data
 from pipeline.dataset import RolloutWindows
 from pipeline.driver.discovery import discover_seeds
-from pipeline.plan import plan_for_spec
-from pipeline.spec import spec_from_data
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 from workers.wham import load_model
 from workers.wham.actions import action_token_ranges
 

@@ -177,7 +177,7 @@ def _client(address: str):  # noqa: ANN202 - ray's client type, imported lazily
 
 
 def test_env_passthrough_refuses_secrets() -> None:
-    from pipeline.errors import UserError
+    from pipeline.contracts.errors import UserError
     from pipeline.submit import job_env_vars
 
     environ = {"AWS_REGION": "eu-west-1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
@@ -193,7 +193,7 @@ def test_env_passthrough_refuses_secrets() -> None:
 
 
 def test_credentials_in_set_values_are_refused() -> None:
-    from pipeline.errors import UserError
+    from pipeline.contracts.errors import UserError
     from pipeline.submit import build_submission
 
     with pytest.raises(UserError, match="credentials"):
@@ -202,7 +202,7 @@ def test_credentials_in_set_values_are_refused() -> None:
 
 
 def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
-    from pipeline.errors import UserError
+    from pipeline.contracts.errors import UserError
     from pipeline.submit import auth_headers
 
     home = tmp_path / "home"
@@ -224,7 +224,7 @@ def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
 
 def test_submission_layout_for_project_outside_and_image_configs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.errors import UserError
+    from pipeline.contracts.errors import UserError
     from pipeline.submit import build_submission
 
     monkeypatch.chdir(ROOT / "configs")  # a --set path is relative to the current folder
@@ -274,7 +274,7 @@ def test_submission_layout_for_project_outside_and_image_configs(
 
 
 def test_relative_output_root_or_lost_input_is_refused_with_what_to_use(tmp_path: Path) -> None:
-    from pipeline.errors import UserError
+    from pipeline.contracts.errors import UserError
     from pipeline.submit import build_submission
 
     with pytest.raises(UserError) as refused:  # the demo writes to ../out/demo
@@ -407,8 +407,8 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
 
 def test_stop_a_running_job_leaves_a_partial_run(
         ray_head: dict, s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.layout import manifest_key
-    from pipeline.storage import open_storage
+    from pipeline.contracts.layout import manifest_key
+    from pipeline.contracts.storage import open_storage
 
     address = ray_head["address"]
     long_run = ["rollouts.per_seed=2", "rollouts.steps=5000", "seeds.limit=2",

@@ -15,15 +15,15 @@ import ray
 import support.units
 from support.units import commit_unit
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.layout import manifest_key, success_key
+from pipeline.contracts.plan import UnitReceipt, WorkUnit, plan_for_spec
+from pipeline.contracts.spec import JobSpec, spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.driver import actor_name, run_job
 from pipeline.driver.discovery import discover_seeds
 from pipeline.driver.run_state import run_fingerprint
-from pipeline.errors import UserError
-from pipeline.layout import manifest_key, success_key
-from pipeline.plan import UnitReceipt, WorkUnit, plan_for_spec
-from pipeline.spec import JobSpec, spec_from_data
-from pipeline.storage import open_storage
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ray.cloudpickle.register_pickle_by_value(support.units)  # Ray's workers cannot import tests/

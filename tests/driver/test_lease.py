@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import open_storage
 from pipeline.driver.lease import RunLease
-from pipeline.errors import UserError
-from pipeline.storage import open_storage
 
 DATE, RUN = "2026-01-02", "leased"
 

@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.markers import MAX_MARKER_BYTES, _digest, marker_bytes
+from pipeline.contracts.storage import open_storage
 from pipeline.driver.run_state import read_markers, reopen_retryable_units
 from pipeline.driver.verify import verify_run
-from pipeline.errors import UserError
-from pipeline.markers import MAX_MARKER_BYTES, _digest, marker_bytes
-from pipeline.storage import open_storage
 
 DATE, RUN = "2026-01-02", "robust"
 COUNTS = {"rollouts": 2, "ok": 1, "failed": 1, "retryable": 0, "steps": 8, "frames": 8,

@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import layout
 from pipeline.cli import main
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import open_storage
 from pipeline.driver.run_state import read_runs
-from pipeline.errors import UserError
 from pipeline.query import open_table, query
-from pipeline.storage import open_storage
-from workers.writer import OutputWriter
+from workers.actor.writer import OutputWriter
 
 RUNS = [("2026-11-29", "nightly-a"), ("2026-11-30", "nightly-b")]
 NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)

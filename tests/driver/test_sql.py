@@ -19,11 +19,12 @@ import pytest
 from support.faultproxy import record_figures
 from test_query import RUNS, write_run
 
-from pipeline import layout
 from pipeline.cli import main
-from pipeline.errors import UserError
-from pipeline.query import MAX_BOOLEAN_TERMS, _tables_named, open_table, query, sql
-from pipeline.storage import open_storage
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.storage import open_storage
+from pipeline.query import open_table, query, sql
+from pipeline.query.sql import MAX_BOOLEAN_TERMS, _tables_named
 
 JOIN = ("SELECT run_id, status, count(*) AS n FROM steps JOIN rollouts "
         "USING (run_id, rollout_id) WHERE generated GROUP BY run_id, status "

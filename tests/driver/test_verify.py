@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from support.units import commit_unit
 
-from pipeline import layout
 from pipeline.cli import main
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.plan import plan_for_spec
+from pipeline.contracts.spec import spec_from_data
+from pipeline.contracts.storage import LocalStorage, open_storage
 from pipeline.driver.discovery import discover_seeds
 from pipeline.driver.run_state import read_markers, run_fingerprint
 from pipeline.driver.verify import check_units, verify_run
-from pipeline.errors import UserError
-from pipeline.plan import plan_for_spec
-from pipeline.spec import spec_from_data
-from pipeline.storage import LocalStorage, open_storage
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 DATE = "2026-01-02"

@@ -19,9 +19,9 @@ from PIL import Image
 from support.faultproxy import record_figures
 
 from pipeline.cli import main as cli_main
+from pipeline.contracts.spec import spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.query import open_table
-from pipeline.spec import spec_from_data
-from pipeline.storage import open_storage
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 pytestmark = pytest.mark.usefixtures("ray_local")

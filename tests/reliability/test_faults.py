@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 from support.faultproxy import FaultProxy, record_figures
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.spec import spec_from_data
+from pipeline.contracts.storage import MULTIPART_THRESHOLD, open_storage
 from pipeline.driver import run_job
-from pipeline.spec import spec_from_data
-from pipeline.storage import MULTIPART_THRESHOLD, open_storage
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo"
 DATE = "2026-03-04"

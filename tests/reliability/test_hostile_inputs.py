@@ -24,11 +24,11 @@ from PIL import Image
 from support.faultproxy import record_figures
 
 from pipeline.cli import main as cli_main
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.sources import SeedError
+from pipeline.contracts.storage import validate_key
 from pipeline.driver.discovery import discover_seeds
-from pipeline.errors import UserError
-from pipeline.sources import SeedError
-from pipeline.storage import validate_key
-from workers.inputs import load_seed
+from workers.actor.inputs import load_seed
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

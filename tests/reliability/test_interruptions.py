@@ -42,11 +42,11 @@ from support.gated import (
 )
 from support.procs import free_port, session_pids
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.spec import spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.driver import actor_name, run_job
-from pipeline.errors import UserError
-from pipeline.spec import spec_from_data
-from pipeline.storage import open_storage
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 HERE = Path(__file__).resolve().parent
@@ -242,7 +242,8 @@ def test_worker_node_killed_mid_run_completes_on_the_head(
         wait_for("both nodes", lambda: _cluster_cpus(address, tmp) >= 2, timeout=90)
         code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/..'];"
                 "from test_interruptions import GatedActor;"
-                "from pipeline.spec import load_spec; from pipeline.driver import run_job;"
+                "from pipeline.contracts.spec import load_spec;"
+                "from pipeline.driver import run_job;"
                 "s = run_job(load_spec(sys.argv[2]), actor_cls=GatedActor, progress=False);"
                 "print(s.line()); sys.exit(0 if s.complete else 1)")
         log = tmp / "driver.log"

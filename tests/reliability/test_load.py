@@ -26,13 +26,13 @@ import ray
 from PIL import Image
 from support.faultproxy import record_figures
 
+from pipeline.contracts.layout import commits_prefix
+from pipeline.contracts.metrics import Metrics
+from pipeline.contracts.spec import JobSpec, spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.driver import run_job
 from pipeline.driver.verify import verify_run
-from pipeline.layout import commits_prefix
-from pipeline.metrics import Metrics
-from pipeline.spec import JobSpec, spec_from_data
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 SEEDS = int(os.environ.get("WHAM_LOAD_SEEDS", "300"))

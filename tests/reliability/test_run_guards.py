@@ -47,14 +47,14 @@ from support.gated import (
 )
 from support.smallfs import run_with_small_fs
 
-from pipeline import layout
 from pipeline.cli import main
+from pipeline.contracts import layout
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.spec import JobSpec, spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.driver import run_job
-from pipeline.errors import UserError
 from pipeline.query import sql
-from pipeline.spec import JobSpec, spec_from_data
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -21,10 +21,10 @@ import pytest
 import yaml
 from support.faultproxy import record_figures
 
-from pipeline.errors import UserError
-from pipeline.layout import manifest_key, success_key
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.layout import manifest_key, success_key
+from pipeline.contracts.storage import open_storage
+from workers.actor.actor import RolloutActor
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "seeds" / "demo"
@@ -127,8 +127,8 @@ def _tree(folder: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_nothing_is_written_outside_the_output_root(tmp_path: Path, ray_local: None) -> None:
+    from pipeline.contracts.spec import spec_from_data
     from pipeline.driver import run_job
-    from pipeline.spec import spec_from_data
 
     work = tmp_path / "work"
     seeds = _seeds(work / "seeds", 3)

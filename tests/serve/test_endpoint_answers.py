@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from support.stubhttp import scripted_server
 
-from pipeline.errors import UserError
-from pipeline.sources import NEUTRAL_ACTION
-from workers.endpoint import EndpointBackend, EndpointError, RolloutJob
-from workers.muse import MAX_BODY_BYTES, ScoreResult, build_response
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.sources import NEUTRAL_ACTION
+from workers.actor.endpoint import EndpointBackend, EndpointError, RolloutJob
+from workers.actor.muse import MAX_BODY_BYTES, ScoreResult, build_response
 
 #: A noisy frame: its PNG does not compress, so the answer is ~1.9 MB of JSON.
 FRAME = np.random.default_rng(0).integers(0, 256, (3, 600, 800), dtype=np.uint8)

@@ -18,14 +18,14 @@ import pytest
 from PIL import Image
 from support.muse import SERVER_KEY, MuseStub, ServeProcess
 
+from pipeline.contracts.layout import commit_key, success_key
+from pipeline.contracts.plan import rng_seed_for
+from pipeline.contracts.sources import NEUTRAL_ACTION
+from pipeline.contracts.spec import load_spec, spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.driver import run_job
-from pipeline.layout import commit_key, success_key
-from pipeline.plan import rng_seed_for
-from pipeline.sources import NEUTRAL_ACTION
-from pipeline.spec import load_spec, spec_from_data
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
-from workers.endpoint import EndpointBackend, EndpointError, RolloutJob, step_seed
+from workers.actor.actor import RolloutActor
+from workers.actor.endpoint import EndpointBackend, EndpointError, RolloutJob, step_seed
 
 REPO = Path(__file__).resolve().parents[2]
 SEEDS = REPO / "configs" / "seeds" / "toygame"

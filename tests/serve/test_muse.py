@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.muse import (
+from workers.actor.muse import (
     MAX_BODY_BYTES,
     MAX_CONTEXT_ENTRIES,
     ModelShape,

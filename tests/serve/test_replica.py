@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import Request
 
 from workers import wham
-from workers.muse import (
+from workers.actor.muse import (
     MAX_BODY_BYTES,
     ScoreRequest,
     context_entry,
@@ -19,7 +19,7 @@ from workers.muse import (
     parse_request,
     request_body,
 )
-from workers.serve_replica import MuseReplica, key_digest
+from workers.actor.serve_replica import MuseReplica, key_digest
 
 KEY = "replica-test-key"
 

@@ -23,8 +23,8 @@ from PIL import Image
 from support.muse import SERVER_KEY, ServeProcess
 
 from pipeline.cli import main as cli_main
-from workers.encode import encode_png
-from workers.muse import MAX_CONTEXT_ENTRIES, model_to_official
+from workers.actor.encode import encode_png
+from workers.actor.muse import MAX_CONTEXT_ENTRIES, model_to_official
 from workers.wham.actions import STICK_BIN_CENTRES
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,11 +12,11 @@ from support.procs import free_port
 from support.stubhttp import scripted_server
 
 from pipeline.cli import main as cli_main
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.secrets import REDACTED, add_secret_env, redact
+from pipeline.contracts.spec import spec_from_data
 from pipeline.driver.preflight import check_endpoint
-from pipeline.errors import UserError
-from pipeline.secrets import REDACTED, add_secret_env, redact
 from pipeline.serve import ServeConfig, is_loopback, load_config, resolve_api_key
-from pipeline.spec import spec_from_data
 
 # ---------------------------------------------------------------- wham-batch serve
 

@@ -18,13 +18,13 @@ import pyarrow.dataset as ds
 import pytest
 import ray
 
-from pipeline import layout
+from pipeline.contracts import layout
+from pipeline.contracts.plan import UnitReceipt, WorkUnit
+from pipeline.contracts.spec import JobSpec, spec_from_data
+from pipeline.contracts.storage import open_storage
 from pipeline.driver import actor_name, run_job
 from pipeline.driver.verify import verify_run
-from pipeline.plan import UnitReceipt, WorkUnit
-from pipeline.spec import JobSpec, spec_from_data
-from pipeline.storage import open_storage
-from workers.actor import RolloutActor
+from workers.actor.actor import RolloutActor
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REPO = Path(__file__).resolve().parents[2]
@@ -153,7 +153,7 @@ def spawn_driver(config: Path) -> subprocess.Popen:
     """`run_job` with GatedActor in a child process attached to the test's Ray instance."""
     code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/..'];"
             "from support.gated import GatedActor;"
-            "from pipeline.spec import load_spec; from pipeline.driver import run_job;"
+            "from pipeline.contracts.spec import load_spec; from pipeline.driver import run_job;"
             "s = run_job(load_spec(sys.argv[2]), actor_cls=GatedActor, progress=False);"
             "print(s.line())")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}

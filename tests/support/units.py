@@ -10,11 +10,11 @@ import datetime as dt
 
 import numpy as np
 
-from pipeline.plan import WorkUnit
-from pipeline.sources import NEUTRAL_ACTION
-from pipeline.spec import JobSpec
-from pipeline.storage import Storage
-from workers.writer import OutputWriter, UnitWriteResult
+from pipeline.contracts.plan import WorkUnit
+from pipeline.contracts.sources import NEUTRAL_ACTION
+from pipeline.contracts.spec import JobSpec
+from pipeline.contracts.storage import Storage
+from workers.actor.writer import OutputWriter, UnitWriteResult
 
 FRAME = np.zeros((3, 8, 8), dtype=np.uint8)
 TOKENS = np.arange(4, dtype=np.int64)

@@ -1,0 +1,122 @@
+"""Credentials never reach logs, manifests or outputs: the two rules that keep them out.
+
+- `redact(text)` replaces the value of every credential environment variable (AWS keys,
+  session tokens, the Ray auth token, the Muse API key) wherever it appears in a text.
+- `public_url(url)` is a URL without its user:password part, query and fragment (where
+  tokens hide), keeping IPv6 literals bracketed; it is what a URL looks like whenever it is
+  shown, logged, pickled or written into a manifest.
+
+A job may name another variable for its endpoint's key (`model.api_key_env`); the process
+that reads it registers the name with `add_secret_env`, so its value is masked too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.contracts.errors import UserError
+
+# Environment variables whose values are credentials; their values are masked in logs.
+SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "RAY_AUTH_TOKEN",
+    "WHAM_API_KEY",
+    "MUSE_API_KEY",
+)
+REDACTED = "***"
+# Values shorter than this are not masked: replacing a 1-3 character "secret" everywhere
+# would mangle ordinary text and protects nothing.
+_MIN_SECRET_LEN = 4
+
+
+_extra_secret_vars: set[str] = set()
+
+
+def add_secret_env(name: str) -> None:
+    """Mask the value of environment variable `name` in logs from now on (this process)."""
+    _extra_secret_vars.add(name)
+
+
+def bearer_headers(api_key_env: str | None, *, missing: str) -> dict[str, str]:
+    """The JSON request headers of a Muse endpoint call: with `Authorization: Bearer` from
+    the variable `api_key_env` (registered for masking first) unless it is None. A variable
+    that is unset or empty is a UserError: `model.api_key_env: <name> is not set; <missing>`
+    (`missing` says what to do where the caller runs)."""
+    headers = {"Content-Type": "application/json"}
+    if api_key_env is not None:
+        add_secret_env(api_key_env)
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            raise UserError(f"model.api_key_env: {api_key_env} is not set; {missing}")
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def _secret_values() -> list[str]:
+    names = (*SECRET_ENV_VARS, *sorted(_extra_secret_vars))
+    values = (os.environ.get(name, "") for name in names)
+    return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every credential environment variable replaced by ***."""
+    for value in _secret_values():
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def public_url(url: str | None) -> str | None:
+    """`url` without user:password, query and fragment; None stays None.
+
+    Text that does not parse as a URL with a host comes back unchanged (a plain path).
+    """
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # e.g. a non-numeric port: show the scheme and host only
+        parts, port = urlsplit(url.split("@")[-1] if "@" in url else url), None
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6 literal
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def public_data(value: Any) -> Any:
+    """Plain data (dicts, lists, strings) with every URL in it made public."""
+    if isinstance(value, dict):
+        return {k: public_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public_data(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return public_url(value)
+    return value
+
+
+def check_endpoint_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host, no user:password part and no query string
+    or fragment; else ValueError (keys belong in the environment, never in a URL that gets
+    logged). Neither the credentials nor the query are repeated in the message."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got "
+                         f"{public_url(url)!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("the URL carries credentials (user:password@); put the key in the "
+                         "environment variable model.api_key_env names instead")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{public_url(url)!r} must not have a query string or fragment (the "
+                         "part after '?' or '#' was left out here, where tokens hide); put the "
+                         "key in the environment variable model.api_key_env names instead")
+    return url

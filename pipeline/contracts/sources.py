@@ -1,0 +1,129 @@
+"""What rollouts start from and act on, as the driver and the actors both describe it.
+
+- A seed is one picture (`images` format), a recorded clip (`wham-npz`: the official
+  sample-data `.npz` files with `images` uint8 (T,3,H,W) and `actions` (T,16) in model form),
+  or either of those listed in a `manifest` (CSV or Parquet with a `uri` column and an
+  optional `seed_id` column). The driver finds `SeedRef`s (pipeline.driver.discovery); an
+  actor loads each into `SeedData` (workers.actor.inputs).
+- Given actions are in model form: int64 (steps, 16), 12 buttons as 0/1 then 4 stick bins
+  0..10 (5 = centred). `constant_action` and `actions_from_values` turn what a user writes
+  (numbers, names, sticks in [-1, 1]) into that form; the spec validates constant actions
+  with the same function the actors apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.contracts.errors import UserError
+from workers.wham.actions import (
+    ACTION_DIM,
+    ACTION_NAMES,
+    BUTTON_NAMES,
+    CENTRE_BIN,
+    NUM_BUTTONS,
+    NUM_STICK_BINS,
+    STICK_NAMES,
+    sticks_to_bins,
+)
+
+#: No button pressed, both sticks centred.
+NEUTRAL_ACTION = np.array([0] * NUM_BUTTONS + [CENTRE_BIN] * len(STICK_NAMES), dtype=np.int64)
+NEUTRAL_ACTION.setflags(write=False)
+
+
+class SeedError(UserError):
+    """A seed that cannot be used; the message names the seed."""
+
+
+@dataclass(frozen=True, slots=True)
+class SeedRef:
+    """A discovered seed: a safe id and where to read it.
+
+    `root` is the folder or prefix the seed must stay inside (set by discovery for the
+    `images` and `wham-npz` formats; None for manifest rows, which name files explicitly).
+    """
+
+    seed_id: str
+    uri: str
+    root: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeedData:
+    """A loaded seed, already at the model's image size."""
+
+    seed_id: str
+    uri: str
+    context_images: np.ndarray  # uint8 (T,3,H,W)
+    context_actions: np.ndarray | None  # int64 (T,16); None for single pictures
+    future_images: np.ndarray | None  # uint8 (R,3,H,W): recorded frames after the context
+    future_actions: np.ndarray | None  # int64 (R,16): recorded actions after the context
+    source_size: tuple[int, int]  # (H, W) before resizing
+
+
+def constant_action(value: Sequence[float] | Mapping[str, Any]) -> np.ndarray:
+    """One model-form action (16,) int64 from a user's description.
+
+    `value` is either 16 numbers (12 buttons 0/1, then 4 sticks in [-1, 1]) or a mapping
+    `{"buttons": ["button_A", ...], "left_stick_x": 0.5, ...}` (unnamed sticks are centred).
+    """
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"buttons", *STICK_NAMES}
+        if unknown:
+            raise UserError(
+                f"constant action: unknown key(s) {sorted(unknown)}; use 'buttons' "
+                f"and {', '.join(STICK_NAMES)}"
+            )
+        pressed = value.get("buttons") or []
+        bad = [b for b in pressed if b not in BUTTON_NAMES]
+        if bad:
+            raise UserError(
+                f"constant action: unknown button(s) {bad}; buttons are {', '.join(BUTTON_NAMES)}"
+            )
+        numbers = [1.0 if name in pressed else 0.0 for name in BUTTON_NAMES]
+        numbers += [float(value.get(name, 0.0)) for name in STICK_NAMES]
+    else:
+        numbers = [float(v) for v in value]
+        if len(numbers) != ACTION_DIM:
+            raise UserError(
+                f"constant action: expected {ACTION_DIM} numbers (12 buttons, "
+                f"4 sticks), got {len(numbers)}"
+            )
+    return actions_from_values(np.array([numbers], dtype=np.float64), where="constant action")[0]
+
+
+def actions_from_values(values: np.ndarray, *, where: str, sticks: str = "values") -> np.ndarray:
+    """(N,16) float: buttons 0/1, sticks values in [-1,1] or bins -> model form int64."""
+    for row, col in np.argwhere(~np.isfinite(values))[:1]:
+        raise UserError(
+            f"{where}: row {row + 1}, column {ACTION_NAMES[col]}: missing or not a number"
+        )
+    buttons = values[:, :NUM_BUTTONS]
+    for row, col in np.argwhere((buttons != 0) & (buttons != 1))[:1]:
+        raise UserError(
+            f"{where}: row {row + 1}, column {ACTION_NAMES[col]}: "
+            f"{buttons[row, col]:g} is not 0 or 1"
+        )
+    stick_values = values[:, NUM_BUTTONS:]
+    if sticks == "bins":
+        bad = (stick_values != np.round(stick_values)) | (stick_values < 0)
+        bad |= stick_values > NUM_STICK_BINS - 1
+        for row, col in np.argwhere(bad)[:1]:
+            raise UserError(
+                f"{where}: row {row + 1}, column {STICK_NAMES[col]}: "
+                f"{stick_values[row, col]:g} is not a bin 0..{NUM_STICK_BINS - 1}"
+            )
+        bins = stick_values.astype(np.int64)
+    else:
+        for row, col in np.argwhere(np.abs(stick_values) > 1.0)[:1]:
+            raise UserError(
+                f"{where}: row {row + 1}, column {STICK_NAMES[col]}: "
+                f"{stick_values[row, col]:g} is outside [-1, 1]"
+            )
+        bins = sticks_to_bins(stick_values)
+    return np.concatenate([buttons.astype(np.int64), bins], axis=1)

@@ -1,0 +1,1 @@
+"""The actor side: what runs inside a Ray actor or Serve replica."""

@@ -1,0 +1,386 @@
+"""The actor's background output writer: frames, previews, videos, Parquet parts, commit
+markers.
+
+The actor hands over each step as soon as the engine yields it (`add_step`) and goes on
+computing; PNG encoding and uploads run on a small thread pool (Pillow's encoder and boto3
+release the GIL). A bounded number of pending jobs keeps memory bounded: `add_step` blocks
+when the pool falls behind.
+
+Frames are stored as `output.frames` says: `png` uploads one PNG per frame while the unit
+runs; `parquet` encodes the same PNGs on the pool and keeps them until the unit's frames
+part is written (one object per unit); `none` stores nothing but the steps' image tokens.
+
+Per work unit, in this order (docs/outputs.md, "Output layout"):
+1. frames, previews and videos are uploaded while the unit runs;
+2. `finish_unit` waits for them, then writes the unit's frames part (parquet mode), then its
+   steps and rollouts Parquet parts;
+3. the commit marker goes last. A failed upload fails the whole unit (WriteError), so the
+   driver retries it; names are deterministic, so the retry overwrites.
+
+Steps of failed rollouts are not written (their rollouts row says why); PNGs they already
+uploaded stay and are overwritten by a retry; their frames never reach a frames part.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.contracts import layout
+from pipeline.contracts.choices import FRAME_MODES
+from pipeline.contracts.errors import UserError
+from pipeline.contracts.markers import marker_bytes
+from pipeline.contracts.metrics import Metrics
+from pipeline.contracts.storage import Storage, StorageFatalError, backoff_delay
+from workers.actor.encode import encode_gif, encode_mp4, encode_png, provenance_text
+from workers.actor.tables import (
+    StepRow,
+    frames_table,
+    ok_steps,
+    parquet_bytes,
+    rollouts_table,
+    steps_table,
+)
+from workers.wham.actions import ACTION_DIM, validate_actions
+
+#: Longest wait for one unit's uploads (and for a free upload slot) before the unit fails.
+FLUSH_TIMEOUT_S = 600.0
+#: Tries of one object write; transient errors between them wait `backoff_delay`.
+WRITE_ATTEMPTS = 4
+_REQUIRED_ROLLOUT_KEYS = tuple(
+    f.name for f in layout.ROLLOUTS_SCHEMA if not f.nullable and f.name != "unit_id"
+)
+
+
+class WriteError(RuntimeError):
+    """Outputs of a unit could not be written; the unit has to be retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnitWriteResult:
+    unit_id: str
+    rollouts: int
+    ok: int
+    failed: int
+    steps: int
+    frames: int  # frames stored: PNG objects, or rows of the frames part
+    previews: int
+    write_seconds: float  # time finish_unit spent waiting for uploads and writing parts
+    committed: bool  # False if an earlier attempt had already written the marker
+    retryable: int = 0  # failed rollouts a rerun may complete (their row said `retryable`)
+
+
+@dataclass
+class _Unit:
+    steps: dict[str, dict[int, StepRow]] = field(default_factory=dict)
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preview_frames: dict[str, list[tuple[np.ndarray, bool]]] = field(default_factory=dict)
+    pngs: dict[tuple[str, int], bytes] = field(default_factory=dict)  # frames: parquet
+    futures: list[Future[Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    error: BaseException | None = None
+    frames: int = 0
+    previews: int = 0
+
+
+class OutputWriter:
+    """Writes one actor's outputs for one run; thread-safe across units."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        run_date: str | dt.date,
+        run_id: str,
+        frames: str = "parquet",
+        video: bool = False,
+        previews: bool = False,
+        preview_scale: int = 1,
+        image_tokens: bool = True,
+        watermark: bool = True,
+        model_id: str,
+        threads: int = 4,
+        tokens_per_image: int | None = None,
+        max_pending: int | None = None,
+    ) -> None:
+        if preview_scale < 1 or threads < 1:
+            raise ValueError("preview_scale and threads must be >= 1")
+        if frames not in FRAME_MODES:
+            raise ValueError(f"frames must be one of {FRAME_MODES}, got {frames!r}")
+        # Inside a Ray actor every put's latency goes to the run's upload histogram.
+        self.storage = Metrics(run_id).timed(storage)
+        self.run_date = layout.run_date_str(run_date)
+        self.run_id = layout.check_run_id(run_id)
+        self.frames = frames
+        self.video = video
+        self.previews = previews
+        self.preview_scale = preview_scale
+        self.image_tokens = image_tokens
+        self.watermark = watermark
+        self.model_id = model_id
+        self.tokens_per_image = tokens_per_image if image_tokens else None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="wham-writer")
+        self._slots = threading.BoundedSemaphore(max_pending or 8 * threads)
+        self._units: dict[str, _Unit] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ intake
+
+    def _unit(self, unit_id: str) -> _Unit:
+        with self._lock:
+            return self._units.setdefault(unit_id, _Unit())
+
+    def _submit(self, unit: _Unit, fn: Any, *args: Any) -> None:
+        if not self._slots.acquire(timeout=FLUSH_TIMEOUT_S):
+            raise WriteError(f"no upload finished within {FLUSH_TIMEOUT_S:.0f} s")
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+
+        def done(f: Future[Any]) -> None:
+            self._slots.release()
+            if f.exception() is not None:
+                with unit.lock:
+                    unit.error = unit.error or f.exception()
+
+        future.add_done_callback(done)
+        with unit.lock:
+            unit.futures.append(future)
+
+    def add_step(
+        self,
+        unit_id: str,
+        rollout_id: str,
+        *,
+        step: int,
+        image: np.ndarray | None,
+        action: np.ndarray,
+        generated: bool,
+        action_source: str,
+        image_tokens: np.ndarray | None = None,
+        quality: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record one step of one rollout and queue its frame's encoding and upload.
+
+        `image` uint8 (3,H,W) (copied, so the caller may reuse its buffer); `action` model
+        form (16,); `image_tokens` (n,) or None; `quality` the step's signals
+        (`layout.STEP_QUALITY_COLUMNS`, NaN where absent). Blocks only when too many jobs
+        are pending; raises WriteError if an earlier upload of this unit failed.
+        """
+        unit = self._unit(unit_id)
+        if unit.error is not None:
+            raise WriteError(f"unit {unit_id}: an upload failed: {unit.error}") from unit.error
+        if action_source not in layout.ACTION_SOURCES:
+            raise ValueError(f"action_source must be one of {layout.ACTION_SOURCES}")
+        action = validate_actions(np.asarray(action).reshape(ACTION_DIM), name="action")
+        key = None
+        if image is not None:
+            image = np.array(image, dtype=np.uint8, copy=True)
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"image must be uint8 (3,H,W), got shape {image.shape}")
+            key = self._queue_frame(unit, unit_id, image, rollout_id, step, generated)
+            if self.previews or self.video:
+                unit.preview_frames.setdefault(rollout_id, []).append((image, generated))
+        unit.steps.setdefault(rollout_id, {})[step] = StepRow(
+            step=step,
+            generated=generated,
+            action=action,
+            source=action_source,
+            tokens=self._checked_tokens(image_tokens),
+            frame_key=key,
+            quality={k: float(v) for k, v in (quality or {}).items()
+                     if k in layout.STEP_QUALITY_COLUMNS},
+        )
+
+    def _checked_tokens(self, image_tokens: np.ndarray | None) -> np.ndarray | None:
+        if not self.image_tokens or image_tokens is None:
+            return None
+        tokens = np.asarray(image_tokens).reshape(-1)
+        if self.tokens_per_image is not None and tokens.size != self.tokens_per_image:
+            raise ValueError(f"expected {self.tokens_per_image} image tokens, got {tokens.size}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+            raise ValueError("image tokens must fit in uint16")
+        return tokens
+
+    def _queue_frame(self, unit: _Unit, unit_id: str, image: np.ndarray, rollout_id: str,
+                     step: int, generated: bool) -> str | None:
+        """Queue the frame's PNG (an object, or bytes for the frames part); the key that
+        the step's `frame_key` names."""
+        if self.frames == "none":
+            return None
+        if self.frames == "png":
+            key = layout.frame_key(self.run_date, self.run_id, rollout_id, step)
+        else:
+            key = layout.frames_part_key(self.run_date, self.run_id, unit_id)
+        self._submit(unit, self._write_frame, unit, key, image, rollout_id, step, generated)
+        return key
+
+    def finish_rollout(self, unit_id: str, row: Mapping[str, Any]) -> None:
+        """Record a rollout's row (rollouts columns except unit_id); queues its preview and
+        video."""
+        missing = [k for k in _REQUIRED_ROLLOUT_KEYS if row.get(k) is None]
+        if missing:
+            raise ValueError(f"rollout row is missing {', '.join(missing)}")
+        if row["status"] not in layout.ROLLOUT_STATUSES:
+            raise ValueError(f"rollout status must be one of {layout.ROLLOUT_STATUSES}")
+        unit = self._unit(unit_id)
+        rollout_id = row["rollout_id"]
+        unit.rollouts[rollout_id] = {**row, "unit_id": unit_id}
+        frames = unit.preview_frames.pop(rollout_id, None)
+        if row["status"] != "ok" or not frames:
+            return
+        if self.previews:
+            key = layout.preview_key(self.run_date, self.run_id, rollout_id)
+            self._submit(unit, self._write_preview, unit, key, frames, rollout_id)
+        if self.video:
+            key = layout.video_key(self.run_date, self.run_id, rollout_id)
+            self._submit(unit, self._write_video, key, frames, rollout_id)
+
+    # ------------------------------------------------------------------ workers
+
+    @staticmethod
+    def _retrying(write: Any) -> Any:
+        """`write()`, retried with backoff on transient errors (not three tries in one
+        second); a store that is full, read-only or refuses the key fails at once."""
+        for attempt in range(WRITE_ATTEMPTS - 1):
+            try:
+                return write()
+            except UserError:
+                raise
+            except OSError:
+                time.sleep(backoff_delay(attempt))
+        return write()
+
+    def _put(self, key: str, data: bytes, *, content_type: str) -> None:
+        self._retrying(lambda: self.storage.put_bytes(key, data, content_type=content_type))
+
+    def _provenance(self, rollout_id: str, step: int | None = None,
+                    generated: bool | None = None) -> dict[str, str]:
+        return provenance_text(model_id=self.model_id, run_id=self.run_id,
+                               rollout_id=rollout_id, step=step, generated=generated)
+
+    def _write_frame(
+        self, unit: _Unit, key: str, image: np.ndarray, rollout_id: str, step: int, generated: bool
+    ) -> None:
+        data = encode_png(image, text=self._provenance(rollout_id, step, generated),
+                          watermark=self.watermark and generated)
+        if self.frames == "parquet":
+            with unit.lock:
+                unit.pngs[(rollout_id, step)] = data
+            return
+        self._put(key, data, content_type="image/png")
+        with unit.lock:
+            unit.frames += 1
+
+    def _write_preview(
+        self, unit: _Unit, key: str, frames: list[tuple[np.ndarray, bool]], rollout_id: str
+    ) -> None:
+        comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id).items())
+        data = encode_gif(
+            frames, scale=self.preview_scale, watermark=self.watermark, comment=comment
+        )
+        self._put(key, data, content_type="image/gif")
+        with unit.lock:
+            unit.previews += 1
+
+    def _write_video(self, key: str, frames: list[tuple[np.ndarray, bool]],
+                     rollout_id: str) -> None:
+        comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id).items())
+        data = encode_mp4(frames, watermark=self.watermark, comment=comment)
+        self._put(key, data, content_type="video/mp4")
+
+    # ------------------------------------------------------------------ commit
+
+    def _wait(self, unit_id: str, unit: _Unit) -> None:
+        with unit.lock:
+            futures = list(unit.futures)
+        _, pending = wait(futures, timeout=FLUSH_TIMEOUT_S)
+        if pending:
+            raise WriteError(
+                f"unit {unit_id}: {len(pending)} uploads still running after "
+                f"{FLUSH_TIMEOUT_S:.0f} s"
+            )
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        fatal = [e for e in errors if isinstance(e, StorageFatalError)]
+        if fatal:
+            raise fatal[0]  # as it is: the driver stops the run on it, naming the root
+        if errors:
+            raise WriteError(
+                f"unit {unit_id}: {len(errors)} of {len(futures)} uploads failed; "
+                f"first: {errors[0]}"
+            ) from errors[0]
+
+    def _put_parquet(self, key: str, table: Any) -> None:
+        self._put(key, parquet_bytes(table), content_type="application/vnd.apache.parquet")
+
+    def finish_unit(self, unit_id: str, *, plan_fingerprint: str = "") -> UnitWriteResult:
+        """Wait for the unit's uploads, write its Parquet parts, then its commit marker
+        (which records `plan_fingerprint`, the run's plan, and its own checksum).
+
+        Raises WriteError if any upload failed (the unit is then not committed) and
+        ValueError if a rollout has steps but no `finish_rollout` row.
+        """
+        t0 = time.perf_counter()
+        with self._lock:
+            unit = self._units.pop(unit_id, _Unit())
+        self._wait(unit_id, unit)
+        orphans = sorted(set(unit.steps) - set(unit.rollouts))
+        if orphans:
+            raise ValueError(f"unit {unit_id}: rollouts {orphans[:3]} have steps but no row")
+        rows = ok_steps(unit.steps, unit.rollouts)
+        steps = steps_table(rows)
+        rollouts = rollouts_table(unit.rollouts)
+        if self.frames == "parquet":
+            frames = frames_table(rows, unit.pngs)
+            unit.frames = frames.num_rows
+            self._put_parquet(layout.frames_part_key(self.run_date, self.run_id, unit_id),
+                              frames)
+        self._put_parquet(layout.steps_part_key(self.run_date, self.run_id, unit_id), steps)
+        self._put_parquet(layout.rollouts_part_key(self.run_date, self.run_id, unit_id), rollouts)
+        ok = sum(r["status"] == "ok" for r in unit.rollouts.values())
+        result = {
+            "unit_id": unit_id,
+            "rollouts": len(unit.rollouts),
+            "ok": ok,
+            "failed": len(unit.rollouts) - ok,
+            "retryable": sum(bool(r.get("retryable")) for r in unit.rollouts.values()),
+            "steps": steps.num_rows,
+            "frames": unit.frames,
+            "previews": unit.previews,
+        }
+        marker = marker_bytes(run_date=self.run_date, run_id=self.run_id, unit_id=unit_id,
+                              plan_fingerprint=plan_fingerprint, counts=result)
+        key = layout.commit_key(self.run_date, self.run_id, unit_id)
+        committed = self._retrying(lambda: self.storage.create_if_absent(key, marker))
+        return UnitWriteResult(
+            **result, write_seconds=time.perf_counter() - t0, committed=committed
+        )
+
+    def abort_unit(self, unit_id: str) -> None:
+        """Forget a unit's buffered rows; waits (bounded) for its uploads, ignoring errors."""
+        with self._lock:
+            unit = self._units.pop(unit_id, None)
+        if unit is not None:
+            with unit.lock:
+                futures = list(unit.futures)
+            wait(futures, timeout=FLUSH_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Finish queued uploads and stop the threads (unfinished units are not committed)."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
