@@ -4,6 +4,8 @@
     python benchmarks/bench_engine.py --quick      # tiny preset, prints, writes nothing
     python benchmarks/bench_engine.py --fidelity   # bfloat16 vs float32 greedy tokens, 5 steps
     python benchmarks/bench_engine.py --gpu        # what benchmarks/gpu_engine.sh runs
+    python benchmarks/bench_engine.py --decoding both  # sequential vs diagonal decoding
+                                                   # -> "## Diagonal decoding" (decoding_speed)
 
 Layout (preset `wham-200m-540`): the 200M transformer (16 layers, 16 heads, width 1024) over
 the 300x180 ViT-VQGAN layout (540 image + 16 action tokens per step), random weights, float32,
@@ -33,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import decoding_speed  # noqa: E402
 from docs_section import replace_section  # noqa: E402
 
 from workers.wham import (  # noqa: E402
@@ -272,10 +275,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny preset only; no docs")
     parser.add_argument("--fidelity", action="store_true", help="bfloat16 vs float32 tokens")
     parser.add_argument("--gpu", action="store_true", help="the gpu_engine.sh measurement")
+    parser.add_argument("--decoding", choices=["both"], default=None,
+                        help="sequential against diagonal decoding (see decoding_speed.py); "
+                        "with --gpu the CUDA measurement of both")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    if args.decoding:
+        return decoding_speed.main(gpu=args.gpu, docs=DOCS, started=t0,
+                                   command="python " + " ".join([os.path.relpath(__file__),
+                                                                 *sys.argv[1:]]))
     if args.gpu:
         print(json.dumps(gpu_main()))
     elif args.fidelity:

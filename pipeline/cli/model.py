@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cli.command import Command
-from pipeline.contracts.choices import DTYPES, MODES
+from pipeline.contracts.choices import DECODINGS, DTYPES, MODES
 from pipeline.contracts.errors import UserError
 from workers import wham
 from workers.actor.encode import auto_preview_scale, encode_gif
@@ -49,6 +49,9 @@ def _dream_arguments(dream: argparse.ArgumentParser) -> None:
                           help="clamped to >= 0.1 (default 0.9)")
     sampling.add_argument("--top-k", type=int, default=None, help="keep the K most likely")
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1.0)")
+    dream.add_argument("--decoding", choices=DECODINGS, default="sequential",
+                       help="how image tokens are sampled: sequential (one per forward pass, "
+                       "the model's order) or diagonal (one grid diagonal per pass, faster)")
     dream.add_argument("--seed", type=int, default=0,
                        help="rollout b uses seed S+b; same seed, same output (default 0)")
     dream.add_argument("--batch", type=int, default=1, metavar="B",
@@ -188,7 +191,7 @@ def cmd_dream(args: argparse.Namespace) -> int:
         context_actions=tile(clip["context_actions"]), steps=args.steps, mode=args.mode,
         actions=tile(clip.get("actions")), observations=tile(clip.get("observations")),
         sampling=sampling, seeds=[args.seed + b for b in range(batch)],
-        max_context=args.max_context))
+        max_context=args.max_context, decoding=args.decoding))
     seconds = time.perf_counter() - t0
     tokens_per_step = {"full": model.tokens_per_step, "world_model": model.tokens_per_image,
                        "policy": model.tokens_per_step - model.tokens_per_image}[args.mode]
@@ -207,7 +210,8 @@ def cmd_dream(args: argparse.Namespace) -> int:
         "generate_seconds": round(seconds, 4), "tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 2), "frames_per_s": round(
             batch * args.steps / seconds, 3),
-        "batch": batch, "steps": args.steps, "mode": args.mode, "model_id": model.model_id,
+        "batch": batch, "steps": args.steps, "mode": args.mode, "decoding": args.decoding,
+        "model_id": model.model_id,
         "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "out": str(out),
     }

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from pipeline.cli.command import Command
-from pipeline.contracts.choices import DEVICES, DTYPES
+from pipeline.contracts.choices import DECODINGS, DEVICES, DTYPES
 from pipeline.contracts.logs import setup_logging
 from pipeline.serve import (
     API_KEY_ENV,
@@ -29,7 +29,7 @@ from pipeline.serve import (
 from workers.actor.serve_replica import MuseReplica, key_digest
 
 #: flag dest -> ServeConfig field, for the flags that override a YAML's settings.
-_FLAGS = ("checkpoint", "preset", "device", "dtype", "host", "port", "replicas",
+_FLAGS = ("checkpoint", "preset", "device", "dtype", "decoding", "host", "port", "replicas",
           "gpus_per_replica", "cpus_per_replica", "max_batch", "batch_wait_ms", "max_queue",
           "retry_after_s", "max_body_mb", "watermark", "api_key_file", "address", "name")
 
@@ -44,6 +44,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", metavar="NAME", help="random weights of a named preset")
     model.add_argument("--device", choices=DEVICES, help="default auto")
     model.add_argument("--dtype", choices=DTYPES, help="default auto")
+    model.add_argument("--decoding", choices=DECODINGS,
+                       help="how image tokens are sampled (default sequential; diagonal: one "
+                       "grid diagonal per forward pass)")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", help="listen address (default 127.0.0.1)")
     http.add_argument("--port", type=int, help="default 8000")

@@ -3,7 +3,7 @@ derived from these tuples, so adding a choice is one edit here plus its implemen
 
 from __future__ import annotations
 
-from workers.wham.modes import MODES
+from workers.wham.modes import DECODINGS, MODES
 
 #: Where seeds come from (pipeline.contracts.sources, pipeline.driver.discovery,
 #: workers.actor.inputs).
@@ -17,4 +17,5 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: one PNG object per frame, or not at all (only the image tokens; decoded on read).
 FRAME_MODES = ("parquet", "png", "none")
 
-__all__ = ["ACTION_KINDS", "DEVICES", "DTYPES", "FRAME_MODES", "MODES", "SEED_FORMATS"]
+__all__ = ["ACTION_KINDS", "DECODINGS", "DEVICES", "DTYPES", "FRAME_MODES", "MODES",
+           "SEED_FORMATS"]

@@ -58,7 +58,8 @@ def replica_kwargs(config: ServeConfig, *, api_key_sha256: str | None) -> dict[s
     """The replica's constructor arguments (`load_config` made a local checkpoint path
     absolute: replicas run in other working folders)."""
     return {"checkpoint": config.checkpoint, "preset": config.preset, "device": config.device,
-            "dtype": config.dtype, "threads": max(1, int(config.cpus_per_replica)),
+            "dtype": config.dtype, "decoding": config.decoding,
+            "threads": max(1, int(config.cpus_per_replica)),
             "max_batch": config.max_batch, "batch_wait_s": config.batch_wait_ms / 1000,
             "max_queue": config.max_queue, "retry_after_s": config.retry_after_s,
             "max_body_bytes": config.max_body_bytes, "watermark": config.watermark,

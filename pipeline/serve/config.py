@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.contracts.choices import DEVICES, DTYPES
+from pipeline.contracts.choices import DECODINGS, DEVICES, DTYPES
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.spec.paths import absolute, is_uri
 
@@ -38,6 +38,9 @@ class ServeConfig(BaseModel):
         default="auto", description="Where each replica runs; auto picks cuda if present.")
     dtype: Literal[DTYPES] = Field(
         default="auto", description="Weights and compute dtype; auto: bfloat16 on cuda.")
+    decoding: Literal[DECODINGS] = Field(
+        default="sequential", description="How a frame's image tokens are sampled: "
+        "sequential (one per forward pass, exact) or diagonal (one grid diagonal per pass).")
     endpoint_url: str | None = Field(
         default=None, description="S3 endpoint for an s3:// checkpoint (default: AWS or env).")
     region: str | None = Field(default=None, description="S3 region for an s3:// checkpoint.")

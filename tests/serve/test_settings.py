@@ -17,6 +17,7 @@ from pipeline.contracts.secrets import REDACTED, add_secret_env, redact
 from pipeline.contracts.spec import spec_from_data
 from pipeline.driver.preflight import check_endpoint
 from pipeline.serve import ServeConfig, is_loopback, load_config, resolve_api_key
+from pipeline.serve.app import replica_kwargs
 
 # ---------------------------------------------------------------- wham-batch serve
 
@@ -38,12 +39,20 @@ def test_flags_override_the_yaml(tmp_path: Path) -> None:
     ({"checkpoint": "m", "max_batch": 0}, "max_batch:"),
     ({}, "exactly one of checkpoint and preset"),
     ({"checkpoint": "m", "api_key": "secret"}, "api_key: unknown key"),
+    ({"checkpoint": "m", "decoding": "zigzag"}, "decoding: Input should be 'sequential' or "
+     "'diagonal'"),
 ])
 def test_bad_settings_name_their_field(tmp_path: Path, data: dict, message: str) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match=message):
         load_config(str(path), {})
+
+
+def test_the_decoding_reaches_the_replicas() -> None:
+    config = load_config(None, {"preset": "tiny", "decoding": "diagonal"})
+    assert replica_kwargs(config, api_key_sha256=None)["decoding"] == "diagonal"
+    assert load_config(None, {"preset": "tiny"}).decoding == "sequential"
 
 
 def test_the_key_comes_from_the_file_or_the_environment(tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ class _TokenCache:
 class MuseReplica:
     def __init__(self, *, checkpoint: str | None, preset: str | None = None,
                  device: str = "auto", dtype: str | None = None, threads: int | None = None,
+                 decoding: str = "sequential",
                  max_batch: int = 16, batch_wait_s: float = 0.01, max_queue: int = 64,
                  retry_after_s: int = 1, max_body_bytes: int = MAX_BODY_BYTES,
                  watermark: bool = True, api_key_sha256: str | None = None) -> None:
@@ -109,6 +110,7 @@ class MuseReplica:
         self.model = load_replica(checkpoint=checkpoint, preset=preset, device=device,
                                   dtype=dtype, threads=threads)
         self.engine = wham.RolloutEngine(self.model, max_batch=max_batch)
+        self.decoding = decoding
         self.shape = ModelShape(image_size=tuple(self.model.image_size),
                                 tokens_per_image=self.model.tokens_per_image,
                                 image_vocab_size=self.model.image_vocab_size,
@@ -221,7 +223,7 @@ class MuseReplica:
         t0 = time.perf_counter()
         (out,) = self.engine.rollout(context_tokens=tokens, context_actions=actions, steps=1,
                                      mode="full", sampling=sampling,
-                                     seeds=[r.seed for r in group])
+                                     seeds=[r.seed for r in group], decoding=self.decoding)
         self.metrics.record_batch(rows=len(group), seconds=time.perf_counter() - t0)
         step_actions, step_tokens = out.actions.numpy(), out.image_tokens.numpy()
         return [ScoreResult(image=out.images[b], action=step_actions[b], tokens=step_tokens[b])

@@ -12,7 +12,8 @@ frame h steps after the context:
 - `model_token_acc`: fraction of generated image tokens equal to the real frame's tokens.
 
 PSNR is over all clips at that horizon (mean squared error of the pooled pixels), in dB for
-8-bit pixels, capped at `PSNR_CAP` when the frames are identical.
+8-bit pixels, capped at `PSNR_CAP` when the frames are identical. `decoding` picks how the
+rollouts sample their image tokens (sequential or diagonal; see workers/wham/diagonal.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from workers.toygame.clips import make_dataset
 HELD_OUT_SEED = 1_000_000
 PSNR_CAP = 99.0
 HORIZONS = (1, 5, 10)
+#: Context steps by default: 5, or what the model's window holds when that is fewer.
+DEFAULT_CONTEXT = 5
+
+
+def default_context(model) -> int:
+    """Context steps for `model`: DEFAULT_CONTEXT within its window (seq_len - 1 steps)."""
+    return min(DEFAULT_CONTEXT, model.seq_len - 1)
 
 
 def psnr(pred: np.ndarray, target: np.ndarray) -> float:
@@ -41,21 +49,31 @@ def held_out_clips(count: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return make_dataset(range(HELD_OUT_SEED, HELD_OUT_SEED + count), steps)
 
 
-def evaluate(model, *, clips: int = 32, context: int = 5,
-             horizons: tuple[int, ...] = HORIZONS) -> dict:
+def rollout_clips(model, images: np.ndarray, actions: np.ndarray, *, context: int, steps: int,
+                  decoding: str = "sequential") -> list:
+    """Greedy world-model StepOutputs of `model` from the first `context` steps of clips
+    (images (B, T, 3, H, W), actions (B, T, 16)) with their true actions."""
+    engine = wham.RolloutEngine(model, max_batch=len(images))
+    return list(engine.rollout(
+        context_images=images[:, :context], context_actions=actions[:, :context],
+        steps=steps, mode="world_model", actions=actions[:, context:context + steps],
+        sampling=wham.SamplingParams(greedy=True), seeds=list(range(len(images))),
+        decoding=decoding,
+    ))
+
+
+def evaluate(model, *, clips: int = 32, context: int | None = None,
+             horizons: tuple[int, ...] = HORIZONS, decoding: str = "sequential") -> dict:
     """Rollouts of `model` (a toy-game WHAMModel) on held-out clips, with baselines.
 
     Returns `{"horizons": {"h": {model_psnr, copy_last_psnr, recon_psnr, model_token_acc}},
-    "clips": N}`.
+    "clips": N, "context": K, "decoding": D}`.
     """
+    context = default_context(model) if context is None else context
     steps = max(horizons)
     images, actions = held_out_clips(clips, context + steps)
-    engine = wham.RolloutEngine(model, max_batch=clips)
-    outputs = list(engine.rollout(
-        context_images=images[:, :context], context_actions=actions[:, :context],
-        steps=steps, mode="world_model", actions=actions[:, context:context + steps],
-        sampling=wham.SamplingParams(greedy=True), seeds=list(range(clips)),
-    ))
+    outputs = rollout_clips(model, images, actions, context=context, steps=steps,
+                            decoding=decoding)
     real = images[:, context:context + steps]  # (B, steps, 3, H, W): frames the rollout predicts
     real_tokens = model.encode_images(real).cpu()  # (B, steps, n)
     recon = model.decode_tokens(real_tokens)
@@ -69,4 +87,4 @@ def evaluate(model, *, clips: int = 32, context: int = 5,
             "model_token_acc": round(
                 float((out.image_tokens == real_tokens[:, h - 1]).float().mean()), 4),
         }
-    return {"horizons": table, "clips": clips}
+    return {"horizons": table, "clips": clips, "context": context, "decoding": decoding}

@@ -7,7 +7,8 @@ Layout (imports only go down this list; nothing here imports the pipeline or Ray
     linear, gpt                  the transformer and its KV cache
     model                        WHAMModel, random weights, the weight fingerprint
     checkpoints/                 native folders, official .ckpt files, safe unpickling
-    sampling, rollout            sampler; validated inputs and step bookkeeping
+    sampling, rollout, diagonal  sampler; validated inputs and step bookkeeping; the passes
+                                 of diagonal decoding
     engine, naive, resources     the cached engine, the slow reference, batch/thread sizing
 
 Names are resolved lazily (PEP 562): the command line imports `workers.wham.errors` for
@@ -37,6 +38,8 @@ _LAZY = {
     "RolloutEngine": "workers.wham.engine",
     "Decoder": "workers.wham.engine",
     "decode_n_tokens": "workers.wham.engine",
+    "decode_diagonals": "workers.wham.engine",
+    "DECODINGS": "workers.wham.modes",
     "naive_rollout": "workers.wham.naive",
     "max_batch_for_memory": "workers.wham.resources",
     "auto_batch_size": "workers.wham.resources",

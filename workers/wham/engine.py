@@ -7,6 +7,10 @@ positions. Positions are absolute, so when the window slides every cached key/va
 and the window is prefilled again (`CacheWindow` says from where to feed). Nothing in the
 per-token loop reads tensor values on the host or rebuilds what a rollout could build once.
 
+With `decoding="diagonal"` a frame's image tokens are sampled one anti-diagonal of the token
+grid per forward pass (`decode_diagonals`, see `workers.wham.diagonal`); the prefill, the
+window and the action tokens stay as they are.
+
 `Decoder` (the cache rows of one batch and the per-token step) and `decode_n_tokens` are the
 public step API that the rollout loop and the benchmarks share.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workers.wham.diagonal import DiagonalPass, plan_passes
 from workers.wham.errors import InputError
 from workers.wham.gpt import GPT, KVCache, flash_available, flash_installed
 from workers.wham.linear import packed_view
@@ -99,6 +104,20 @@ class Decoder:
         return engine.static_decode(token[:, None], engine.pos,
                                     use_flash=engine.decode_path == "flash")
 
+    def forward_at(self, tokens: torch.Tensor, *, positions: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+        """tokens [B, P] at positions [P], attending under mask [P, L] to the first L cached
+        positions -> logits [B, P, V]."""
+        return self.gpt.forward_at(tokens, k_cache=self.k, v_cache=self.v, positions=positions,
+                                   mask=mask)
+
+    def mask_length(self, end: int) -> int:
+        """Cache positions a multi-token pass attends over when its queries end before `end`:
+        that far on the eager path; the whole cache on the fixed-shape paths (flash-attn has
+        no arbitrary mask, so its path takes the static one for these passes)."""
+        return self.k.shape[3] if self._fixed else end
+
+
 def decode_n_tokens(
     decoder: Decoder,
     logits: torch.Tensor,
@@ -116,6 +135,30 @@ def decode_n_tokens(
         if i + 1 < len(positions):
             logits = decoder.decode_one_token(token, pos=start_pos + i)
     return torch.stack(out, dim=1)
+
+
+def decode_diagonals(
+    decoder: Decoder,
+    logits: torch.Tensor,
+    *,
+    passes: list[DiagonalPass],
+    start_pos: int,
+    previous: torch.Tensor,
+    sampler: Sampler,
+    step: int,
+) -> torch.Tensor:
+    """Sample a frame's image tokens one diagonal per pass. logits [B, V] are those of the
+    token before the frame, which starts at cache position start_pos; previous [B, n] is the
+    frame before it (the guesses for predecessors not generated yet) -> tokens [B, n]."""
+    image = torch.zeros_like(previous)  # [B, n]
+    image[:, 0] = sampler.sample(logits, step=step, position=0)
+    for p in passes:
+        feed = torch.where(p.guessed, previous[:, p.queries], image[:, p.queries])  # [B, P]
+        mask = p.cache_mask(start=start_pos, length=decoder.mask_length(start_pos + p.span))
+        out = decoder.forward_at(feed, positions=p.queries + start_pos, mask=mask)  # [B, P, V]
+        image[:, p.targets] = sampler.sample_many(out[:, p.source], step=step,
+                                                  positions=p.targets, first=p.first)
+    return image
 
 
 def _decode_path(requested: str, *, device: torch.device, dtype: torch.dtype,
@@ -169,6 +212,7 @@ class RolloutEngine:
         self.static_decode = StaticDecode(self.gpt, self.cache)
         if compile and self.device.type == "cuda" and self.decode_path == "static":
             self.static_decode = torch.compile(self.static_decode, mode="reduce-overhead")
+        self.passes = plan_passes(model.token_grid, device=self.device)
         self.window = CacheWindow()
 
     kv_cache_bytes = staticmethod(kv_cache_bytes)
@@ -208,9 +252,8 @@ class RolloutEngine:
                     feed = torch.cat([feed, r.observations[:, index]], dim=1)
                 logits = decoder.prefill(feed, start=start)
                 start_pos = start + feed.shape[1]
-                generated = decode_n_tokens(
-                    decoder, logits, positions=positions, start_pos=start_pos,
-                    sample=lambda lg, j, i=index: sampler.sample(lg, step=i, position=j))
+                generated = self._decode_step(r, decoder, logits, sampler=sampler, index=index,
+                                              start_pos=start_pos, previous=previous)
                 # Every generated token but the last was fed; the last one goes in with the
                 # next step's tail (or window), so the cache holds one position fewer.
                 window.filled = start_pos + len(positions) - 1
@@ -219,3 +262,26 @@ class RolloutEngine:
                                   stats=sampler.take_stats())
                 history.append(step, max_context=r.max_context)
             yield out
+
+    def _decode_step(self, r: Rollout, decoder: Decoder, logits: torch.Tensor, *,
+                     sampler: Sampler, index: int, start_pos: int,
+                     previous: torch.Tensor) -> torch.Tensor:
+        """The tokens [B, P] of the step's generated positions (see generated_positions), the
+        first of them at cache position start_pos; previous [B, n] is the frame before."""
+        n, tps = self.model.tokens_per_image, self.model.tokens_per_step
+        positions = generated_positions(r.mode, n, tps)
+
+        def sample(lg: torch.Tensor, j: int) -> torch.Tensor:
+            return sampler.sample(lg, step=index, position=j)
+
+        if r.decoding == "sequential" or r.mode == "policy":  # policy samples no image
+            return decode_n_tokens(decoder, logits, positions=positions, start_pos=start_pos,
+                                   sample=sample)
+        image = decode_diagonals(decoder, logits, passes=self.passes, start_pos=start_pos,
+                                 previous=previous, sampler=sampler, step=index)
+        if r.mode == "world_model":
+            return image
+        logits = decoder.decode_one_token(image[:, -1], pos=start_pos + n - 1)
+        actions = decode_n_tokens(decoder, logits, positions=range(n, tps),
+                                  start_pos=start_pos + n, sample=sample)
+        return torch.cat([image, actions], dim=1)

@@ -3,15 +3,19 @@
 Parameter names match the reference checkpoints once the `predictor.gpt_model.` prefix is
 stripped (`transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight`, ...).
 
-Three ways to run it:
+Four ways to run it:
 - `forward(idx)`: the whole sequence from position 0 with explicit softmax attention; slow
-  and obviously correct, the reference the fast paths are tested against.
+  and obviously correct, the reference the fast paths are tested against (causal, or under
+  an explicit [S, S] mask).
 - `forward_cached(idx, cache, start=...)`: a chunk of tokens at absolute positions
   `start..start+L-1`, writing their keys/values into a preallocated `KVCache` and attending
   to everything cached before them (prefill, extend and eager decode).
 - `decode_step(idx, cache, pos)`: one token at a position given as a tensor, attending over
   the whole static cache with a mask (or through flash-attn's KV-cache kernel); fixed shapes,
   so it can be compiled or graph-captured.
+- `forward_at(idx, cache, positions=..., mask=...)`: tokens at any absolute positions (not
+  necessarily adjacent), their keys/values written there, each attending to the cached
+  positions its row of an explicit mask allows (diagonal decoding).
 
 The linear layers are `workers.wham.linear.Linear` (an nn.Linear that can use prepacked CPU
 weights); the state dict is the same as with plain nn.Linear.
@@ -62,15 +66,19 @@ class KVCache:
         return self.k[:, :batch], self.v[:, :batch]
 
 
-def _attend_one(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One query per row over every cached key: q [B, H, 1, hd], keys/values [B, H, S, hd].
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries over cached keys: q [B, H, L, hd], keys/values [B, H, S, hd], mask [L, S]
+    (True: may attend; None: every key) -> [B, H, L, hd].
 
-    Written out rather than through SDPA: on the CPU this is as fast for a single query, and
+    Written out rather than through SDPA: on the CPU this is as fast for a few queries, and
     SDPA's kernel splits the keys across threads when the batch has few heads, so a row's
     result would depend on how many other rows share the batch.
     """
-    scores = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, 1, S]
-    return scores.softmax(dim=-1) @ values  # [B, H, 1, hd]
+    scores = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, L, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ values  # [B, H, L, hd]
 
 
 def _layer_norm(n_embd: int, *, parametric: bool, bias: bool) -> nn.LayerNorm:
@@ -98,12 +106,14 @@ class CausalSelfAttention(nn.Module):
         b, _, length, _ = y.shape  # [B, H, L, hd] -> [B, L, D]
         return self.c_proj(y.transpose(1, 2).reshape(b, length, self.n_head * self.head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask [L, L] (True: query i may attend to key j); None: causal."""
         q, k, v = self._qkv(x)
         length = x.shape[1]
+        if mask is None:
+            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # [B, H, L, L]
-        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         return self._out(att @ v)
 
     def forward_cached(
@@ -123,7 +133,7 @@ class CausalSelfAttention(nn.Module):
         v_cache[:, :, start:end] = v
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
         if x.shape[1] == 1:
-            return self._out(_attend_one(q, keys, values))
+            return self._out(_attend(q, keys, values))
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
         return self._out(y)
 
@@ -158,6 +168,23 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
         return self._out(y)
 
+    def forward_at(
+        self,
+        x: torch.Tensor,
+        *,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [B, P, D] at `positions` [P]: keys/values written there, then attention over the
+        first mask.shape[1] cached positions under mask [P, S'] (True: may attend)."""
+        q, k, v = self._qkv(x)  # [B, H, P, hd]
+        k_cache.index_copy_(2, positions, k)  # k_cache: [B, H, S, hd]
+        v_cache.index_copy_(2, positions, v)
+        span = mask.shape[1]
+        return self._out(_attend(q, k_cache[:, :, :span], v_cache[:, :, :span], mask))
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -180,8 +207,8 @@ class Block(nn.Module):
         self.ln_2 = _layer_norm(config.n_embd, parametric=parametric, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_cached(self, x: torch.Tensor, **cache_args) -> torch.Tensor:
@@ -190,6 +217,10 @@ class Block(nn.Module):
 
     def decode_step(self, x: torch.Tensor, **cache_args) -> torch.Tensor:
         x = x + self.attn.decode_step(self.ln_1(x), **cache_args)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_at(self, x: torch.Tensor, **cache_args) -> torch.Tensor:
+        x = x + self.attn.forward_at(self.ln_1(x), **cache_args)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -229,14 +260,15 @@ class GPT(nn.Module):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.transformer.ln_f(x))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [B, S] at positions 0..S-1 -> logits [B, S, V]."""
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, S] at positions 0..S-1 -> logits [B, S, V]; mask [S, S] (True: position i
+        may attend to j) replaces the causal one."""
         length = idx.shape[1]
         if length > self.config.block_size:
             raise ValueError(f"sequence of {length} tokens > block_size {self.config.block_size}")
         x = self._embed(idx, torch.arange(length, device=idx.device))
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, mask)
         return self._head(x)
 
     def forward_cached(
@@ -280,6 +312,26 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block.decode_step(x, k_cache=k_cache[i], v_cache=v_cache[i], pos=pos, mask=mask)
         return self._head(x[:, -1])
+
+
+    def forward_at(
+        self,
+        idx: torch.Tensor,
+        *,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """idx [B, P] at absolute `positions` [P] (LongTensor, any order, not necessarily
+        adjacent) -> logits [B, P, V]. Their keys/values are written at those positions; query
+        i attends to the cached positions j < mask.shape[1] with mask[i, j] (itself included
+        when allowed). Caches are [n_layer, B, H, S, hd]."""
+        x = self._embed(idx, positions)
+        for i, block in enumerate(self.transformer.h):
+            x = block.forward_at(x, k_cache=k_cache[i], v_cache=v_cache[i], positions=positions,
+                                 mask=mask)
+        return self._head(x)
 
 
 def flash_installed() -> bool:

@@ -1,11 +1,23 @@
-"""The slow, obviously correct rollout: every token recomputes the whole window from position 0
-with `GPT.forward`. Same `Rollout`, window rule, sampler and step bookkeeping as the engine;
-tests check the engine against it and the benchmarks time it."""
+"""The slow, obviously correct rollout: every sampled token (or, with diagonal decoding, every
+pass) recomputes the whole window from position 0 with `GPT.forward`. Same `Rollout`, window
+rule, sampler and step bookkeeping as the engine; tests check the engine against it and the
+benchmarks time it.
+
+Diagonal decoding (see `workers.wham.diagonal`) is spelled out with an explicit attention
+mask instead of a plan of passes: inside a frame generated diagonally, a token sees the frame
+positions at or before it whose diagonal is at most its own, and itself; a position fed a
+guess (the previous frame's token, because its own is not generated yet) sees the diagonals
+generated so far. Such a frame keeps that visibility for later steps until the window slides:
+a slid window is fed again from position 0, causally, in the engine as here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from workers.wham.diagonal import diagonals
 from workers.wham.model import WHAMModel
 from workers.wham.rollout import (
     History,
@@ -18,6 +30,43 @@ from workers.wham.rollout import (
 )
 from workers.wham.sampling import Sampler, step_token_ranges
 
+Forward = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _mask(length: int, frames: list[tuple[int, torch.Tensor]],
+          diag: torch.Tensor) -> torch.Tensor | None:
+    """[L, L] attention mask: causal, except inside each frame (offset, bound [n]) generated
+    diagonally, where position i sees positions j <= i with diag[j] <= bound[i], and itself.
+    None (plain causal) when there is no such frame."""
+    if not frames:
+        return None
+    mask = torch.ones(length, length, dtype=torch.bool, device=diag.device).tril()
+    j = torch.arange(diag.numel(), device=diag.device)
+    for offset, bound in frames:
+        size = min(diag.numel(), length - offset)
+        seen = (diag[None, :] <= bound[:, None]) | (j[None, :] == j[:, None])
+        block = (j[None, :] <= j[:, None]) & seen  # [n, n]
+        mask[offset:offset + size, offset:offset + size] = block[:size, :size]
+    return mask
+
+
+def _diagonal_image(forward: Forward, seq: torch.Tensor, *, previous: torch.Tensor,
+                    diag: torch.Tensor, sampler: Sampler, step: int) -> torch.Tensor:
+    """A frame's image tokens [B, n], diagonal by diagonal, each token from its predecessor's
+    logits; seq [B, S] is what precedes the frame, previous [B, n] the frame before it."""
+    start = seq.shape[1]
+    image = torch.zeros_like(previous)
+    image[:, 0] = sampler.sample(forward(seq, None)[:, -1], step=step, position=0)
+    for k in range(1, int(diag.max()) + 1):
+        targets = (diag == k).nonzero().flatten().tolist()
+        guessed = [t - 1 for t in targets if diag[t - 1] >= k]  # predecessors not generated
+        frame, bound = image.clone(), diag.clone()
+        frame[:, guessed], bound[guessed] = previous[:, guessed], k - 1
+        logits = forward(torch.cat([seq, frame], dim=1), bound)  # [B, S + n, V]
+        for t in targets:
+            image[:, t] = sampler.sample(logits[:, start + t - 1], step=step, position=t)
+    return image
+
 
 def naive_rollout(model: WHAMModel, rollout: Rollout | None = None, /,
                   **inputs) -> list[StepOutput]:
@@ -27,19 +76,40 @@ def naive_rollout(model: WHAMModel, rollout: Rollout | None = None, /,
     ranges = step_token_ranges(image_vocab_size=model.image_vocab_size, tokens_per_image=n)
     sampler = Sampler(r.sampling, ranges=[tuple(x) for x in ranges.tolist()],
                       tokens_per_image=n, seeds=r.seeds, vocab_size=model.gpt.config.vocab_size)
+    diagonal = r.decoding == "diagonal" and r.mode != "policy"
+    diag = diagonals(model.token_grid).to(r.seeds.device)
     history, outputs = History(r.history), []
+    marked, window_first = [False] * r.history.shape[1], None  # frames generated diagonally
     with torch.no_grad():
         for index in range(r.steps):
-            seq = history.window(model.seq_len)[1]  # [B, W * tps]
+            first, seq = history.window(model.seq_len)  # [B, W * tps]
+            if first != window_first:  # a new window is fed from position 0, causally
+                marked, window_first = [False] * len(marked), first
+            shown = marked[len(marked) - seq.shape[1] // tps:]
+            frames = [(s * tps, diag) for s, m in enumerate(shown) if m]
             if r.mode == "policy":
                 seq = torch.cat([seq, r.observations[:, index]], dim=1)
+            start = seq.shape[1]
+
+            def forward(x, bound, frames=frames, start=start):
+                current = [] if bound is None else [(start, bound)]
+                return model.gpt(x, mask=_mask(x.shape[1], [*frames, *current], diag))
+
+            positions = generated_positions(r.mode, n, tps)
             new: list[torch.Tensor] = []
-            for j in generated_positions(r.mode, n, tps):
-                logits = model.gpt(torch.cat([seq, *[t[:, None] for t in new]], dim=1))[:, -1]
+            if diagonal:
+                image = _diagonal_image(forward, seq, previous=history.tokens[:, -1, :n],
+                                        diag=diag, sampler=sampler, step=index)
+                new, positions = list(image.unbind(dim=1)), positions[n:]
+            for j in positions:
+                x = torch.cat([seq, *[t[:, None] for t in new]], dim=1)
+                logits = forward(x, diag if diagonal else None)[:, -1]
                 new.append(sampler.sample(logits, step=index, position=j))
             step = complete_step(r, index=index, generated=torch.stack(new, dim=1), n=n)
             outputs.append(step_output(model, r, index=index, step=step,
                                        previous=history.tokens[:, -1, :n],
                                        stats=sampler.take_stats()))
+            dropped = history.first
             history.append(step, max_context=r.max_context)
+            marked = marked[history.first - dropped:] + [diagonal]
     return outputs

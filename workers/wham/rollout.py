@@ -17,7 +17,7 @@ import torch
 from workers.wham.actions import ACTION_DIM, action_token_ranges, validate_actions
 from workers.wham.errors import InputError
 from workers.wham.model import WHAMModel
-from workers.wham.modes import MODES
+from workers.wham.modes import DECODINGS, MODES
 from workers.wham.sampling import SamplingParams, seeds_to_tensor
 
 
@@ -54,6 +54,7 @@ class Rollout:
     observations: torch.Tensor | None = None  # [B, steps, n] image tokens (policy)
     observation_images: np.ndarray | None = None  # [B, steps, 3, H, W] uint8 (policy)
     decode_images: bool = True
+    decoding: str = "sequential"  # or "diagonal": image tokens one grid diagonal per pass
 
     @property
     def batch(self) -> int:
@@ -131,10 +132,12 @@ def _context_tokens(model: WHAMModel, *, context_images, context_tokens, max_bat
     return tokens.to(device=model.device, dtype=torch.long)
 
 
-def _check_mode_and_counts(model: WHAMModel, *, mode, steps, max_context) -> int:
-    """Check mode and steps; returns max_context (default: the model's seq_len)."""
+def _check_mode_and_counts(model: WHAMModel, *, mode, decoding, steps, max_context) -> int:
+    """Check mode, decoding and steps; returns max_context (default: the model's seq_len)."""
     if mode not in MODES:
         raise InputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if decoding not in DECODINGS:
+        raise InputError(f"decoding: expected one of {', '.join(DECODINGS)}, got {decoding!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
     seq_len = model.seq_len
@@ -186,9 +189,11 @@ def prepare_rollout(
     max_context: int | None = None,
     decode_images: bool = True,
     max_batch: int | None = None,
+    decoding: str = "sequential",
 ) -> Rollout:
     """Check every argument (InputError naming it) and turn the inputs into tokens."""
-    max_context = _check_mode_and_counts(model, mode=mode, steps=steps, max_context=max_context)
+    max_context = _check_mode_and_counts(model, mode=mode, decoding=decoding, steps=steps,
+                                         max_context=max_context)
     ctx_tokens = _context_tokens(model, context_images=context_images,
                                  context_tokens=context_tokens, max_batch=max_batch,
                                  max_context=max_context)  # [B, T, n]
@@ -204,6 +209,7 @@ def prepare_rollout(
         sampling=sampling or SamplingParams(),
         given_actions=_world_model_actions(model, actions, mode=mode, batch=batch, steps=steps),
         observations=obs_tokens, observation_images=obs_images, decode_images=decode_images,
+        decoding=decoding,
     )
 
 

@@ -125,35 +125,46 @@ def vocab_hash(vocab_size: int, device: torch.device | str) -> torch.Tensor:
     return torch.arange(1, vocab_size + 1, device=device, dtype=torch.long) * _GOLDEN
 
 
-def uniform_noise(seeds: torch.Tensor, counter: int, hashed: torch.Tensor) -> torch.Tensor:
-    """Uniforms in (0, 1), [B, W]: a pure function of (seed, counter, vocabulary index) for the
-    indices whose `vocab_hash` entries are ``hashed`` [W]."""
-    row = _mix64(seeds ^ _mix64_int(counter * (_GOLDEN & _MASK64) + 1))  # [B]
-    bits = _mix64(row[:, None] + hashed[None, :])  # [B, W]
+def _counter_key(counter: int | torch.Tensor) -> int | torch.Tensor:
+    """The hash of a token counter: a Python int for one counter known on the host, or int64
+    [P] on the device for a tensor of counters (the same bits either way)."""
+    if isinstance(counter, torch.Tensor):
+        return _mix64(counter * _GOLDEN + 1)
+    return _mix64_int(counter * (_GOLDEN & _MASK64) + 1)
+
+
+def uniform_noise(seeds: torch.Tensor, counter: int | torch.Tensor,
+                  hashed: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1): a pure function of (seed, counter, vocabulary index) for the indices
+    whose `vocab_hash` entries are ``hashed`` [W]. [B, W] for one counter, [B, P, W] for a
+    tensor of P counters (each position's noise the same as drawn alone)."""
+    key = _counter_key(counter)
+    row = _mix64(seeds ^ key if isinstance(key, int) else seeds[:, None] ^ key)  # [B] | [B, P]
+    bits = _mix64(row[..., None] + hashed)  # [B, (P,) W]
     return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))  # top 24 bits -> float32
 
 
 def _filter(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Top-k then top-p on [B, W] scores (dropped tokens get -inf)."""
+    """Top-k then top-p on [B, (P,) W] scores (dropped tokens get -inf)."""
     if params.top_k is not None and params.top_k < scores.shape[-1]:
-        kth = scores.topk(params.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        kth = scores.topk(params.top_k, dim=-1).values[..., -1:]  # [B, (P,) 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative > params.top_p
-        drop[:, 0] = False
+        drop[..., 0] = False
         scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return scores
 
 
 def draw(
     logits: torch.Tensor, *, params: SamplingParams, lo: int, hi: int, seeds: torch.Tensor,
-    counter: int, hashed: torch.Tensor,
+    counter: int | torch.Tensor, hashed: torch.Tensor,
 ) -> torch.Tensor:
-    """logits [B, V] -> tokens [B] drawn within [lo, hi] (inclusive); ``hashed`` is
-    `vocab_hash` of the whole vocabulary."""
-    scores = logits[:, lo:hi + 1].float() / params.effective_temperature  # [B, W]
+    """logits [B, V] -> tokens [B] drawn within [lo, hi] (inclusive), or [B, P, V] -> [B, P]
+    with a counter [P] per position; ``hashed`` is `vocab_hash` of the whole vocabulary."""
+    scores = logits[..., lo:hi + 1].float() / params.effective_temperature  # [B, (P,) W]
     if not params.greedy:
         scores = _filter(scores, params)
         u = uniform_noise(seeds, counter, hashed[lo:hi + 1])
@@ -202,16 +213,31 @@ class Sampler:
         tokens = draw(logits, params=self.params, lo=lo, hi=hi, seeds=self.seeds,
                       counter=counter, hashed=self.hashed)
         if self.stats:
-            self._accumulate(logits[:, lo:hi + 1].float(), tokens - lo,
+            self._accumulate(logits[:, None, lo:hi + 1].float(), tokens[:, None] - lo,
                              kind=int(position >= self.tokens_per_image))
         return tokens
 
+    def sample_many(self, logits: torch.Tensor, *, step: int, positions: torch.Tensor,
+                    first: int) -> torch.Tensor:
+        """logits [B, P, V], each row that of the token before `positions` [P] -> tokens
+        [B, P], each drawn as `sample` would draw it alone. The positions share one valid
+        range, that of `first` (one of them, known on the host)."""
+        lo, hi = self.ranges[first]
+        counters = step * len(self.ranges) + positions  # [P]
+        tokens = draw(logits, params=self.params, lo=lo, hi=hi, seeds=self.seeds,
+                      counter=counters, hashed=self.hashed)
+        if self.stats:
+            self._accumulate(logits[..., lo:hi + 1].float(), tokens - lo,
+                             kind=int(first >= self.tokens_per_image))
+        return tokens
+
     def _accumulate(self, s: torch.Tensor, local: torch.Tensor, *, kind: int) -> None:
-        """s [B, W] temperature-1 logits over the valid range, local [B] the drawn index."""
-        lse = torch.logsumexp(s, dim=-1)  # [B]
-        self._logprob[:, kind] += s.gather(1, local[:, None])[:, 0] - lse
-        self._entropy[:, kind] += lse - (s.softmax(dim=-1) * s).sum(dim=-1)
-        self._counts[kind] += 1
+        """s [B, P, W] temperature-1 logits over the valid range, local [B, P] the drawn
+        indices: each token's statistics, summed per row."""
+        lse = torch.logsumexp(s, dim=-1)  # [B, P]
+        self._logprob[:, kind] += (s.gather(-1, local[..., None])[..., 0] - lse).sum(dim=1)
+        self._entropy[:, kind] += (lse - (s.softmax(dim=-1) * s).sum(dim=-1)).sum(dim=1)
+        self._counts[kind] += s.shape[1]
 
     def take_stats(self) -> dict[str, torch.Tensor]:
         """Per-row means since the last call, [B] float32 on the CPU (NaN where nothing of that
