@@ -134,7 +134,7 @@ def test_a_damaged_config_value_is_named_not_a_traceback(tmp_path):
     for name, edit, message in (
             ("zero-heads", {"tokenizer.head_size": 0}, "bad model config"),
             ("inf", {"tokenizer.patch_size": 1e400},
-             "tokenizer.patch_size=inf: expected positive integers")):
+             "tokenizer.patch_size=inf: expected whole numbers")):
         folder = _edited(tmp_path, name, "tiny-vit", edit)
         with pytest.raises(CheckpointError, match=message):
             load_model(folder)

@@ -76,9 +76,9 @@ def check_tokenizer(tok: TokenizerConfig) -> None:
         if len(values) > MAX_LEVELS:
             raise _beyond(f"len(tokenizer.{field.name})", len(values), MAX_LEVELS)
         for item in values:
-            if not isinstance(item, int) or isinstance(item, bool) or item <= 0:
-                raise CheckpointError(f"tokenizer.{field.name}={value!r}: expected positive "
-                                      "integers")
+            if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+                raise CheckpointError(f"tokenizer.{field.name}={value!r}: expected whole "
+                                      "numbers")
             if item > limit:
                 raise _beyond(f"tokenizer.{field.name}", item, limit)
     if tok.tokens_per_image > MAX_POSITIONS:

@@ -156,6 +156,11 @@ class ModelSection(_Section):
         description="First retry delay; it doubles per try (at most 60 s) with full jitter, "
         "or follows the endpoint's Retry-After.",
     )
+    trust_env: bool = Field(
+        default=False,
+        description="Send endpoint requests through the proxy the environment names "
+        "(HTTP_PROXY, HTTPS_PROXY, NO_PROXY). Off by default: the proxy would see the key.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSection:
