@@ -5,7 +5,6 @@ refused before any seed is resized to it."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import threading
@@ -88,42 +87,15 @@ def test_the_preflight_probe_has_a_total_deadline():
     assert "no answer within 2 s" in str(ended[0]) and took < 15
 
 
-@contextmanager
-def recording_proxy() -> Iterator[dict]:
-    """A loopback 'proxy' that records every request it gets (and answers 502)."""
-    state: dict = {"seen": []}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _record(self) -> None:
-            state["seen"].append((self.command, self.path, self.headers.get("Authorization")))
-            self.send_response(502)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_POST = do_CONNECT = _record  # noqa: N815
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 @pytest.fixture
 def proxied(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
-    """The environment names a proxy (for every host) and holds the endpoint's key."""
-    with recording_proxy() as proxy:
+    """The environment names a proxy (for every host) and holds the endpoint's key. The
+    'proxy' is a loopback server that records what it is sent and answers 502."""
+    with scripted_server(status=502) as proxy:
         for name in ("NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
         for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
-            monkeypatch.setenv(name, proxy["url"])
+            monkeypatch.setenv(name, proxy["url"].removesuffix("/score"))
         monkeypatch.setenv("MUSE_API_KEY", KEY)
         yield proxy
 
