@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.contracts.plan import make_plan
 from pipeline.contracts.spec import JobSpec, spec_from_data
 from pipeline.driver import run_job
+from pipeline.driver.discovery import discover_seeds
 from workers.actor.actor import RolloutActor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,3 +56,30 @@ def mode_roots(tmp_path_factory: pytest.TempPathFactory, seeds: Path, ray_local:
         summary = run_job(job(seeds, root, mode), actor_cls=RolloutActor, progress=False)
         assert summary.complete and summary.rollouts_ok == 6
     return roots
+
+
+RUNS = {"run-tiny": ("tiny", 16), "run-vit": ("tiny-vit", 15)}
+
+
+@pytest.fixture(scope="session")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root written by two models whose frames differ in size and token count (16x16, 16
+    tokens; 10x18, 15 tokens): 2 seeds x 2 rollouts x (1 + 3) steps each, committed by
+    the actor itself (no Ray)."""
+    base = tmp_path_factory.mktemp("two-models")
+    seeds, root = base / "seeds", base / "out"
+    seeds.mkdir()
+    for p in sorted((REPO / "configs" / "seeds" / "demo").glob("*.png"))[:2]:
+        shutil.copy(p, seeds / p.name)
+    for run_id, (preset, _) in RUNS.items():
+        spec = spec_from_data({
+            "run": {"name": "t", "run_id": run_id, "run_date": "2026-02-03"},
+            "model": {"preset": preset, "device": "cpu"}, "seeds": {"source": str(seeds)},
+            "rollouts": {"steps": 3, "per_seed": 2}, "resources": {"batch_size": 4},
+            "output": {"root": str(root)}})
+        actor = RolloutActor(spec)
+        for unit in make_plan(discover_seeds(str(seeds), format="images"), run_seed=0,
+                              per_seed=2, unit_size=4):
+            actor.run_unit(unit)
+        actor.close()
+    return root
