@@ -67,13 +67,18 @@ def _values(value: str | Sequence[str] | None) -> list[str] | None:
     return None if value is None else [value] if isinstance(value, str) else list(value)
 
 
+def is_glob(value: str) -> bool:
+    """Whether a run id or date names several (`nightly-*`, `2026-12-0?`)."""
+    return bool(_GLOB.search(value))
+
+
 def run_condition(name: str, values: list[str]) -> str:
     """SQL that selects rows whose `name` (run_id or run_date) equals one of `values` or
     matches one of them used as a glob (`*`, `?`, `[...]`). UserError for a value that is
     neither a run id (a date) nor a glob."""
     exact, globs = [], []
     for value in values:
-        if _GLOB.search(str(value)):
+        if is_glob(str(value)):
             if not _GLOB_TEXT.match(value):
                 raise UserError(f"{name} pattern {value!r} may only use the characters of "
                                 "run ids and dates and the wildcards * ? [ ]")

@@ -58,28 +58,52 @@ def mode_roots(tmp_path_factory: pytest.TempPathFactory, seeds: Path, ray_local:
     return roots
 
 
+def run_in_process(seeds: Path, root: Path, *, run_id: str, run_date: str,
+                   preset: str = "tiny", **output: object) -> None:
+    """Every unit of a small run (2 rollouts per seed, 3 steps), run and committed by the
+    actor itself, without Ray: no manifest, no _SUCCESS, the tables and markers as a
+    driver's run leaves them."""
+    spec = spec_from_data({
+        "run": {"name": "t", "run_id": run_id, "run_date": run_date},
+        "model": {"preset": preset, "device": "cpu"}, "seeds": {"source": str(seeds)},
+        "rollouts": {"steps": 3, "per_seed": 2}, "resources": {"batch_size": 4},
+        "output": {"root": str(root), **output}})
+    actor = RolloutActor(spec)
+    for unit in make_plan(discover_seeds(str(seeds), format="images"), run_seed=0,
+                          per_seed=2, unit_size=4):
+        actor.run_unit(unit)
+    actor.close()
+
+
+def _two_seeds(folder: Path) -> Path:
+    folder.mkdir()
+    for p in sorted((REPO / "configs" / "seeds" / "demo").glob("*.png"))[:2]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
 RUNS = {"run-tiny": ("tiny", 16), "run-vit": ("tiny-vit", 15)}
 
 
 @pytest.fixture(scope="session")
 def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A root written by two models whose frames differ in size and token count (16x16, 16
-    tokens; 10x18, 15 tokens): 2 seeds x 2 rollouts x (1 + 3) steps each, committed by
-    the actor itself (no Ray)."""
+    tokens; 10x18, 15 tokens): 2 seeds x 2 rollouts x (1 + 3) steps each."""
     base = tmp_path_factory.mktemp("two-models")
-    seeds, root = base / "seeds", base / "out"
-    seeds.mkdir()
-    for p in sorted((REPO / "configs" / "seeds" / "demo").glob("*.png"))[:2]:
-        shutil.copy(p, seeds / p.name)
+    seeds, root = _two_seeds(base / "seeds"), base / "out"
     for run_id, (preset, _) in RUNS.items():
-        spec = spec_from_data({
-            "run": {"name": "t", "run_id": run_id, "run_date": "2026-02-03"},
-            "model": {"preset": preset, "device": "cpu"}, "seeds": {"source": str(seeds)},
-            "rollouts": {"steps": 3, "per_seed": 2}, "resources": {"batch_size": 4},
-            "output": {"root": str(root)}})
-        actor = RolloutActor(spec)
-        for unit in make_plan(discover_seeds(str(seeds), format="images"), run_seed=0,
-                              per_seed=2, unit_size=4):
-            actor.run_unit(unit)
-        actor.close()
+        run_in_process(seeds, root, run_id=run_id, run_date="2026-02-03", preset=preset)
+    return root
+
+
+#: (run_date, run_id) of the runs of `three_runs`, one model, 4 rollouts of 4 steps each.
+NIGHTS = (("2026-02-03", "night-a"), ("2026-02-04", "night-b"), ("2026-02-04", "other"))
+
+
+@pytest.fixture(scope="session")
+def three_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("three-runs")
+    seeds, root = _two_seeds(base / "seeds"), base / "out"
+    for run_date, run_id in NIGHTS:
+        run_in_process(seeds, root, run_id=run_id, run_date=run_date)
     return root
