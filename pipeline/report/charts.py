@@ -46,7 +46,8 @@ def bar_chart(heights: Sequence[float], *, title: str, x_labels: tuple[str, str]
         f'<text x="{LEFT}" y="15" class="t">{escape(title)}</text>'
         f'<line x1="{LEFT}" y1="{base}" x2="{WIDTH - RIGHT}" y2="{base}" stroke="#888"/>'
         f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{base}" stroke="#888"/>'
-        f'<text x="{LEFT - 4}" y="{TOP + 8}" text-anchor="end" class="a">{_number(top)}</text>'
+        f'<text x="{LEFT - 4}" y="{TOP + 8}" text-anchor="end" class="a">'
+        f'{_number(top) if heights else ""}</text>'
         f'<text x="{LEFT - 4}" y="{base}" text-anchor="end" class="a">0</text>'
         f'<text x="{LEFT}" y="{base + 14}" class="a">{escape(x_labels[0])}</text>'
         f'<text x="{WIDTH - RIGHT}" y="{base + 14}" text-anchor="end" class="a">'
@@ -79,8 +80,9 @@ def _clock(t: dt.datetime) -> str:
 
 
 def throughput(rows: Sequence[dict[str, Any]]) -> str:
-    """Generated frames per second over the run's wall-clock time (UTC), from when each
-    ok rollout finished: gaps between attempts show as empty stretches."""
+    """Generated frames per second over the run's wall-clock time (UTC): each ok rollout's
+    generated frames spread evenly over the time it ran (rollouts of a batch run side by
+    side, so their rates add up); gaps between attempts show as empty stretches."""
     done = [r for r in rows if r["status"] == "ok" and r.get("finished_at") is not None]
     if not done:
         return bar_chart([], title="generated frames/s: no rollouts yet", x_labels=("", ""),
@@ -88,14 +90,17 @@ def throughput(rows: Sequence[dict[str, Any]]) -> str:
     start = min(r["started_at"] for r in done)
     end = max(r["finished_at"] for r in done)
     width = max((end - start).total_seconds() / THROUGHPUT_BINS, 1.0)
+    edges = np.arange(THROUGHPUT_BINS + 1) * width
     frames = np.zeros(THROUGHPUT_BINS)
     for r in done:
-        i = min(int((r["finished_at"] - start).total_seconds() / width), THROUGHPUT_BINS - 1)
-        frames[i] += r["generated_steps"]
+        lo = (r["started_at"] - start).total_seconds()
+        hi = max((r["finished_at"] - start).total_seconds(), lo + 1e-3)
+        overlap = np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0.0, None)
+        frames += r["generated_steps"] * overlap / (hi - lo)
     rates = frames / width
-    tips = [f"{_clock(start + dt.timedelta(seconds=i * width))}: {rate:.3g} frames/s"
-            for i, rate in enumerate(rates)]
-    title = (f"generated frames/s over time ({int(frames.sum())} frames, "
+    tips = [f"{_clock(start + dt.timedelta(seconds=float(t)))}: {rate:.3g} frames/s"
+            for t, rate in zip(edges[:-1], rates, strict=True)]
+    title = (f"generated frames/s over time ({round(frames.sum())} frames, "
              f"{width:.3g} s per bar)")
     return bar_chart(rates.tolist(), title=title, x_labels=(_clock(start), _clock(end) + " UTC"),
                      y_label="frames/s", tips=tips)

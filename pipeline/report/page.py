@@ -28,7 +28,7 @@ table { border-collapse: collapse; } td, th { padding: 2px 10px 2px 0; text-alig
   background: #eee; display: block; }
 .tile img + img { margin-top: 2px; }
 .tile.pair img { width: 79px; height: 79px; display: inline-block; }
-.tile figcaption { font-size: 11px; word-break: break-all; }
+.tile figcaption { font-size: 11px; overflow-wrap: anywhere; }
 .bad { color: #c62828; font-weight: bold; }
 .facts { display: flex; flex-wrap: wrap; gap: 4px 14px; margin: 6px 0; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import logging
 import re
@@ -24,6 +25,7 @@ from pipeline.contracts.storage import open_storage
 from pipeline.dataset import RolloutWindows
 from pipeline.query import query
 from pipeline.report.browser import find_browser, screenshot
+from pipeline.report.charts import throughput
 from pipeline.report.gather import worst_first
 
 needs_browser = pytest.mark.skipif(find_browser() is None,
@@ -186,3 +188,22 @@ def test_the_nightly_writes_the_report_beside_success(ray_local, seeds, tmp_path
     assert f"report: {report}" in capsys.readouterr().out
     html = report.read_text()
     assert "nightly-2026-03-02" in html and len(_pictures(html)) == 3  # 3 seeds' previews
+
+
+def test_throughput_spreads_frames_over_the_time_they_took():
+    t0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+
+    def rollout(start_s: float, end_s: float, frames: int) -> dict:
+        return {"status": "ok", "generated_steps": frames,
+                "started_at": t0 + dt.timedelta(seconds=start_s),
+                "finished_at": t0 + dt.timedelta(seconds=end_s)}
+
+    # two attempts: two rollouts side by side for 30 s, then a 30 s gap, then one for 30 s
+    rows = [rollout(0, 30, 60), rollout(0, 30, 60), rollout(60, 90, 30),
+            {"status": "failed", "generated_steps": 0, "started_at": t0, "finished_at": t0}]
+    svg = throughput(rows)
+    rates = [float(x) for x in re.findall(r": ([0-9.e+-]+) frames/s</title>", svg)]
+    assert len(rates) == 30 and "(150 frames, 3 s per bar)" in svg
+    assert rates[:10] == pytest.approx([4.0] * 10)  # 120 frames in 30 s
+    assert rates[10:20] == pytest.approx([0.0] * 10)  # the gap between the attempts
+    assert rates[20:] == pytest.approx([1.0] * 10)
