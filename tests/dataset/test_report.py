@@ -6,10 +6,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
-import logging
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,6 @@ from PIL import Image, ImageSequence
 from jobs.nightly import main as nightly_main
 from pipeline.cli import main as cli_main
 from pipeline.contracts import layout
-from pipeline.contracts.logs import set_log_context
 from pipeline.contracts.storage import open_storage
 from pipeline.dataset import RolloutWindows
 from pipeline.query import query
@@ -159,21 +156,8 @@ def test_worst_first_order():
         "early", "late", "frozen", "low", "fine", "endpoint"]
 
 
-@pytest.fixture
-def _keep_logging_config() -> Iterator[None]:
-    """jobs.nightly sets up structured logging in-process; undo it for later tests."""
-    loggers = [logging.getLogger(name) for name in ("pipeline", "workers", "jobs")]
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-    yield
-    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
-    set_log_context(run_id=None)
-
-
-def test_the_nightly_writes_the_report_beside_success(ray_local, seeds, tmp_path, capsys,
-                                                       _keep_logging_config):
+@pytest.mark.usefixtures("keep_logging_config")
+def test_the_nightly_writes_the_report_beside_success(ray_local, seeds, tmp_path, capsys):
     root = tmp_path / "out"
     small = ["rollouts.per_seed=1", "rollouts.steps=2", "resources.rollouts_per_unit=2",
              f"seeds.source={seeds}", "run.run_id=nightly-{date}", f"output.root={root}"]
