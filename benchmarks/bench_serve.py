@@ -15,6 +15,13 @@ The engine does the same work in-process with the same threads, two ways:
 - one rollout: `RolloutEngine.rollout(steps=N)`, the batch pipeline's way (the KV cache
   carries over while the window grows).
 
+With `--official` it measures the official local-server protocol instead (the WHAM
+Demonstrator's): `--clients` pollers each submit one job of `--steps` frames from the same
+context (a multipart upload), poll `get_job_results` every `--poll-ms` until every frame
+came, against the same number of iterative Muse clients making the same frames, rounds
+alternating on one server; jobs per second, steps per second and job latency go into the
+"## Serve: the official protocol" section of docs/benchmarks.md with `--write-docs`.
+
 Throughput is frames per second (clients x steps / wall); latency is each request's wall
 time seen by its client, p50 and p99. The server starts first (its start-up time is
 reported apart) and idles while the engine runs; engine and server rounds alternate, so
@@ -25,6 +32,8 @@ Markdown row and, with --json, one JSON line.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import io
 import json
 import os
 import platform
@@ -37,6 +46,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,10 +55,15 @@ import torch
 
 from workers import wham
 from workers.actor.encode import encode_png
-from workers.actor.muse import context_entry
+from workers.actor.multipart import Part, encode_form
+from workers.actor.muse import context_entry, model_to_official
 from workers.actor.replica import load_replica
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import replace_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
 WINDOW = 10
 START_TIMEOUT_S = 600
 
@@ -196,6 +211,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=100.0)
     parser.add_argument("--no-watermark", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--official", action="store_true",
+                        help="the official local-server protocol against Muse, not the engine")
+    parser.add_argument("--poll-ms", type=float, default=100.0,
+                        help="--official: how often a poller asks for results")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="--official: write its section of docs/benchmarks.md")
     args = parser.parse_args()
     if not args.checkpoint and not args.preset:
         args.checkpoint = "models/demo"
@@ -204,6 +225,8 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> int:
     args = _arguments()
+    if args.official:
+        return main_official(args)
     model = load_replica(checkpoint=args.checkpoint, preset=args.preset, device="cpu",
                          dtype=args.dtype, threads=args.cpus)
     images, actions = _inputs(model, clients=args.clients, context_steps=args.context_steps)
@@ -250,15 +273,128 @@ def main() -> int:
     return 0
 
 
-def markdown_row(r: dict) -> str:
-    def rounds(values: list[float]) -> str:
-        return " / ".join(f"{v:g}" for v in values)
+def rounds(values: list[float]) -> str:
+    return " / ".join(f"{v:g}" for v in values)
 
+
+def markdown_row(r: dict) -> str:
     return (f"| {r['model']} | {r['clients']} x {r['steps']} | {rounds(r['serve_fps'])} | "
             f"{rounds(r['engine_step_fps'])} | {rounds(r['engine_rollout_fps'])} | "
             f"{r['serve_vs_engine_step']}x | {r['serve_vs_engine_rollout']}x | "
             f"{r['latency_p50_s'] * 1000:.0f} / {r['latency_p99_s'] * 1000:.0f} | "
             f"{r['mean_rows_per_engine_call']} | {r['serve_start_s']} |")
+
+
+# ---------------------------------------------------------------- the official protocol
+
+
+def _job_form(images: np.ndarray, actions: np.ndarray, *, steps: int) -> tuple[bytes, str]:
+    """A Demonstrator-style job: the context frames as PNG files, `steps` frames wanted."""
+    names = [f"image{k}.png" for k in range(len(images))]
+    job = {"steps": [{"image_name": n, "action": model_to_official(a), "tokens": None}
+                     for n, a in zip(names, actions, strict=True)],
+           "num_steps_to_predict": steps - 1, "num_parallel_predictions": 1}
+    parts = [Part("json", None, "application/json", json.dumps(job).encode())]
+    parts += [Part(n, n, "image/png", encode_png(i, text={}, watermark=False))
+              for n, i in zip(names, images, strict=True)]
+    return encode_form(parts)
+
+
+def official_window(url: str, images: np.ndarray, actions: np.ndarray, *, steps: int,
+                    poll_s: float, barrier: threading.Barrier) -> float:
+    """One Demonstrator window: submit one job, poll until its frames came; its wall time."""
+    body, content_type = _job_form(images, actions, steps=steps)
+    barrier.wait()
+    t0 = time.perf_counter()
+    request = urllib.request.Request(f"{url}/new_job", data=body,
+                                     headers={"Content-Type": content_type})
+    with urllib.request.urlopen(request, timeout=600) as resp:
+        (job,), frames = json.loads(resp.read())["job_ids"], 0
+    while frames < steps:
+        time.sleep(poll_s)
+        with urllib.request.urlopen(f"{url}/get_job_results?job_ids={job}", timeout=600) as resp:
+            if resp.status == 200:
+                with zipfile.ZipFile(io.BytesIO(resp.read())) as archive:
+                    frames += len(json.loads(archive.read("predictions.json")))
+    return time.perf_counter() - t0
+
+
+def official_round(server: Server, images: np.ndarray, actions: np.ndarray, *, steps: int,
+                   poll_s: float) -> tuple[float, list[float]]:
+    clients = len(images)
+    barrier = threading.Barrier(clients + 1)
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(official_window, server.url, images[c], actions[c], steps=steps,
+                               poll_s=poll_s, barrier=barrier) for c in range(clients)]
+        barrier.wait()
+        t0 = time.perf_counter()
+        latencies = [f.result() for f in futures]
+    return time.perf_counter() - t0, latencies
+
+
+def main_official(args: argparse.Namespace) -> int:
+    """Official protocol and Muse on one server, rounds alternating, equal frames each."""
+    model = load_replica(checkpoint=args.checkpoint, preset=args.preset, device="cpu",
+                         dtype=args.dtype, threads=args.cpus)
+    images, actions = _inputs(model, clients=args.clients, context_steps=args.context_steps)
+    load_start, poll_s = os.getloadavg()[0], args.poll_ms / 1000
+    server = Server(args, Path(tempfile.mkdtemp(prefix="bench-official-")) / "serve.log")
+    official_s, muse_s, job_latency = [], [], []
+    try:
+        serve_round(server, images[:, :1], actions[:, :1], steps=1)  # warm-ups
+        official_round(server, images[:, :1], actions[:, :1], steps=1, poll_s=poll_s)
+        for _ in range(args.rounds):
+            muse_s.append(serve_round(server, images, actions, steps=args.steps)[0])
+            wall, latencies = official_round(server, images, actions, steps=args.steps,
+                                             poll_s=poll_s)
+            official_s.append(wall)
+            job_latency += latencies
+    finally:
+        server.stop()
+    result = {"model": args.checkpoint or args.preset, "clients": args.clients,
+              "steps": args.steps, "context_steps": args.context_steps, "poll_ms": args.poll_ms,
+              "batch_wait_ms": args.batch_wait_ms,
+              "official_jobs_per_s": [round(args.clients / s, 3) for s in official_s],
+              "official_steps_per_s": [round(args.clients * args.steps / s, 2)
+                                       for s in official_s],
+              "muse_steps_per_s": [round(args.clients * args.steps / s, 2) for s in muse_s],
+              "official_vs_muse": round(sum(muse_s) / sum(official_s), 3),
+              "job_latency_p50_s": round(float(np.percentile(job_latency, 50)), 3),
+              "job_latency_p99_s": round(float(np.percentile(job_latency, 99)), 3),
+              "load_avg_start_end": [round(load_start, 1), round(os.getloadavg()[0], 1)]}
+    if args.json:
+        print(json.dumps(result))
+    section = official_section(result)
+    print(section)
+    if args.write_docs:
+        replace_section(DOCS, section)
+    return 0
+
+
+def official_section(r: dict) -> str:
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    official = (f"| official (`POST /new_job` + polling) | {rounds(r['official_jobs_per_s'])} | "
+                f"{rounds(r['official_steps_per_s'])} | {r['official_vs_muse']}x | "
+                f"{r['job_latency_p50_s']} / {r['job_latency_p99_s']} |")
+    muse_jobs = [round(s / r["steps"], 3) for s in r["muse_steps_per_s"]]
+    return (
+        f"## Serve: the official protocol\n\n`python benchmarks/bench_serve.py "
+        f"{' '.join(sys.argv[1:])}` (model {r['model']}; {r['clients']} clients x "
+        f"{r['steps']} steps "
+        f"from {r['context_steps']} context frames; polls every {r['poll_ms']:g} ms; batch "
+        f"wait {r['batch_wait_ms']:g} ms) on {machine}, {dt.date.today().isoformat()}, load "
+        f"average {r['load_avg_start_end'][0]}-{r['load_avg_start_end'][1]}. One `wham-batch "
+        "serve` (one replica, one torch thread), rounds alternating, equal frames: each "
+        "official poller submits one job (a multipart upload of the context) and polls "
+        "`get_job_results` until its frames came; each Muse client posts its context once "
+        "per frame. The ratio is of summed times.\n\n"
+        "| protocol | jobs/s (rounds) | steps/s (rounds) | official / Muse | job latency "
+        f"p50 / p99 s |\n|---|---|---|---|---|\n{official}\n| Muse (`POST /score` per "
+        f"step) | {rounds(muse_jobs)} | {rounds(r['muse_steps_per_s'])} | 1x | - |\n\n"
+        "Job steps run one at a time through the replica's batch queue, as Muse requests "
+        "do, so both fill engine calls alike; the official protocol sends the context once "
+        "per job, and its results wait for the next poll.\n")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,12 +7,13 @@ first one beyond), at most `max_part_bytes` in one part, at most `MAX_HEADER_BYT
 headers per part. Field names and file names come from `Content-Disposition`, quoted or
 not (.NET's HttpClient writes `name=json` unquoted, browsers quote), with `filename*`
 (RFC 5987) understood. Anything malformed raises `ProtocolError` naming `body` or
-`Content-Type`; a limit exceeded answers 413.
+`Content-Type`; a limit exceeded answers 413. `encode_form` is the client's side.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -118,3 +119,23 @@ def parse_form(body: bytes, content_type: str | None, *, max_parts: int,
         parts.append(_part(text[line_end + 2:nxt], index=len(parts),
                            max_part_bytes=max_part_bytes))
         pos = nxt
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def encode_form(parts: list[Part]) -> tuple[bytes, str]:
+    """(body, Content-Type) of a `multipart/form-data` request holding `parts`."""
+    boundary = secrets.token_hex(16)
+    chunks = []
+    for part in parts:
+        disposition = f'form-data; name="{_quoted(part.name)}"'
+        if part.filename is not None:
+            disposition += f'; filename="{_quoted(part.filename)}"'
+        head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+        if part.content_type:
+            head += f"Content-Type: {part.content_type}\r\n"
+        chunks += [head.encode() + b"\r\n", part.data, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
