@@ -15,12 +15,10 @@ The engine does the same work in-process with the same threads, two ways:
 - one rollout: `RolloutEngine.rollout(steps=N)`, the batch pipeline's way (the KV cache
   carries over while the window grows).
 
-With `--official` it measures the official local-server protocol instead (the WHAM
-Demonstrator's): `--clients` pollers each submit one job of `--steps` frames from the same
-context (a multipart upload), poll `get_job_results` every `--poll-ms` until every frame
-came, against the same number of iterative Muse clients making the same frames, rounds
-alternating on one server; jobs per second, steps per second and job latency go into the
-"## Serve: the official protocol" section of docs/benchmarks.md with `--write-docs`.
+`--official` measures the official local-server protocol (the WHAM Demonstrator's) instead:
+`--clients` pollers each submit a job of `--steps` frames and poll every `--poll-ms`,
+against as many Muse clients making the same frames, on one server; `--write-docs` writes
+"## Serve: the official protocol" in docs/benchmarks.md.
 
 Throughput is frames per second (clients x steps / wall); latency is each request's wall
 time seen by its client, p50 and p99. The server starts first (its start-up time is
@@ -213,8 +211,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--official", action="store_true",
                         help="the official local-server protocol against Muse, not the engine")
-    parser.add_argument("--poll-ms", type=float, default=100.0,
-                        help="--official: how often a poller asks for results")
+    parser.add_argument("--poll-ms", default="100,1000",
+                        help="--official: how often a poller asks for results (ms, a list)")
     parser.add_argument("--write-docs", action="store_true",
                         help="--official: write its section of docs/benchmarks.md")
     args = parser.parse_args()
@@ -333,67 +331,69 @@ def official_round(server: Server, images: np.ndarray, actions: np.ndarray, *, s
 
 
 def main_official(args: argparse.Namespace) -> int:
-    """Official protocol and Muse on one server, rounds alternating, equal frames each."""
+    """Muse and the official protocol at each poll interval on one server, rounds
+    alternating, equal frames each."""
     model = load_replica(checkpoint=args.checkpoint, preset=args.preset, device="cpu",
                          dtype=args.dtype, threads=args.cpus)
     images, actions = _inputs(model, clients=args.clients, context_steps=args.context_steps)
-    load_start, poll_s = os.getloadavg()[0], args.poll_ms / 1000
+    polls, load_start = [float(ms) for ms in args.poll_ms.split(",")], os.getloadavg()[0]
     server = Server(args, Path(tempfile.mkdtemp(prefix="bench-official-")) / "serve.log")
-    official_s, muse_s, job_latency = [], [], []
+    walls, latency = {"muse": [], **{ms: [] for ms in polls}}, {ms: [] for ms in polls}
     try:
         serve_round(server, images[:, :1], actions[:, :1], steps=1)  # warm-ups
-        official_round(server, images[:, :1], actions[:, :1], steps=1, poll_s=poll_s)
+        official_round(server, images[:, :1], actions[:, :1], steps=1, poll_s=polls[0] / 1000)
         for _ in range(args.rounds):
-            muse_s.append(serve_round(server, images, actions, steps=args.steps)[0])
-            wall, latencies = official_round(server, images, actions, steps=args.steps,
-                                             poll_s=poll_s)
-            official_s.append(wall)
-            job_latency += latencies
+            walls["muse"].append(serve_round(server, images, actions, steps=args.steps)[0])
+            for ms in polls:
+                wall, job_s = official_round(server, images, actions, steps=args.steps,
+                                             poll_s=ms / 1000)
+                walls[ms].append(wall)
+                latency[ms] += job_s
     finally:
         server.stop()
-    result = {"model": args.checkpoint or args.preset, "clients": args.clients,
-              "steps": args.steps, "context_steps": args.context_steps, "poll_ms": args.poll_ms,
-              "batch_wait_ms": args.batch_wait_ms,
-              "official_jobs_per_s": [round(args.clients / s, 3) for s in official_s],
-              "official_steps_per_s": [round(args.clients * args.steps / s, 2)
-                                       for s in official_s],
-              "muse_steps_per_s": [round(args.clients * args.steps / s, 2) for s in muse_s],
-              "official_vs_muse": round(sum(muse_s) / sum(official_s), 3),
-              "job_latency_p50_s": round(float(np.percentile(job_latency, 50)), 3),
-              "job_latency_p99_s": round(float(np.percentile(job_latency, 99)), 3),
-              "load_avg_start_end": [round(load_start, 1), round(os.getloadavg()[0], 1)]}
+    rows = [_official_row(f"official, polls every {ms:g} ms", walls[ms], walls["muse"],
+                          latency[ms], args) for ms in polls]
+    rows.append(_official_row("Muse (`POST /score` per step)", walls["muse"], walls["muse"],
+                              [], args))
+    load = (round(load_start, 1), round(os.getloadavg()[0], 1))
     if args.json:
-        print(json.dumps(result))
-    section = official_section(result)
+        print(json.dumps({"rows": rows, "load_avg_start_end": load}))
+    section = official_section(rows, args, load=load)
     print(section)
     if args.write_docs:
         replace_section(DOCS, section)
     return 0
 
 
-def official_section(r: dict) -> str:
+def _official_row(name: str, walls: list[float], muse: list[float], latency: list[float],
+                  args: argparse.Namespace) -> dict:
+    pct = (lambda q: round(float(np.percentile(latency, q)), 2)) if latency else (lambda q: "-")
+    return {"protocol": name, "jobs_per_s": [round(args.clients / w, 3) for w in walls],
+            "steps_per_s": [round(args.clients * args.steps / w, 2) for w in walls],
+            "vs_muse": round(sum(muse) / sum(walls), 3), "job_s_p50": pct(50),
+            "job_s_p99": pct(99)}
+
+
+def official_section(rows: list[dict], args: argparse.Namespace, *, load: tuple) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    official = (f"| official (`POST /new_job` + polling) | {rounds(r['official_jobs_per_s'])} | "
-                f"{rounds(r['official_steps_per_s'])} | {r['official_vs_muse']}x | "
-                f"{r['job_latency_p50_s']} / {r['job_latency_p99_s']} |")
-    muse_jobs = [round(s / r["steps"], 3) for s in r["muse_steps_per_s"]]
+    table = "".join(f"| {r['protocol']} | {rounds(r['jobs_per_s'])} | "
+                    f"{rounds(r['steps_per_s'])} | {r['vs_muse']}x | {r['job_s_p50']} / "
+                    f"{r['job_s_p99']} |\n" for r in rows)
     return (
         f"## Serve: the official protocol\n\n`python benchmarks/bench_serve.py "
-        f"{' '.join(sys.argv[1:])}` (model {r['model']}; {r['clients']} clients x "
-        f"{r['steps']} steps "
-        f"from {r['context_steps']} context frames; polls every {r['poll_ms']:g} ms; batch "
-        f"wait {r['batch_wait_ms']:g} ms) on {machine}, {dt.date.today().isoformat()}, load "
-        f"average {r['load_avg_start_end'][0]}-{r['load_avg_start_end'][1]}. One `wham-batch "
-        "serve` (one replica, one torch thread), rounds alternating, equal frames: each "
-        "official poller submits one job (a multipart upload of the context) and polls "
-        "`get_job_results` until its frames came; each Muse client posts its context once "
-        "per frame. The ratio is of summed times.\n\n"
-        "| protocol | jobs/s (rounds) | steps/s (rounds) | official / Muse | job latency "
-        f"p50 / p99 s |\n|---|---|---|---|---|\n{official}\n| Muse (`POST /score` per "
-        f"step) | {rounds(muse_jobs)} | {rounds(r['muse_steps_per_s'])} | 1x | - |\n\n"
+        f"{' '.join(sys.argv[1:])}` (model {args.checkpoint or args.preset}; {args.clients} "
+        f"clients x {args.steps} steps from {args.context_steps} context frames; batch wait "
+        f"{args.batch_wait_ms:g} ms) on {machine}, {dt.date.today().isoformat()}, load "
+        f"average {load[0]}-{load[1]}. One `wham-batch serve` (one replica, one torch "
+        "thread), rounds alternating, equal frames: each official poller submits one job "
+        "(a multipart upload of the context) and polls `get_job_results` until its frames "
+        "came; each Muse client posts its context once per frame. Ratios are of summed "
+        "times.\n\n| protocol | jobs/s (rounds) | steps/s (rounds) | vs Muse | job seconds "
+        f"p50 / p99 |\n|---|---|---|---|---|\n{table}\n"
         "Job steps run one at a time through the replica's batch queue, as Muse requests "
         "do, so both fill engine calls alike; the official protocol sends the context once "
-        "per job, and its results wait for the next poll.\n")
+        "per job, its results wait for the next poll, and every poll is a request through "
+        "Serve's proxy and the job board.\n")
 
 
 if __name__ == "__main__":

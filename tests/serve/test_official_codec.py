@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from support.official import dotnet_form, job_json
 
-from workers.actor.multipart import parse_form
+from workers.actor.multipart import Part, encode_form, parse_form
 from workers.actor.muse import ModelShape, ProtocolError, ScoreResult
 from workers.actor.official import (
     MAX_FORM_PARTS,
@@ -69,6 +69,13 @@ def test_dotnet_and_browser_forms_read_alike() -> None:
     assert [(p.name, p.filename, p.data) for p in dotnet] == \
         [(p.name, p.filename, p.data) for p in chrome] == \
         [("json", None, b'{"a": 1}'), ("image0.png", "image0.png", b"\x89PNG..")]
+
+
+def test_the_client_side_form_reads_back_whatever_the_names() -> None:
+    parts = [Part("json", None, "application/json", b"{}"),
+             Part('we"ird\\ na;me=.png', 'we"ird\\ na;me=.png', "image/png", b"\r\n--x\r\n")]
+    body, content_type = encode_form(parts)
+    assert parse_form(body, content_type, max_parts=2, max_part_bytes=100) == parts
 
 
 @pytest.mark.parametrize(("body", "content_type", "field", "status"), [

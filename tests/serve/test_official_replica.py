@@ -7,12 +7,12 @@ import asyncio
 import io
 import json
 import zipfile
-from urllib.parse import urlencode
 
 import numpy as np
 import pytest
 from PIL import Image
 from starlette.requests import Request
+from support.asgi import make_request
 from support.official import dotnet_form, job_json
 
 from workers.actor.serve_replica import MuseReplica, key_digest
@@ -31,22 +31,6 @@ def make_replica(key: str | None) -> MuseReplica:
     return replica
 
 
-def request(path: str, *, method: str = "GET", body: bytes = b"", query: dict | list = (),
-            headers: dict[str, str] | None = None) -> Request:
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return Request({"type": "http", "method": method, "path": path, "headers": raw,
-                    "query_string": urlencode(query).encode()}, receive)
-
-
 def new_job_request(parallel: int, predict: int, key: str | None = None) -> Request:
     buf = io.BytesIO()
     Image.fromarray(np.full((180, 300, 3), 90, np.uint8)).save(buf, format="PNG")
@@ -58,13 +42,13 @@ def new_job_request(parallel: int, predict: int, key: str | None = None) -> Requ
     headers = {"Content-Type": content_type}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    return request("/new_job", method="POST", body=body, headers=headers)
+    return make_request("/new_job", method="POST", body=body, headers=headers)
 
 
 async def poll_all(replica: MuseReplica, job_ids: list[str], count: int) -> list[tuple]:
     got: list[tuple] = []
     for _ in range(600):
-        reply = await replica.handle(request("/get_job_results",
+        reply = await replica.handle(make_request("/get_job_results",
                                              query=[("job_ids", j) for j in job_ids]))
         if reply.status == 200:
             with zipfile.ZipFile(io.BytesIO(reply.body)) as archive:
@@ -86,19 +70,19 @@ def test_jobs_run_to_the_end_and_a_cancelled_one_stops() -> None:
         ids = json.loads(reply.body)["job_ids"]
         got = await poll_all(replica, ids, 4)
         assert sorted(got) == sorted((j, s) for j in ids for s in range(2))
-        reply = await replica.handle(request("/get_job_results", query=[("job_ids", ids[0])]))
+        reply = await replica.handle(make_request("/get_job_results", query=[("job_ids", ids[0])]))
         assert reply.status == 204
         reply = await replica.handle(new_job_request(parallel=1, predict=9))
         (long_job,) = json.loads(reply.body)["job_ids"]
         await poll_all(replica, [long_job], 1)
-        reply = await replica.handle(request("/cancel_job", query={"job_id": long_job}))
+        reply = await replica.handle(make_request("/cancel_job", query={"job_id": long_job}))
         assert (reply.status, json.loads(reply.body)["cancelled"]) == (200, True)
         for _ in range(300):  # the step in flight ends, its post is refused, the task ends
             if not replica.official._running:
                 break
             await asyncio.sleep(0.1)
         assert not replica.official._running
-        reply = await replica.handle(request("/get_job_results", query={"job_ids": long_job}))
+        reply = await replica.handle(make_request("/get_job_results", query={"job_ids": long_job}))
         assert reply.status == 204  # nothing of the cancelled job came out after the cancel
 
     asyncio.run(scenario())
@@ -109,9 +93,9 @@ def test_with_a_key_every_route_needs_it(route: str) -> None:
     async def scenario() -> None:
         replica = make_replica(KEY)
         method = "POST" if route == "/new_job" else "GET"
-        reply = await replica.handle(request(route, method=method))
+        reply = await replica.handle(make_request(route, method=method))
         assert reply.status == 401 and reply.headers == {"WWW-Authenticate": "Bearer"}
-        reply = await replica.handle(request(route, method=method,
+        reply = await replica.handle(make_request(route, method=method,
                                              headers={"Authorization": f"Bearer {KEY}"}))
         assert reply.status in (200, 400), reply.body  # past the key: details, or a bad request
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-from support.muse import ServeProcess
+from support.muse import ServeProcess, running_server
 from support.official import Answer, DemonstratorClient, dotnet_form, job_json
 from support.procs import session_pids
 
@@ -38,13 +38,8 @@ DEMO_SIZE, DEMO_TOKENS = (32, 32), 16  # models/demo: 32x32 frames, 16 tokens ea
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    proc = ServeProcess(SERVER_ARGS, key=KEY,
-                        log_path=tmp_path_factory.mktemp("official") / "serve.log")
-    try:
-        proc.wait_ready()
+    with running_server(SERVER_ARGS, key=KEY, log_dir=tmp_path_factory.mktemp("official")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture
