@@ -283,9 +283,6 @@ def markdown_row(r: dict) -> str:
             f"{r['mean_rows_per_engine_call']} | {r['serve_start_s']} |")
 
 
-# ---------------------------------------------------------------- the official protocol
-
-
 def _job_form(images: np.ndarray, actions: np.ndarray, *, steps: int) -> tuple[bytes, str]:
     """A Demonstrator-style job: the context frames as PNG files, `steps` frames wanted."""
     names = [f"image{k}.png" for k in range(len(images))]
@@ -299,26 +296,28 @@ def _job_form(images: np.ndarray, actions: np.ndarray, *, steps: int) -> tuple[b
 
 
 def official_window(url: str, images: np.ndarray, actions: np.ndarray, *, steps: int,
-                    poll_s: float, barrier: threading.Barrier) -> float:
-    """One Demonstrator window: submit one job, poll until its frames came; its wall time."""
+                    poll_s: float, barrier: threading.Barrier) -> tuple[float, int]:
+    """One Demonstrator window: submit a job, poll until its frames came; (its wall time,
+    the requests it made)."""
     body, content_type = _job_form(images, actions, steps=steps)
     barrier.wait()
     t0 = time.perf_counter()
     request = urllib.request.Request(f"{url}/new_job", data=body,
                                      headers={"Content-Type": content_type})
     with urllib.request.urlopen(request, timeout=600) as resp:
-        (job,), frames = json.loads(resp.read())["job_ids"], 0
+        (job,), frames, requests = json.loads(resp.read())["job_ids"], 0, 1
     while frames < steps:
         time.sleep(poll_s)
+        requests += 1
         with urllib.request.urlopen(f"{url}/get_job_results?job_ids={job}", timeout=600) as resp:
             if resp.status == 200:
                 with zipfile.ZipFile(io.BytesIO(resp.read())) as archive:
                     frames += len(json.loads(archive.read("predictions.json")))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, requests
 
 
 def official_round(server: Server, images: np.ndarray, actions: np.ndarray, *, steps: int,
-                   poll_s: float) -> tuple[float, list[float]]:
+                   poll_s: float) -> tuple[float, list[float], int]:
     clients = len(images)
     barrier = threading.Barrier(clients + 1)
     with ThreadPoolExecutor(clients) as pool:
@@ -326,35 +325,35 @@ def official_round(server: Server, images: np.ndarray, actions: np.ndarray, *, s
                                poll_s=poll_s, barrier=barrier) for c in range(clients)]
         barrier.wait()
         t0 = time.perf_counter()
-        latencies = [f.result() for f in futures]
-    return time.perf_counter() - t0, latencies
+        windows = [f.result() for f in futures]
+    return time.perf_counter() - t0, [w[0] for w in windows], sum(w[1] for w in windows)
 
 
 def main_official(args: argparse.Namespace) -> int:
-    """Muse and the official protocol at each poll interval on one server, rounds
-    alternating, equal frames each."""
+    """Muse and the official protocol at each poll interval, rounds alternating."""
     model = load_replica(checkpoint=args.checkpoint, preset=args.preset, device="cpu",
                          dtype=args.dtype, threads=args.cpus)
     images, actions = _inputs(model, clients=args.clients, context_steps=args.context_steps)
     polls, load_start = [float(ms) for ms in args.poll_ms.split(",")], os.getloadavg()[0]
     server = Server(args, Path(tempfile.mkdtemp(prefix="bench-official-")) / "serve.log")
     walls, latency = {"muse": [], **{ms: [] for ms in polls}}, {ms: [] for ms in polls}
+    sent = {"muse": args.rounds * args.clients * args.steps, **dict.fromkeys(polls, 0)}
     try:
         serve_round(server, images[:, :1], actions[:, :1], steps=1)  # warm-ups
         official_round(server, images[:, :1], actions[:, :1], steps=1, poll_s=polls[0] / 1000)
         for _ in range(args.rounds):
             walls["muse"].append(serve_round(server, images, actions, steps=args.steps)[0])
             for ms in polls:
-                wall, job_s = official_round(server, images, actions, steps=args.steps,
-                                             poll_s=ms / 1000)
+                wall, job_s, requests = official_round(server, images, actions,
+                                                       steps=args.steps, poll_s=ms / 1000)
                 walls[ms].append(wall)
-                latency[ms] += job_s
+                latency[ms], sent[ms] = latency[ms] + job_s, sent[ms] + requests
     finally:
         server.stop()
     rows = [_official_row(f"official, polls every {ms:g} ms", walls[ms], walls["muse"],
-                          latency[ms], args) for ms in polls]
+                          latency[ms], sent[ms], args) for ms in polls]
     rows.append(_official_row("Muse (`POST /score` per step)", walls["muse"], walls["muse"],
-                              [], args))
+                              [], sent["muse"], args))
     load = (round(load_start, 1), round(os.getloadavg()[0], 1))
     if args.json:
         print(json.dumps({"rows": rows, "load_avg_start_end": load}))
@@ -366,19 +365,19 @@ def main_official(args: argparse.Namespace) -> int:
 
 
 def _official_row(name: str, walls: list[float], muse: list[float], latency: list[float],
-                  args: argparse.Namespace) -> dict:
+                  requests: int, args: argparse.Namespace) -> dict:
     pct = (lambda q: round(float(np.percentile(latency, q)), 2)) if latency else (lambda q: "-")
     return {"protocol": name, "jobs_per_s": [round(args.clients / w, 3) for w in walls],
             "steps_per_s": [round(args.clients * args.steps / w, 2) for w in walls],
             "vs_muse": round(sum(muse) / sum(walls), 3), "job_s_p50": pct(50),
-            "job_s_p99": pct(99)}
+            "job_s_p99": pct(99), "requests_per_s": round(requests / sum(walls), 1)}
 
 
 def official_section(rows: list[dict], args: argparse.Namespace, *, load: tuple) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     table = "".join(f"| {r['protocol']} | {rounds(r['jobs_per_s'])} | "
                     f"{rounds(r['steps_per_s'])} | {r['vs_muse']}x | {r['job_s_p50']} / "
-                    f"{r['job_s_p99']} |\n" for r in rows)
+                    f"{r['job_s_p99']} | {r['requests_per_s']} |\n" for r in rows)
     return (
         f"## Serve: the official protocol\n\n`python benchmarks/bench_serve.py "
         f"{' '.join(sys.argv[1:])}` (model {args.checkpoint or args.preset}; {args.clients} "
@@ -389,11 +388,11 @@ def official_section(rows: list[dict], args: argparse.Namespace, *, load: tuple)
         "(a multipart upload of the context) and polls `get_job_results` until its frames "
         "came; each Muse client posts its context once per frame. Ratios are of summed "
         "times.\n\n| protocol | jobs/s (rounds) | steps/s (rounds) | vs Muse | job seconds "
-        f"p50 / p99 |\n|---|---|---|---|---|\n{table}\n"
+        f"p50 / p99 | HTTP requests/s |\n|---|---|---|---|---|---|\n{table}\n"
         "Job steps run one at a time through the replica's batch queue, as Muse requests "
-        "do, so both fill engine calls alike; the official protocol sends the context once "
-        "per job, its results wait for the next poll, and every poll is a request through "
-        "Serve's proxy and the job board.\n")
+        "do, so both fill engine calls alike. The official protocol sends its context once "
+        "per job, but every poll is a request through Serve's proxy, the replica and the "
+        "job board, on the CPUs the model uses here; its results wait for the next poll.\n")
 
 
 if __name__ == "__main__":
