@@ -46,7 +46,17 @@ class NoTable(UserError):
 
 
 class DamagedPart(UserError):
-    """A table part whose bytes do not read as Parquet."""
+    """Stored bytes that cannot be what they claim to be (a part, a frame)."""
+
+
+#: What a damaged part or frame is told to do: the run's check finds it, a rerun redoes it.
+DAMAGED_HINT = ("`wham-batch verify` checks the run, and rerunning its run id redoes the "
+                "units that fail the check")
+
+
+def damaged(where: str, what: str) -> DamagedPart:
+    """The error for stored bytes at `where` that cannot be what they claim to be."""
+    return DamagedPart(f"{where} is damaged ({what}); {DAMAGED_HINT}")
 
 
 def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
@@ -107,9 +117,8 @@ def _raise_if_damaged(storage: Storage, key: str) -> None:
     try:
         pq.read_table(pa.BufferReader(data))  # every page decoded
     except (pa.ArrowException, OSError) as exc:
-        raise DamagedPart(
-            f"table part {storage.key_uri(key)} is damaged: its bytes do not read as Parquet "
-            f"({_first_line(exc)})") from None
+        raise damaged(f"table part {storage.key_uri(key)}",
+                      f"its bytes do not read as Parquet: {_first_line(exc)}") from None
 
 
 def find_damaged(root: str, dataset: Any, *, endpoint_url: str | None,
@@ -124,8 +133,8 @@ def find_damaged(root: str, dataset: Any, *, endpoint_url: str | None,
         try:
             fragment.to_table(schema=dataset.schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            raise DamagedPart(f"table part {storage.key_uri(key)} is damaged or foreign: its "
-                              f"columns do not fit the table ({_first_line(exc)})") from None
+            raise damaged(f"table part {storage.key_uri(key)}",
+                          f"its columns do not fit the table: {_first_line(exc)}") from None
 
     with ThreadPoolExecutor(PART_READERS) as pool:
         list(pool.map(check, dataset.get_fragments()))

@@ -19,7 +19,15 @@ import torch
 
 from workers.wham import CheckpointError, load_model, random_model, save_native
 from workers.wham.checkpoints.native import CONFIG_FILE
-from workers.wham.config import MAX_IMAGE_SIDE, MAX_LAYERS, PRESETS, GPTConfig, WHAMConfig
+from workers.wham.config import (
+    MAX_IMAGE_SIDE,
+    MAX_LAYERS,
+    PRESETS,
+    GPTConfig,
+    WHAMConfig,
+    check_tokenizer,
+)
+from workers.wham.tokenizers import TamingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 #: Address space the child may use: torch itself takes about 0.7 GB.
@@ -134,7 +142,7 @@ def test_a_damaged_config_value_is_named_not_a_traceback(tmp_path):
     for name, edit, message in (
             ("zero-heads", {"tokenizer.head_size": 0}, "bad model config"),
             ("inf", {"tokenizer.patch_size": 1e400},
-             "tokenizer.patch_size=inf: expected whole numbers")):
+             "tokenizer.patch_size=inf: expected positive integers")):
         folder = _edited(tmp_path, name, "tiny-vit", edit)
         with pytest.raises(CheckpointError, match=message):
             load_model(folder)
@@ -144,3 +152,14 @@ def test_a_damaged_config_value_is_named_not_a_traceback(tmp_path):
     with pytest.raises(CheckpointError, match="config.json: larger than"):
         load_model(big)
     assert time.monotonic() - start < 5
+
+
+def test_a_tokenizer_level_without_res_blocks_is_within_the_limits() -> None:
+    """The shipped demo model's tokenizer has num_res_blocks=0: a shape, not a damaged one."""
+    check_tokenizer(TamingConfig(image_size=(32, 32), n_embed=256, embed_dim=16, ch=32,
+                                 ch_mult=(1, 1, 1, 1), num_res_blocks=0, attn_resolutions=(),
+                                 z_channels=32))
+    with pytest.raises(CheckpointError, match=r"num_res_blocks=-1: expected integers >= 0"):
+        check_tokenizer(TamingConfig(image_size=(32, 32), n_embed=256, embed_dim=16, ch=32,
+                                     ch_mult=(1, 1, 1, 1), num_res_blocks=-1,
+                                     attn_resolutions=(), z_channels=32))

@@ -75,10 +75,11 @@ def check_tokenizer(tok: TokenizerConfig) -> None:
         values = value if isinstance(value, tuple) else (value,)
         if len(values) > MAX_LEVELS:
             raise _beyond(f"len(tokenizer.{field.name})", len(values), MAX_LEVELS)
+        least = 0 if field.name == "num_res_blocks" else 1  # 0: a level without res blocks
         for item in values:
-            if not isinstance(item, int) or isinstance(item, bool) or item < 0:
-                raise CheckpointError(f"tokenizer.{field.name}={value!r}: expected whole "
-                                      "numbers")
+            if not isinstance(item, int) or isinstance(item, bool) or item < least:
+                kind = "positive integers" if least else "integers >= 0"
+                raise CheckpointError(f"tokenizer.{field.name}={value!r}: expected {kind}")
             if item > limit:
                 raise _beyond(f"tokenizer.{field.name}", item, limit)
     if tok.tokens_per_image > MAX_POSITIONS:
