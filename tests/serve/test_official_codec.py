@@ -169,6 +169,7 @@ def test_a_missing_json_field_bad_json_and_an_undecodable_image() -> None:
         parse({"steps": steps(1), "num_steps_to_predict": 1}, {"image0.png": b"GIF89a junk"})
     assert info.value.field == "files[image0.png]"
     assert "not a readable PNG or JPEG image" in str(info.value)
+    assert " object at 0x" not in str(info.value)  # no Python repr of Pillow's file object
 
 
 # ---------------------------------------------------------------- steps and results

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.contracts.choices import ACTION_KINDS
 from pipeline.contracts.errors import UserError
@@ -106,6 +106,8 @@ def decode_image(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
         img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:  # Pillow raises above 2x its limit
         raise ValueError(str(exc)) from None
+    except UnidentifiedImageError:  # its message shows the repr of the in-memory file
+        raise ValueError(f"the data is none of {', '.join(formats)}") from None
     with img:
         # Pillow only warns between 1x and 2x its limit; here the limit itself is the bound.
         limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
