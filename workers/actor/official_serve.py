@@ -224,6 +224,10 @@ class OfficialProtocol:
                 await asyncio.sleep(BOARD_RETRY_S)
                 continue
             for state in states:
+                if state.job_id in self._running:
+                    # Its lease ran out under this replica (renewals held up) and the board
+                    # gave it back from its last result: the task running it goes on.
+                    continue
                 self._running[state.job_id] = loop.create_task(self._run(state))
             if free <= 0:
                 await asyncio.sleep(CLAIM_WAIT_S)  # full: only renew the leases
