@@ -148,7 +148,7 @@ DEMONSTRATOR_ACTIONS = "actions.json"
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key that orders the digits in a name by their value: image2 before image10."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part)
+    return tuple((0, int(part)) if part.isdecimal() else (1, part)
                  for part in re.split(r"(\d+)", name) if part)
 
 

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.contracts import layout
 from pipeline.contracts.plan import make_plan
-from pipeline.contracts.sources import SeedError
+from pipeline.contracts.sources import SeedError, natural_key
 from pipeline.contracts.spec import spec_from_data
 from pipeline.contracts.storage import open_storage
 from pipeline.driver.discovery import discover_seeds
@@ -117,6 +117,13 @@ def test_every_stick_value_gets_the_official_bin(tmp_path) -> None:
     seed = load_seed(ref, image_size=SIZE, context_steps=1, future_steps=len(STICK_BINS))
     bins = np.concatenate([seed.context_actions, seed.future_actions])[:, 12]
     assert bins.tolist() == [k for _, k in STICK_BINS]
+
+
+def test_names_sort_by_their_numbers_whatever_the_characters() -> None:
+    # '²' is a digit to str.isdigit but not a decimal number: it sorts as text
+    names = ["x10", "x1²", "image٣.png", "x2", "image10.png", "image2.png"]
+    assert sorted(names, key=natural_key) == ["image2.png", "image٣.png", "image10.png",
+                                               "x1²", "x2", "x10"]
 
 
 def test_a_single_example_folder_is_one_seed(tmp_path) -> None:
