@@ -171,6 +171,19 @@ def bad_folders(storage) -> dict[str, str]:  # noqa: ANN001
     }
 
 
+def test_an_actions_file_has_a_bound_of_its_own(tmp_path) -> None:
+    """actions.json is parsed whole, into Python objects many times its size: it is held
+    to a bound of its own, far below seeds.max_file_mb."""
+    storage = open_storage(str(tmp_path / "f"))
+    storage.put_bytes("image0.png", png(frame(0)))
+    table = json.dumps({"image0.png": [0.0] * 16}).encode()
+    storage.put_bytes("actions.json", table[:-1] + b" " * 16 * 2**20 + b"}")
+    (ref,) = discover_seeds(str(tmp_path / "f"), format="demonstrator")
+    with pytest.raises(SeedError, match="f/actions.json") as info:
+        load_seed(ref, image_size=SIZE, context_steps=1, max_bytes=256 * 2**20)
+    assert "16.0 MiB, more than the 8 MiB an actions file may hold" in str(info.value)
+
+
 def test_bad_folders_raise_seed_errors_naming_the_file(examples) -> None:
     storage, source = examples
     expected = bad_folders(storage)
