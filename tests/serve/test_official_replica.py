@@ -121,6 +121,31 @@ def test_a_job_whose_lease_ran_out_under_its_live_replica_runs_each_step_once() 
     asyncio.run(scenario())
 
 
+def test_a_job_that_fails_unforeseen_is_reported_without_the_exceptions_text() -> None:
+    """An error nobody foresaw ends the job as failed; its polls say so with the error's
+    type, never its text (which may hold a Python repr): that goes to the server's log."""
+    async def scenario() -> None:
+        replica = make_replica(None)
+
+        async def broken_step(step):  # noqa: ANN001, ANN202
+            raise RuntimeError(f"unforeseen {object()!r}")
+
+        replica.official._batched = broken_step
+        reply = await replica.handle(new_job_request(parallel=1, predict=1))
+        (job,) = json.loads(reply.body)["job_ids"]
+        for _ in range(100):
+            reply = await replica.handle(make_request("/get_job_results",
+                                                      query={"job_ids": job}))
+            if reply.status != 204:
+                break
+            await asyncio.sleep(0.05)
+        assert reply.status == 500, reply.body
+        reason = json.loads(reply.body)["failed"][job]
+        assert "RuntimeError" in reason and "object at 0x" not in reason, reason
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("route", ["/", "/new_job", "/get_job_results", "/cancel_job"])
 def test_with_a_key_every_route_needs_it(route: str) -> None:
     async def scenario() -> None:
