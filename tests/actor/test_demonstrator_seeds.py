@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,27 @@ def test_an_actions_file_has_a_bound_of_its_own(tmp_path) -> None:
     with pytest.raises(SeedError, match="f/actions.json") as info:
         load_seed(ref, image_size=SIZE, context_steps=1, max_bytes=256 * 2**20)
     assert "16.0 MiB, more than the 8 MiB an actions file may hold" in str(info.value)
+
+
+def test_frames_are_resized_one_at_a_time(tmp_path) -> None:
+    """Large frames compress to little (six 1500x1500 frames: a few KB on disk, 40 MB
+    decoded): each is brought to the model's size as soon as it is decoded, so a folder
+    holds one decoded frame at a time, not all of them."""
+    storage = open_storage(str(tmp_path / "f"))
+    big = png(Image.new("RGB", (1500, 1500), (10, 20, 30)))
+    for i in range(6):
+        storage.put_bytes(f"image{i}.png", big)
+    storage.put_bytes("actions.json", json.dumps(
+        {f"image{i}.png": [0.0] * 16 for i in range(6)}).encode())
+    (ref,) = discover_seeds(str(tmp_path / "f"), format="demonstrator")
+    tracemalloc.start()
+    try:
+        seed = load_seed(ref, image_size=SIZE, context_steps=4, future_steps=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seed.source_size == (1500, 1500) and seed.future_images.shape == (2, 3, *SIZE)
+    assert peak < 4 * 1500 * 1500 * 3, peak  # decoding one frame takes about three copies
 
 
 def test_bad_folders_raise_seed_errors_naming_the_file(examples) -> None:
