@@ -38,6 +38,12 @@ def backoff_delay(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> 
     return min(cap_s, base_s * 2 ** max(attempt, 0)) * (0.5 + random.random() / 2)
 
 
+class TransientStorageError(OSError):
+    """Storage failed in a way a later attempt may not (busy, throttled, a dropped connection,
+    a conflicting write in flight): the caller retries it with backoff. An OSError, so code
+    that retries I/O errors in general retries this one too."""
+
+
 class StorageFatalError(UserError):
     """Storage refuses writes for a reason a retry cannot fix (full, read-only, no access,
     no bucket, a symlink in the way): the run stops with this message and stays resumable."""

@@ -19,11 +19,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.storage.base import (
     PROBE_PREFIX,
     Storage,
     StorageFatalError,
+    TransientStorageError,
     too_large,
     validate_key,
 )
@@ -99,10 +102,11 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def _fatal(self, exc: OSError, key: str) -> OSError | StorageFatalError:
+    def _fatal(self, exc: OSError, key: str) -> TransientStorageError | StorageFatalError:
         what = _FATAL_ERRNOS.get(exc.errno or 0)
-        if what is None:
-            return exc  # transient or unexpected: the caller may retry
+        if what is None:  # transient or unexpected: the caller may retry
+            return TransientStorageError(
+                f"writing {key} under {self.uri} failed ({exc.strerror or exc})")
         return StorageFatalError(
             f"output root {self.uri} {what} ({exc.strerror or exc}) while writing {key}; fix "
             "that (or choose another output.root), then rerun the same command to resume")
@@ -223,8 +227,6 @@ class LocalStorage(Storage):
             ) from None
 
     def arrow_fs(self) -> tuple[Any, str]:
-        import pyarrow.fs as pafs
-
         return pafs.LocalFileSystem(), self.root.as_posix()
 
     def key_uri(self, key: str) -> str:
