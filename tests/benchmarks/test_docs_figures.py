@@ -71,3 +71,13 @@ def test_the_check_finds_a_figure_written_by_hand(tmp_path: Path) -> None:
     replace_section(doc, "## Other\n\n9.9x\n", script="benchmarks/bench_x.py")
     flagged = [x for x in _prose(doc.read_text()).splitlines() if MEASURED.search(x)]
     assert flagged == ["about 2.5x faster at 30 tokens/s"]
+
+
+def test_a_new_part_goes_to_the_end_of_its_section(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Doc\n\n## Serve\n\nintro\n\n## Later\n\ntext\n")
+    replace_section(doc, "### Row a\n\nfigure a\n", within="## Serve", script="b/x.py")
+    replace_section(doc, "### Row b\n\nfigure b\n", within="## Serve", script="b/x.py")
+    text = doc.read_text()
+    assert text.index("intro") < text.index("### Row a") < text.index("### Row b") \
+        < text.index("## Later")
