@@ -43,7 +43,7 @@ from pipeline.contracts.spec import JobSpec, spec_from_data
 from pipeline.contracts.storage import open_storage
 from pipeline.driver import actor_name, run_job
 from workers.actor.actor import RolloutActor
-from workers.actor.writer import OutputWriter
+from workers.actor.writer import OutputWriter, WriterSettings
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REPO = Path(__file__).resolve().parent.parent
@@ -67,9 +67,9 @@ class StubActor:
         return {"model_id": "stub", "sha256": "-", "batch_size": 1}
 
     def run_unit(self, unit: WorkUnit) -> UnitReceipt:
-        writer = OutputWriter(self.storage, run_date=self.spec.run.run_date,
-                              run_id=self.spec.run.run_id, frames="none", image_tokens=False,
-                              model_id="stub", threads=1)
+        writer = OutputWriter(self.storage, WriterSettings(
+            run_date=self.spec.run.run_date, run_id=self.spec.run.run_id, frame_mode="none",
+            image_tokens=False, model_id="stub", threads=1))
         with writer:
             for item in unit.items:
                 writer.add_step(unit.unit_id, item.rollout_id, step=0, image=None,
