@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from docs_section import replace_section
+from docs_section import provenance, replace_section
 
 from workers.wham import RolloutEngine, SamplingParams, prepare_rollout, random_model
 
@@ -193,14 +192,12 @@ def write_docs(result: dict, *, docs: Path, seconds: float, command: str) -> Non
     ]
     lines = [
         SECTION, "",
+        provenance(command, load=(result["load_average"], result["load_average_end"]),
+                   seconds=seconds, note=f"{result['threads']} CPU threads"), "",
         f"`{result['preset']}` ({rows_x} x {cols_x} image tokens a frame, 16 action tokens a "
         "step), random weights, float32, greedy world-model rollouts (given actions), context "
         "of 2 steps, 1 generated step; the same engine and inputs for both decodings, rounds "
-        "alternating, the best of each kept. One process, one run: "
-        f"{result['threads']} CPU threads, torch {torch.__version__}, {platform.machine()}, "
-        f"{seconds:.0f} s in all, 1-minute load average {result['load_average']:.1f} at the "
-        f"start and {result['load_average_end']:.1f} at the end (a shared machine).", "",
-        f"Command: `{command}`", "",
+        "alternating, the best of each kept (a shared machine).", "",
         *decode, "",
         "Forward passes are counted, not computed: every call of the transformer in one "
         "rollout step (the prefill included).", "",

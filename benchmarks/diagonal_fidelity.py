@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import textwrap
 import time
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from docs_section import replace_section  # noqa: E402
+from docs_section import command_line, provenance, replace_section  # noqa: E402
 
 from workers.toygame.evaluate import (  # noqa: E402
     HORIZONS,
@@ -69,7 +68,7 @@ def measure(folder: str, *, clips: int) -> dict:
             "context": context, "clips": clips, "rows": rows, "seconds": seconds}
 
 
-def write_docs(results: list[dict], *, seconds: float, command: str) -> None:
+def write_docs(results: list[dict], *, seconds: float, load: tuple[float, float]) -> None:
     table = ["| model (grid) | steps ahead | sequential PSNR | diagonal PSNR | diagonal - "
              "sequential dB | image tokens equal to sequential's | copy-last PSNR |",
              "|---|---|---|---|---|---|---|"]
@@ -87,15 +86,13 @@ def write_docs(results: list[dict], *, seconds: float, command: str) -> None:
     contexts = ", ".join(f"{r['model_id']}: {r['context']} steps" for r in results)
     lines = [
         SECTION, "",
+        provenance(command_line(), load=load, seconds=seconds,
+                   note=f"{torch.get_num_threads()} CPU threads"), "",
         f"Greedy world-model rollouts of the trained toy-game models on {results[0]['clips']} "
         "held-out clips (game seeds 1,000,000+), each model's default context "
-        f"({contexts}), the "
-        "clips' true actions; PSNR against the game's real frames, pooled over the clips. "
-        f"One run: {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-        f"{platform.machine()}, {seconds:.0f} s in all, 1-minute load average "
-        f"{os.getloadavg()[0]:.1f} at the end. Rollout times ({timing}) are of one "
-        "process on a shared machine, not a speed measurement.", "",
-        f"Command: `{command}`", "",
+        f"({contexts}), the clips' true actions; PSNR against the game's real frames, pooled "
+        f"over the clips. Rollout times ({timing}) are of one process on a shared machine, "
+        "not a speed measurement.", "",
         *table, "",
     ]
     lines = [line if line.startswith(("|", "#")) else textwrap.fill(line, 92,
@@ -111,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     results = [measure(folder, clips=args.clips) for folder in MODELS]
     for res in results:
         for r in res["rows"]:
             print(res["model_id"], {k: round(v, 4) for k, v in r.items()})
     if not args.no_docs:
-        command = "python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]])
-        write_docs(results, seconds=time.perf_counter() - t0, command=command)
+        write_docs(results, seconds=time.perf_counter() - t0,
+                   load=(load0, os.getloadavg()[0]))
         print(f"wrote {DOCS}")
     return 0
 

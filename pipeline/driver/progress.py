@@ -122,6 +122,16 @@ class Progress:
         self.tick()
         self.emit("unit_committed", unit_id=receipt.unit_id, receipt=receipt)
 
+    def unit_retried(self, unit_id: str, why: str) -> None:
+        """A unit came back without a receipt and goes back on the queue."""
+        self.totals.units_retried += 1
+        self.emit("unit_retried", unit_id=unit_id, detail=why)
+
+    def unit_lost(self, unit_id: str, why: str) -> None:
+        """A unit came back without a receipt once too often: it stays uncommitted."""
+        self.totals.units_lost += 1
+        self.emit("unit_lost", unit_id=unit_id, detail=why)
+
     def tick(self, *, force: bool = False) -> None:
         """Called at least once a second: refresh the bar, or log a line when due."""
         if not self.show:

@@ -189,11 +189,17 @@ def totals_of(markers: Iterable[dict[str, Any]]) -> MarkerTotals:
     return out
 
 
+def retryable_units(markers: dict[str, dict[str, Any]]) -> set[str]:
+    """Units whose marker counts rollouts a rerun may complete (the model endpoint kept
+    failing, a seed store refused a read)."""
+    return {uid for uid, marker in markers.items() if int(marker.get("retryable", 0)) > 0}
+
+
 def reopen_retryable_units(storage: Storage, *, run_date: str, run_id: str,
                            markers: dict[str, dict[str, Any]]) -> set[str]:
-    """Committed units whose marker counts rollouts a rerun may complete (the model
-    endpoint kept failing): their markers are removed so the units run again; their ids."""
-    reopened = {uid for uid, marker in markers.items() if int(marker.get("retryable", 0)) > 0}
+    """The `retryable_units` of `markers`, with their markers removed so the units run
+    again; their ids."""
+    reopened = retryable_units(markers)
     for uid in sorted(reopened):
         storage.delete(layout.commit_key(run_date, run_id, uid))
     return reopened

@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from pipeline.contracts.errors import UserError
@@ -53,22 +54,43 @@ def describe_actor(info: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+class SlotState(Enum):
+    """Where an actor stands: loading its model, taking units, being asked again after it
+    died mid-unit (Ray restarts it), or gone for good."""
+
+    STARTING = "starting"
+    READY = "ready"
+    PROBING = "probing"
+    DEAD = "dead"
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A unit handed to an actor: which attempt it is, and since when it runs (monotonic;
+    reset when its actor is killed for overrunning, so one overrun kills once)."""
+
+    unit: WorkUnit
+    attempt: int
+    started: float
+
+
 @dataclass
 class _Slot:
     """One actor as the driver sees it: its handle, state and units in flight."""
 
     name: str
     handle: Any
-    state: str = "starting"  # starting | ready | probing | dead
+    state: SlotState = SlotState.STARTING
     probe: Any = None  # ready() ref while starting/probing
     since: float = field(default_factory=time.monotonic)
-    inflight: dict[Any, tuple[WorkUnit, int, float]] = field(default_factory=dict)
+    inflight: dict[Any, InFlight] = field(default_factory=dict)  # result ref -> its unit
     reprobe_at: float | None = None  # when to ask a restarting actor again
 
 
 class Scheduler:
     """Runs `todo` on up to `resources.actors` actors of `actor_cls`; `run()` returns the
-    model facts the actors reported (model_id, sha256, batch_size, device, dtype)."""
+    model facts the actors reported (model_id, sha256, batch_size, device, dtype). Why
+    actors died for good is kept apart, in `actor_errors`."""
 
     def __init__(self, spec: JobSpec, todo: list[WorkUnit], *, actor_cls: type,
                  prog: Progress, script: Any = None, log_level: str | None = None) -> None:
@@ -77,6 +99,7 @@ class Scheduler:
         self.queue: deque[tuple[WorkUnit, int]] = deque((u, 1) for u in todo)
         self.not_before: dict[str, float] = {}  # unit id -> when its retry may start
         self.model_info: dict[str, Any] = {}
+        self.actor_errors: list[str] = []  # why actors died for good, oldest first
         self.metrics = Metrics(spec.run.run_id)
         self.start_timeout_s = env_seconds("WHAM_ACTOR_START_TIMEOUT_S", ACTOR_START_TIMEOUT_S)
         self.slots = self._start_actors(actor_cls, count=min(spec.resources.actors, len(todo)),
@@ -108,10 +131,10 @@ class Scheduler:
     def run(self) -> dict[str, Any]:
         try:
             while self.queue or any(s.inflight for s in self.slots):
-                live = [s for s in self.slots if s.state != "dead"]
+                live = [s for s in self.slots if s.state is not SlotState.DEAD]
                 if not live:
-                    raise UserError("every actor failed; see the errors above (last: "
-                                    f"{self.model_info.get('error', 'unknown')})")
+                    last = self.actor_errors[-1] if self.actor_errors else "unknown"
+                    raise UserError(f"every actor failed; see the errors above (last: {last})")
                 self._submit(live)
                 self._collect(live)
                 self._check_timeouts()
@@ -126,9 +149,11 @@ class Scheduler:
         for s in live:
             if s.reprobe_at is not None and time.monotonic() >= s.reprobe_at:
                 s.reprobe_at, s.probe = None, s.handle.ready.remote()
-            while s.state == "ready" and len(s.inflight) < limit and (job := self._next_due()):
+            while (s.state is SlotState.READY and len(s.inflight) < limit
+                   and (job := self._next_due())):
                 unit, attempt = job
-                s.inflight[s.handle.run_unit.remote(unit)] = (unit, attempt, time.monotonic())
+                s.inflight[s.handle.run_unit.remote(unit)] = InFlight(unit, attempt,
+                                                                      time.monotonic())
 
     def _next_due(self) -> tuple[WorkUnit, int] | None:
         """The first queued unit whose retry backoff is over (taken off the queue)."""
@@ -163,23 +188,23 @@ class Scheduler:
         import ray
         from ray.exceptions import RayActorError
 
-        unit, attempt, _ = slot.inflight.pop(ref)
+        job = slot.inflight.pop(ref)
         try:
             receipt: UnitReceipt = ray.get(ref, timeout=WAIT_S)
         except RayActorError as exc:
-            self.lose(unit, attempt, f"{slot.name} died: {type(exc).__name__}")
-            if slot.state == "ready":
-                slot.state, slot.probe = "probing", slot.handle.ready.remote()
+            self.lose(job, f"{slot.name} died: {type(exc).__name__}")
+            if slot.state is SlotState.READY:
+                slot.state, slot.probe = SlotState.PROBING, slot.handle.ready.remote()
                 slot.since = time.monotonic()
             return
         except Exception as exc:  # the unit raised inside a live actor
             cause = getattr(exc, "cause", exc)  # Ray wraps it in a RayTaskError
             if isinstance(cause, StorageFatalError):
                 raise StorageFatalError(f"stopping the run: {cause}") from None
-            self.lose(unit, attempt, f"{type(exc).__name__}: {str(exc)[-300:]}")
+            self.lose(job, f"{type(exc).__name__}: {str(exc)[-300:]}")
             return
         for error in receipt.errors:  # seeds that could not be read, batches that raised
-            log.warning("unit %s: rollouts failed: %s", unit.unit_id, error)
+            log.warning("unit %s: rollouts failed: %s", job.unit.unit_id, error)
         self.prog.unit_done(receipt)
         self.metrics.record_receipt(receipt)
         self.metrics.record_unit_committed()
@@ -195,12 +220,13 @@ class Scheduler:
             slot.reprobe_at = time.monotonic() + REPROBE_S  # restarting: ask again shortly
             return
         except RayActorError as exc:
-            cause = str(exc).strip().splitlines()
-            self.model_info.setdefault("error", cause[-1] if cause else type(exc).__name__)
-            log.error("%s is dead and will not restart: %s", slot.name, self.model_info["error"])
-            self._dead(slot, f"{slot.name} died: {self.model_info['error']}")
+            lines = str(exc).strip().splitlines()
+            cause = lines[-1] if lines else type(exc).__name__
+            self.actor_errors.append(cause)
+            log.error("%s is dead and will not restart: %s", slot.name, cause)
+            self._dead(slot, f"{slot.name} died: {cause}")
             return
-        slot.state = "ready"
+        slot.state = SlotState.READY
         for key in MODEL_FACTS:
             if key in info:
                 self.model_info.setdefault(key, info[key])
@@ -212,22 +238,21 @@ class Scheduler:
     def _dead(self, slot: _Slot, why: str) -> None:
         """Mark `slot` dead; its units in flight are lost (a dead slot is never collected
         from) and retried elsewhere."""
-        slot.state = "dead"
-        for unit, attempt, _ in slot.inflight.values():
-            self.lose(unit, attempt, why)
+        slot.state = SlotState.DEAD
+        for job in slot.inflight.values():
+            self.lose(job, why)
         slot.inflight.clear()
 
-    def lose(self, unit: WorkUnit, attempt: int, why: str) -> None:
+    def lose(self, job: InFlight, why: str) -> None:
         """A unit came back without a receipt: retry it, or count it lost for good."""
+        unit, attempt = job.unit, job.attempt
         if attempt < self.spec.resources.max_unit_attempts:
-            self.prog.totals.units_retried += 1
             self.queue.appendleft((unit, attempt + 1))
             self.not_before[unit.unit_id] = time.monotonic() + backoff_delay(attempt - 1)
-            self.prog.emit("unit_retried", unit_id=unit.unit_id, detail=why)
+            self.prog.unit_retried(unit.unit_id, why)
             log.warning("unit %s attempt %d lost (%s); retrying", unit.unit_id, attempt, why)
         else:
-            self.prog.totals.units_lost += 1
-            self.prog.emit("unit_lost", unit_id=unit.unit_id, detail=why)
+            self.prog.unit_lost(unit.unit_id, why)
             log.error("unit %s lost after %d attempts: %s", unit.unit_id, attempt, why)
 
     def _check_timeouts(self) -> None:
@@ -238,9 +263,9 @@ class Scheduler:
         now = time.monotonic()
         timeout = self.spec.resources.unit_timeout_s
         for s in self.slots:
-            if s.state == "dead":
+            if s.state is SlotState.DEAD:
                 continue
-            overdue = [ref for ref, (_, _, t) in s.inflight.items() if now - t > timeout]
+            overdue = [job for job in s.inflight.values() if now - job.started > timeout]
             if s.probe is not None and now - s.since > self.start_timeout_s:
                 self._dead(s, f"{s.name} did not start within {self.start_timeout_s:.0f}s")
                 ray.kill(s.handle, no_restart=True)
@@ -249,9 +274,8 @@ class Scheduler:
                 ray.kill(s.handle, no_restart=False)
                 # Restart the clock so the same overdue unit does not trigger a second kill
                 # before its error arrives.
-                for ref in overdue:
-                    unit, attempt, _ = s.inflight[ref]
-                    s.inflight[ref] = (unit, attempt, now)
+                for job in overdue:
+                    job.started = now
 
     def shutdown(self) -> None:
         import ray

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from starlette.requests import Request
+from support.asgi import make_request
 
 from workers import wham
 from workers.actor.muse import (
@@ -33,19 +34,7 @@ def replica() -> MuseReplica:
 
 def _request(body: bytes = b"", *, path: str = "/score", method: str = "POST",
              headers: dict[str, str] | None = None) -> Request:
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    scope = {"type": "http", "method": method, "path": path, "headers": raw,
-             "query_string": b""}
-    return Request(scope, receive)
+    return make_request(path, method=method, body=body, headers=headers)
 
 
 def _handle(replica: MuseReplica, request: Request):
@@ -144,6 +133,17 @@ def test_a_batch_answers_as_one_by_one_requests_do(replica: MuseReplica) -> None
         assert a.body == b.body
     results = [r.body["results"][0] for r in together]
     assert len({json.dumps(r["tokens"]) for r in results}) == 4  # different seeds, answers
+
+
+def test_health_counts_engine_calls_and_rows_exactly(replica: MuseReplica) -> None:
+    def counts() -> tuple[int, int]:
+        body = _handle(replica, _request(path="/health", method="GET")).body
+        return body["engine_calls"], body["engine_rows"]
+
+    calls, rows = counts()
+    replica.score_batch([_score_request(replica, steps=2, seed=s) for s in (11, 12, 13)])
+    replica.score_batch([_score_request(replica, steps=3, seed=14)])
+    assert counts() == (calls + 2, rows + 4)
 
 
 def test_given_tokens_answer_as_the_encoded_image_does(replica: MuseReplica) -> None:
