@@ -1,4 +1,4 @@
-"""The output layout and table schemas, schema version 2 (a public contract).
+"""The output layout and table schemas, schema version 3 (a public contract).
 
 ```
 steps/run_date=YYYY-MM-DD/run_id=<run_id>/part-<unit>.parquet     one row per step
@@ -31,7 +31,7 @@ import pyarrow as pa
 from pipeline.contracts.errors import UserError
 from workers.wham.actions import ACTION_DIM, BUTTON_NAMES, STICK_NAMES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STEPS_TABLE = "steps"
 ROLLOUTS_TABLE = "rollouts"
 #: The frames table (output.frames: parquet) shares its folder with per-frame PNGs
@@ -130,6 +130,9 @@ ROLLOUTS_SCHEMA = _with_version(
             # version 2: greedy rollouts took the likeliest token (temperature and top_*
             # did not apply), so they can be told apart from sampled ones.
             pa.field("greedy", pa.bool_(), nullable=False),
+            # version 3: how the image tokens were sampled (workers.wham.modes.DECODINGS);
+            # null in older parts and for an endpoint's rollouts (it decodes as started).
+            pa.field("decoding", pa.string(), nullable=True),
             pa.field("rng_seed", pa.int64(), nullable=False),
             pa.field("model_id", pa.string(), nullable=False),
             pa.field("model_sha256", pa.string(), nullable=False),

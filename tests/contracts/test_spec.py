@@ -61,6 +61,17 @@ def test_invalid_value_names_the_field_path(tmp_path: Path) -> None:
     assert "rollouts.steps: Input should be greater than 0" in msg
 
 
+def test_decoding_is_a_checked_choice_of_the_local_model(tmp_path: Path) -> None:
+    assert load_spec(write(tmp_path, BASE)).rollouts.decoding == "sequential"
+    spec = load_spec(write(tmp_path, BASE), ("rollouts.decoding=diagonal",))
+    assert spec.public_dict()["rollouts"]["decoding"] == "diagonal"  # what the manifest keeps
+    msg = error_of(tmp_path, BASE, ("rollouts.decoding=zigzag",))
+    assert "rollouts.decoding: Input should be 'sequential' or 'diagonal'" in msg
+    endpoint = BASE.replace("  preset: tiny", "  endpoint: http://127.0.0.1:9/")
+    msg = error_of(tmp_path, endpoint, ("rollouts.decoding=diagonal",))
+    assert "rollouts.decoding is the endpoint's: wham-batch serve --decoding" in msg
+
+
 def test_unknown_key_is_named(tmp_path: Path) -> None:
     msg = error_of(tmp_path, BASE + "  stepz: 3\n")  # lands in output:
     assert "output.stepz: unknown key" in msg

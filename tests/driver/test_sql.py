@@ -177,6 +177,28 @@ def test_parts_of_schema_version_1_read_with_nulls_for_new_columns(tmp_path):
     assert len(rows) == 2 and all(r["greedy"] is None for r in rows)
 
 
+def test_parts_of_schema_version_2_read_the_decoding_as_null(tmp_path):
+    root = tmp_path / "out"
+    storage = open_storage(str(root))
+    for (run_date, run_id), decoding in zip(RUNS, ("diagonal", None), strict=True):
+        write_run(storage, run_date, run_id, units=1)
+        key = layout.rollouts_part_key(run_date, run_id, "u000000")
+        table = pq.read_table(io.BytesIO(storage.get_bytes(key)))
+        if decoding:  # this version's part, recording the decoding
+            i = table.schema.get_field_index("decoding")
+            table = table.set_column(i, table.schema.field(i),
+                                     pa.array([decoding] * table.num_rows, pa.string()))
+        else:  # a version 2 part: no such column
+            table = table.drop_columns(["decoding"]).replace_schema_metadata(
+                {**table.schema.metadata, layout.SCHEMA_VERSION_KEY: b"2"})
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        storage.put_bytes(key, sink.getvalue())
+    rows = sql(str(root), "SELECT run_id, decoding FROM rollouts").to_pylist()
+    assert sorted((r["run_id"], r["decoding"] or "") for r in rows) == sorted(
+        [(RUNS[0][1], "diagonal")] * 2 + [(RUNS[1][1], "")] * 2)
+
+
 def test_no_tables_is_a_clear_error(tmp_path: Path):
     with pytest.raises(UserError, match="no output tables"):
         sql(str(tmp_path), "SELECT 1")

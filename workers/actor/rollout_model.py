@@ -2,8 +2,8 @@
 
 `RolloutActor` rolls out through a `RolloutModel` and never asks which kind it holds. Both
 carry the same model facts (id, weights digest, frame size, tokens per image and step, the
-batch they take) and one method, `roll_out(batch, on_step=...)`: every step of every
-rollout, context steps included, goes to `on_step` as soon as it exists (the actor hands it
+batch they take, how they decode) and one method, `roll_out(batch, on_step=...)`: every step
+of every rollout, context steps included, goes to `on_step` as soon as it exists (the actor hands it
 to the writer), and one `Outcome` per rollout comes back: `Completed` with the rollout's
 quality aggregates, or `Failed` with its error.
 
@@ -85,6 +85,7 @@ class RolloutModel(Protocol):
     image_size: tuple[int, int]  # (H, W)
     tokens_per_image: int | None
     tokens_per_step: int
+    decoding: str | None  # rollouts.decoding; None: the endpoint decodes as it was started
 
     def roll_out(self, batch: list[RolloutInput], *, on_step: StepSink) -> list[Outcome]:
         """Run the batch (rows share a context length); one outcome per row, in order."""
@@ -110,8 +111,9 @@ class LocalModel:
     """A WHAM replica on this process and its batched rollout engine."""
 
     def __init__(self, replica: Any, *, batch_size: int, steps: int, mode: str,
-                 sampling: Any, decode_images: bool) -> None:
+                 sampling: Any, decode_images: bool, decoding: str = "sequential") -> None:
         self.replica = replica
+        self.decoding: str | None = decoding
         self.engine = wham.RolloutEngine(replica, max_batch=batch_size)
         self.batch_size = batch_size
         self.steps, self.mode, self.sampling = steps, mode, sampling
@@ -143,7 +145,7 @@ class LocalModel:
             actions=np.stack([r.actions for r in batch]) if self.mode == "world_model" else None,
             observations=(np.stack([r.observations for r in batch])
                           if self.mode == "policy" else None),
-            decode_images=self.decode_images)
+            decode_images=self.decode_images, decoding=self.decoding)
         signals: dict[str, list[np.ndarray]] = {name: [] for name in STEP_QUALITY_COLUMNS}
         for out in outputs:
             images, actions = out.images, out.actions.numpy()  # (B,3,H,W), (B,16)
@@ -177,6 +179,7 @@ class EndpointModel:
         self.backend = backend
         self.steps, self.mode = steps, mode
         self.batch_size = batch_size
+        self.decoding: str | None = None
         self.model_id: str = backend.model_id
         self.sha256: str = backend.sha256
         self.device: str = backend.device
@@ -228,5 +231,6 @@ def open_model(spec: JobSpec) -> RolloutModel:
     return LocalModel(
         replica, batch_size=batch_size_for(replica, spec.resources.batch_size), steps=r.steps,
         mode=r.mode, decode_images=o.frames != "none" or o.previews or o.video,
+        decoding=r.decoding,
         sampling=wham.SamplingParams(temperature=s.temperature, top_k=s.top_k,
                                      top_p=s.top_p, greedy=s.greedy))

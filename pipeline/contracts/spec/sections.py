@@ -23,6 +23,7 @@ from pydantic import (
 
 from pipeline.contracts.choices import (
     ACTION_KINDS,
+    DECODINGS,
     DEVICES,
     DTYPES,
     FRAME_MODES,
@@ -246,15 +247,14 @@ class SamplingSpec(_Section):
 class RolloutsSection(_Section):
     per_seed: int = Field(default=1, gt=0, description="Rollouts generated from each seed.")
     steps: int = Field(gt=0, le=10_000, description="Generated steps per rollout.")
-    mode: Literal[MODES] = Field(
-        default="world_model",
-        description="world_model: frames from given actions; policy: actions from recorded "
-        "frames; full: the model predicts both.",
-    )
-    actions: ActionsSpec = Field(
-        default_factory=ActionsSpec, description="Where given actions come from (world_model)."
-    )
+    mode: Literal[MODES] = Field(default="world_model", description="world_model: frames from "
+                                 "given actions; policy: actions from recorded frames; full: "
+                                 "the model predicts both.")
+    actions: ActionsSpec = Field(default_factory=ActionsSpec,
+                                 description="Where given actions come from (world_model).")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Token sampling.")
+    decoding: Literal[DECODINGS] = Field(default="sequential", description="Image tokens one "
+                                         "per pass (exact) or one grid diagonal per pass.")
 
 
 class ResourcesSection(_Section):
@@ -360,6 +360,8 @@ class JobSpec(_Section):
         if self.resources.gpus_per_actor > 0:
             raise ValueError("model.endpoint: actors call the endpoint and need no GPU; set "
                              "resources.gpus_per_actor to 0")
+        if self.rollouts.decoding != "sequential":  # an endpoint decodes as it was started
+            raise ValueError("rollouts.decoding is the endpoint's: wham-batch serve --decoding")
         return self
 
     @model_validator(mode="after")
