@@ -139,9 +139,11 @@ def test_output_folders_are_never_overwritten_by_surprise(three_runs, tmp_path, 
     out = tmp_path / "export"
     assert _export(three_runs, out, fmt, *run) == 0
     assert _export(three_runs, out, fmt, *run) == 2
-    (out / "stale.txt").write_text("old")
+    stale = out / ("data/chunk-000/file-009.parquet" if fmt == "lerobot"
+                   else "data-00001-of-00002.arrow")
+    stale.write_text("old")
     assert _export(three_runs, out, fmt, "--run-id", "night-*", "--overwrite") == 0
-    assert not (out / "stale.txt").exists()
+    assert not stale.exists()
     assert "8 episodes" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "kept"]  # nothing staged
 
