@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from pipeline.dataset import RolloutWindows
 from pipeline.query import query
 from pipeline.report.browser import find_browser, screenshot
 from pipeline.report.charts import throughput
-from pipeline.report.gather import worst_first
+from pipeline.report.gather import RunData, worst_first
+from pipeline.report.page import MAX_ERRORS_COUNTED, render
 
 needs_browser = pytest.mark.skipif(find_browser() is None,
                                    reason="Chromium is not installed (.ci/run installs it)")
@@ -191,3 +193,28 @@ def test_throughput_spreads_frames_over_the_time_they_took():
     assert rates[:10] == pytest.approx([4.0] * 10)  # 120 frames in 30 s
     assert rates[10:20] == pytest.approx([0.0] * 10)  # the gap between the attempts
     assert rates[20:] == pytest.approx([1.0] * 10)
+
+
+def test_a_page_of_many_long_errors_stays_small_and_inert():
+    """Thousands of failed rollouts, each with its own long error (a root written by
+    anyone), and markup in every text: the page keeps to a bounded size, and nothing in it
+    is a script or an element handler."""
+    markup = '</script><script>alert(1)</script>"><img src=x onerror=alert(1)>'
+    t0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+    rows = [{"rollout_id": f"r{i:05d}", "unit_id": "u000000", "seed_id": markup,
+             "status": "failed", "error": f"error {i}: {markup}" + "x" * 20_000,
+             "generated_steps": 0, "started_at": t0, "finished_at": t0}
+            for i in range(3000)]
+    data = RunData(root="/out", run_date=DATE, run_id="run", manifest={"spec": {
+                   "run": {"name": markup * 10_000}}}, status={"status": markup},
+                   rollouts=rows, tiles=[])
+    html = render(data)
+    assert len(html) < 1_000_000, len(html)
+    assert "error 0: &lt;/script&gt;" in html and "more characters" in html
+    assert f"and {3000 - MAX_ERRORS_COUNTED} other errors" in html
+    tags: list[tuple[str, list]] = []
+    parser = HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: tags.append((tag, attrs))
+    parser.feed(html)
+    assert not [t for t, attrs in tags
+                if t == "script" or any(k.startswith("on") for k, _ in attrs)]
