@@ -293,3 +293,19 @@ def test_a_garbage_lease_is_taken_over_not_a_crash(storage, caplog):
             assert holder(storage)["token"] == mine.token
         assert why in caplog.text
         caplog.clear()
+
+
+def test_a_lease_that_is_a_folder_or_a_link_is_named(tmp_path):
+    """Not "other drivers keep taking it" after three tries: what stands there, by name."""
+    storage = open_storage(str(tmp_path / "out"))
+    path = Path(storage.key_uri(layout.lease_key(DATE, RUN)))
+    path.mkdir(parents=True)
+    with pytest.raises(UserError, match=f"{path} is not a file"):
+        lease(storage).acquire()
+    path.rmdir()
+    (tmp_path / "stale.json").write_text(json.dumps(
+        {"host": "gone", "pid": 1, "token": "old", "heartbeat": time.time() - 600}))
+    path.symlink_to(tmp_path / "stale.json")
+    with pytest.raises(UserError, match=f"symbolic link {path}"):
+        lease(storage).acquire()
+    assert json.loads((tmp_path / "stale.json").read_text())["token"] == "old"
