@@ -134,3 +134,15 @@ def test_a_damaged_part_is_named_as_damaged(tmp_path, request, capsys, where):
         assert "storage or network failure" not in err and "resumes" not in err
     with pytest.raises(UserError, match="part-u000001.parquet is damaged"):
         query(uri, run_id=RUNS[0][1])
+
+
+def test_bounds_beyond_any_machine_are_messages(root, capsys):
+    """A deadline a million years away overflowed the wait (OverflowError), and a memory
+    limit past DuckDB's range was its ParserException, both as tracebacks."""
+    for args, said in ((["--timeout", "1e12"], "--timeout must be at most"),
+                       (["--memory-limit", "99999999999999999999999TiB"],
+                        "more than this machine's memory")):
+        assert main(["query", root, "--sql", "SELECT 1", *args]) == 2
+        assert said in capsys.readouterr().err
+    with pytest.raises(UserError, match="--timeout must be at most"):
+        sql(root, "SELECT 1", bounds=QueryBounds(timeout_s=1e12))
