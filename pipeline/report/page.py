@@ -1,9 +1,9 @@
 """The report's HTML: one page with everything inline (pictures as data URIs, charts as
 SVG, the style sheet in the head), no script and no reference to anything outside the file,
 so it opens from a bucket download, a mail attachment or a CI artefact alike. Its size is
-bounded whatever the run holds: at most `MAX_PREVIEWS` pictures, `MAX_ERRORS_COUNTED`
-distinct errors and `MAX_FAILURES_LISTED` failed rollouts, and every text cut at
-`MAX_TEXT_CHARS`."""
+bounded whatever the run holds: at most `MAX_PREVIEWS` tiles and `MAX_PICTURE_BYTES` of
+previews (`pipeline.report.gather`), `MAX_ERRORS_COUNTED` distinct errors and
+`MAX_FAILURES_LISTED` failed rollouts, and every text cut at `MAX_TEXT_CHARS`."""
 
 from __future__ import annotations
 
@@ -111,6 +111,9 @@ def _grid(data: RunData) -> str:
     ok = sum(1 for r in data.rollouts if r["status"] == "ok")
     what = ("GIF previews" if any(m == "image/gif" for t in data.tiles for m, _ in t.images)
             else "first generated and last frames")
+    if data.over_budget:
+        what += (f"; first generated and last frames of {data.over_budget} whose previews did "
+                 "not fit the page")
     head = (f"<h2>Rollouts, worst first</h2><p>{len(data.tiles)} of {ok} ok rollouts ({what})"
             "; order: collapsed (earliest first), then frozen, then by mean log-probability"
             " (lowest first).</p>")

@@ -22,9 +22,10 @@ from pipeline.contracts import layout
 from pipeline.contracts.storage import open_storage
 from pipeline.dataset import RolloutWindows
 from pipeline.query import query
+from pipeline.report import write_report
 from pipeline.report.browser import find_browser, screenshot
 from pipeline.report.charts import throughput
-from pipeline.report.gather import RunData, worst_first
+from pipeline.report.gather import MAX_PICTURE_BYTES, RunData, worst_first
 from pipeline.report.page import MAX_ERRORS_COUNTED, render
 
 needs_browser = pytest.mark.skipif(find_browser() is None,
@@ -218,3 +219,23 @@ def test_a_page_of_many_long_errors_stays_small_and_inert():
     parser.feed(html)
     assert not [t for t, attrs in tags
                 if t == "script" or any(k.startswith("on") for k, _ in attrs)]
+
+
+def test_previews_fill_the_page_only_up_to_its_budget(three_runs, tmp_path):
+    """Previews of long rollouts run to megabytes each, and a page embeds them: 300 tiles of
+    8 MB made a page of gigabytes. Past the page's budget, a tile shows its rollout's first
+    generated and last frames instead, as for a run without previews."""
+    root = tmp_path / "root"
+    shutil.copytree(three_runs, root)
+    folder = root / layout.run_prefix(layout.PREVIEWS_DIR, "2026-02-03", "night-a")
+    budget = 2**20
+    for gif in sorted(folder.iterdir()):
+        gif.write_bytes(gif.read_bytes() + b"\0" * (budget // 3))  # two fit, two do not
+    out = tmp_path / "report.html"
+    write_report(str(root), run_id="night-a", out=str(out), max_picture_bytes=budget)
+    html = out.read_text()
+    assert len(html) < budget * 4 // 3 + 2**17, len(html)
+    kinds = re.findall(r'<img alt="[^"]+" src="data:image/(gif|png)', html)
+    assert sorted(kinds) == ["gif"] * 2 + ["png"] * 4, kinds  # 2 previews, 2 pairs of frames
+    assert "did not fit the page" in html
+    assert MAX_PICTURE_BYTES <= 64 * 2**20  # what the command line gets
