@@ -40,8 +40,9 @@ class RolloutWindows:
 
     root: a local folder or s3://bucket/prefix; run_id: one run or a list, exact ids or
     globs like "nightly-*" (None: all; an exact id that names no run under the root is a
-    UserError, where a filter that selects none of a run's rollouts is not); run_date: the same for dates ("2026-12-*");
-    status: rollouts of this status (None: any; failed rollouts have no steps);
+    UserError, where a filter that selects none of a run's rollouts is not); run_date: the
+    same for dates ("2026-12-*"); status: rollouts of this status (None: any; failed
+    rollouts have no steps);
     where: a filter on the rollouts table in `wham-batch query --where` syntax, e.g.
     "mean_logprob > -2.5 and frozen = false"; window / stride: steps per window and between
     window starts (stride defaults to window: every step once); generated_only: windows
