@@ -239,3 +239,14 @@ def test_previews_fill_the_page_only_up_to_its_budget(three_runs, tmp_path):
     assert sorted(kinds) == ["gif"] * 2 + ["png"] * 4, kinds  # 2 previews, 2 pairs of frames
     assert "did not fit the page" in html
     assert MAX_PICTURE_BYTES <= 64 * 2**20  # what the command line gets
+
+
+def test_a_manifest_nested_past_the_recursion_limit_is_unreadable_not_a_crash(three_runs,
+                                                                               tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(three_runs, root)
+    (root / layout.manifest_key("2026-02-03", "night-a")).write_bytes(b"[" * 60_000)
+    out = tmp_path / "report.html"
+    assert cli_main(["report", str(root), "--run-id", "night-a", "--out", str(out)]) == 0
+    assert cli_main(["runs", str(root)]) == 0
+    assert "no manifest yet" in out.read_text()
