@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.contracts.choices import ACTION_KINDS
 from pipeline.contracts.errors import UserError
@@ -106,6 +106,8 @@ def decode_image(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
         img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:  # Pillow raises above 2x its limit
         raise ValueError(str(exc)) from None
+    except UnidentifiedImageError:  # its message shows the repr of the in-memory file
+        raise ValueError(f"the data is none of {', '.join(formats)}") from None
     with img:
         # Pillow only warns between 1x and 2x its limit; here the limit itself is the bound.
         limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -160,11 +162,13 @@ def _read(ref: SeedRef, uri: str, *, endpoint_url: str | None, region: str | Non
         raise SeedError(f"seed {ref.seed_id}: cannot read {uri} ({exc})") from None
 
 
-def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int, endpoint_url: str | None,
+def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int,
+                         image_size: tuple[int, int], endpoint_url: str | None,
                          region: str | None, max_bytes: int | None,
-                         ) -> tuple[list[np.ndarray], np.ndarray]:
-    """A Demonstrator folder: its first `count` frames (uint8 (H,W,3) each, numeric name
-    order) and the actions of all of them. Every image actions.json names must exist."""
+                         ) -> tuple[list[np.ndarray], np.ndarray, tuple[int, int]]:
+    """A Demonstrator folder: its first `count` frames (uint8 (H,W,3) each at `image_size`,
+    numeric name order), the actions of all of them and the first frame's own (H, W).
+    Every image actions.json names must exist."""
     names, actions = demonstrator_actions(data, where=f"seed {ref.seed_id}: {ref.uri}")
     folder = ref.uri[:-len(DEMONSTRATOR_ACTIONS)].rstrip("/")
     try:
@@ -176,18 +180,22 @@ def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int, endpoint_url:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SeedError(f"seed {ref.seed_id}: {folder}/{missing[0]}{more} is named in "
                         f"{ref.uri} but does not exist")
-    frames = []
+    frames, source_size = [], (0, 0)
     for name in names[:count]:
         image = SeedRef(seed_id=ref.seed_id, uri=f"{folder}/{name}", root=ref.root)
         _check_inside_root(image)
         raw = _read(image, image.uri, endpoint_url=endpoint_url, region=region,
                     max_bytes=max_bytes)
         try:
-            frames.append(decode_image(raw))
+            frame = decode_image(raw)
         except (OSError, ValueError, SyntaxError) as exc:
             raise SeedError(f"seed {ref.seed_id} ({image.uri}): not a readable image: "
                             f"{exc}") from None
-    return frames, actions
+        if not frames:
+            source_size = (int(frame.shape[0]), int(frame.shape[1]))
+        # Resized at once: large frames compress to little, and a folder holds many.
+        frames.append(resize_frame(frame, image_size))
+    return frames, actions, source_size
 
 
 def load_seed(
@@ -217,16 +225,16 @@ def load_seed(
     is_clip = ref.uri.lower().endswith(".npz")
     try:
         if is_folder:
-            frames, actions = _demonstrator_frames(
-                ref, data, count=n_wanted, endpoint_url=endpoint_url, region=region,
-                max_bytes=max_bytes)
+            frames, actions, source_size = _demonstrator_frames(
+                ref, data, count=n_wanted, image_size=image_size, endpoint_url=endpoint_url,
+                region=region, max_bytes=max_bytes)
         else:
             frames, actions = _npz_arrays(data) if is_clip else (decode_image(data)[None], None)
+            source_size = (int(frames[0].shape[0]), int(frames[0].shape[1]))
     except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
-        # Pillow reports non-images and truncated files as OSError (UnidentifiedImageError).
+        # Pillow reports truncated files as OSError.
         kind = "bad clip" if is_clip else "not a readable image"
         raise SeedError(f"seed {ref.seed_id} ({ref.uri}): {kind}: {exc}") from None
-    source_size = (int(frames[0].shape[0]), int(frames[0].shape[1]))
     n_ctx = min(context_steps, len(frames))
     end = n_ctx + max(future_steps, 0)
     chw = np.stack([resize_frame(f, image_size) for f in frames[:end]]).transpose(0, 3, 1, 2)
