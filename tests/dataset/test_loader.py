@@ -126,7 +126,8 @@ def test_filters_by_run_status_and_quality(mode_roots):
     good = RolloutWindows(root, window=6, where=f"mean_logprob > {cut}")
     want = {r["rollout_id"] for r in rollouts if r["mean_logprob"] > cut}
     assert {w["rollout_id"] for w in good.iter_windows()} == want and 0 < len(want) < 6
-    assert len(RolloutWindows(root, window=6, run_id="other")) == 0
+    with pytest.raises(UserError, match="run_id=other: no such run"):
+        RolloutWindows(root, window=6, run_id="other")
     assert len(RolloutWindows(root, window=6, status="failed")) == 0
     only_generated = RolloutWindows(root, window=5, generated_only=True, frames=False)
     items = list(only_generated.iter_windows())
