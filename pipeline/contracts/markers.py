@@ -67,7 +67,7 @@ def read_marker(data: bytes, *, unit_id: str) -> dict[str, Any]:
         raise MarkerProblem(f"{len(data)} bytes, more than a marker ever holds")
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise MarkerProblem("not valid JSON (truncated or overwritten?)") from None
     if not isinstance(body, dict):
         raise MarkerProblem("not a JSON object")

@@ -230,7 +230,12 @@ class UnitReader:
                             "image tokens for every step (schema version 1 runs keep no "
                             "context tokens)")
         model = self._model(shard)
-        images = model.decode_tokens(np.asarray(tokens, dtype=np.int64)[None])[0]  # (T,3,H,W)
+        try:
+            images = model.decode_tokens(np.asarray(tokens, dtype=np.int64)[None])[0]  # (T,3,H,W)
+        except ValueError as exc:  # the model's InputError too: tokens its writer never made
+            key = layout.steps_part_key(shard.run_date, shard.run_id, shard.unit_id)
+            raise damaged(self.storage.key_uri(key), f"the image tokens of {r.rollout_id} do "
+                          f"not decode with the model that wrote them: {exc}") from None
         spec = self._manifest(shard).get("spec") or {}
         mark = bool((spec.get("output") or {}).get("watermark", True))
         generated = r.steps.column("generated").to_pylist()

@@ -38,7 +38,7 @@ def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
         data = json.loads(storage.get_bytes(key))
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -68,6 +69,21 @@ def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
         if unit is not None:
             found.add((parsed[0], parsed[1], unit))
     return found
+
+
+def check_runs_exist(root: str, run_ids: Sequence[str], *, option: str,
+                     endpoint_url: str | None = None, region: str | None = None) -> None:
+    """UserError naming the ids in `run_ids` that name no run under `root`: a selection that
+    came back without them would hide a typo. It lists all of `_runs/`, so ask only about
+    ids a selection came back without."""
+    storage = open_storage(root, endpoint_url=endpoint_url, region=region)
+    runs = sorted({parsed[1] for key in storage.list_keys(f"{layout.RUNS_DIR}/")
+                   if (parsed := layout.parse_run_key(key)) is not None})
+    missing = [r for r in run_ids if r not in runs]
+    if missing:
+        listed = ", ".join(runs[-10:]) if runs else "none"
+        raise UserError(f"{option}{', '.join(missing)}: no such run under {root} (runs there: "
+                        f"{listed}; `wham-batch runs {root}` lists them)")
 
 
 def part_keys(storage: Any, table: str) -> tuple[list[str], list[str]]:

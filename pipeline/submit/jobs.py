@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.secrets import public_url, redact
+from pipeline.contracts.secrets import public_url, read_key_file, redact
 from pipeline.driver.preflight import GCS_PORT
 from pipeline.submit.packaging import Submission
 
@@ -34,7 +34,8 @@ def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Bearer header for Ray token authentication, read the way Ray itself reads it.
 
     With RAY_AUTH_MODE=token (or a token given explicitly) the token comes from
-    RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token.
+    RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (a
+    token file is read like a key file: bounded, and a pipe or a device is refused).
     With RAY_AUTH_MODE=disabled or nothing set, no header is sent.
     """
     environ = dict(os.environ if environ is None else environ)
@@ -44,14 +45,11 @@ def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
     token = environ.get("RAY_AUTH_TOKEN", "").strip()
     if not token and environ.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token ({exc})") from None
+        token = read_key_file(path, what="RAY_AUTH_TOKEN_PATH")
     if not token and mode == "token":
         default = Path(environ.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
-        if default.is_file():
-            token = default.read_text().strip()
+        if default.exists():
+            token = read_key_file(default, what="Ray's token file")
     if not token:
         if mode == "token":
             raise UserError("RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN or "

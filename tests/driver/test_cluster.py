@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -221,6 +222,35 @@ def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
     assert auth_headers({"RAY_AUTH_MODE": "token", "HOME": str(home)}) == {
         "Authorization": "Bearer t3"}
 
+
+
+def test_a_ray_token_file_is_read_like_a_key_file(tmp_path: Path) -> None:
+    """A token file that is a FIFO blocked the command for good, and one of 5,000 bytes (or
+    /dev/zero, without end) was read whole and sent as the token."""
+    from pipeline.contracts.errors import UserError
+    from pipeline.submit import auth_headers
+
+    big = tmp_path / "big"
+    big.write_bytes(b"t" * 5000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, said in ((big, "larger than 4096 bytes"), (fifo, "not a regular file")):
+        got: list[object] = []
+
+        def read(path: Path = path, got: list = got) -> None:
+            try:
+                got.append(auth_headers({"RAY_AUTH_TOKEN_PATH": str(path)}))
+            except UserError as exc:
+                got.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        if reader.is_alive():  # blocked on the FIFO: let it go before failing
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"reading the token file {path} blocked")
+        assert isinstance(got[0], UserError) and said in str(got[0]), got
+        assert f"RAY_AUTH_TOKEN_PATH {path}" in str(got[0])
 
 def test_submission_layout_for_project_outside_and_image_configs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

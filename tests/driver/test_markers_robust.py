@@ -46,6 +46,7 @@ MALFORMED = {
     "u000008": (json.dumps({"schema_version": 1, "steps": [1]}).encode(), "'steps' count"),
     "u000009": (_signed("u000009", plan_fingerprint=["p"]), "'plan_fingerprint'"),
     "u000010": (b" " * (MAX_MARKER_BYTES + 1) + _good("u000010"), "larger than the"),
+    "u000014": (b"[" * 60_000, "not valid JSON"),  # nested past Python's recursion limit
 }
 
 
