@@ -71,7 +71,7 @@ class StubActor:
                 writer.finish_rollout(unit.unit_id, _row(item))
             writer.finish_unit(unit.unit_id, plan_fingerprint=unit.plan_fingerprint)
         return UnitReceipt(unit_id=unit.unit_id, ok=unit.num_rollouts, failed=0,
-                           frames=unit.num_rollouts, tokens=0, generate_seconds=0.0,
+                           generated_frames=unit.num_rollouts, tokens=0, generate_seconds=0.0,
                            write_seconds=0.0, worker=self.worker)
 
 

@@ -197,6 +197,12 @@ class RunLease:
         except (OSError, UserError) as exc:  # storage gone: the lease goes stale by itself
             log.warning("run %s: could not release its lease: %s", self.run_id, exc)
 
+    def live_holder(self) -> Holder | None:
+        """Who holds the lease while it is live (not stale); None when nobody does. Reads
+        only: for tools that show whether a run is running."""
+        holder = self._holder()
+        return holder if holder is not None and self._stale(holder) is None else None
+
     def __enter__(self) -> RunLease:
         return self.acquire()
 

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,10 +128,11 @@ class RolloutActor:
             return self._run_unit(unit)
 
     def _run_unit(self, unit: WorkUnit) -> UnitReceipt:
+        adapted: Counter[str] = Counter()  # how its seeds were made to fit the model
         try:
             with self._compute:
                 t0 = time.perf_counter()  # not counting the wait for the other unit
-                ok, failed, errors = self._generate(unit)
+                ok, failed, errors = self._generate(unit, adapted)
                 generate_s = time.perf_counter() - t0
             result = self.writer.finish_unit(unit.unit_id,
                                                 plan_fingerprint=unit.plan_fingerprint)
@@ -141,12 +142,12 @@ class RolloutActor:
             raise
         steps = self.spec.rollouts.steps
         return UnitReceipt(
-            unit_id=unit.unit_id, ok=ok, failed=failed, frames=ok * steps,
+            unit_id=unit.unit_id, ok=ok, failed=failed, generated_frames=ok * steps,
             tokens=ok * steps * self.model.tokens_per_step, generate_seconds=generate_s,
             write_seconds=result.write_seconds, worker=self.worker,
-            errors=errors)
+            errors=errors, stored_frames=result.frames, adaptations=dict(adapted))
 
-    def _generate(self, unit: WorkUnit) -> tuple[int, int, list[str]]:
+    def _generate(self, unit: WorkUnit, adapted: Counter[str]) -> tuple[int, int, list[str]]:
         ready: list[_Ready] = []
         errors: list[str] = []
         failed = 0
@@ -156,7 +157,7 @@ class RolloutActor:
         for items in by_seed.values():
             started = _now()
             try:
-                ready.extend(self._prepare(items))
+                ready.extend(self._prepare(items, adapted))
             except Exception as exc:
                 failed += self._fail(unit, items, exc, started=started, errors=errors)
         # Rows of one batch must share a context length; seeds may differ in it.
@@ -195,8 +196,9 @@ class RolloutActor:
                     ok += 1
         return ok, failed, errors
 
-    def _prepare(self, items: list[RolloutItem]) -> list[_Ready]:
-        """Load one seed and build the given actions/observations of its rollouts."""
+    def _prepare(self, items: list[RolloutItem], adapted: Counter[str]) -> list[_Ready]:
+        """Load one seed and build the given actions/observations of its rollouts; count how
+        the seed was adapted in `adapted` (once per run: by the unit of its first rollout)."""
         spec = self.spec
         steps, mode, kind = spec.rollouts.steps, spec.rollouts.mode, spec.rollouts.actions.kind
         needs_future = mode == "policy" or (mode == "world_model" and kind == "replay")
@@ -205,6 +207,8 @@ class RolloutActor:
                          future_steps=steps if needs_future else 0,
                          endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region,
                          max_bytes=int(spec.seeds.max_file_mb * 2**20))
+        if items[0].rollout_index == 0:
+            adapted.update(seed.adapted)
         ctx_images = np.asarray(seed.context_images, dtype=np.uint8)
         ctx_actions = (np.asarray(seed.context_actions, dtype=np.int64)
                        if seed.context_actions is not None

@@ -9,7 +9,8 @@ Seeds are untrusted input:
 
 Frames whose size differs from the model's are resized with Lanczos to exactly (H, W) (the
 aspect ratio is not kept: seeds are expected to be game frames of the model's shape).
-Grey, palette, CMYK and 16-bit grey images are converted to RGB; alpha is dropped.
+Grey, palette, CMYK and 16-bit grey images are converted to RGB; alpha is dropped. A loaded
+seed says how it was adapted (`SeedData.adapted`), so a run can report it in one line.
 
 Given actions (`make_actions`), all in model form int64 (steps, 16):
 - `random`: buttons pressed independently with probability `button_prob`, stick bins uniform
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.contracts.choices import ACTION_KINDS
 from pipeline.contracts.errors import UserError
@@ -92,11 +93,20 @@ def decode_image(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
     """Image file bytes -> uint8 (H,W,3); raises ValueError or OSError for bombs, truncation
     and non-images. `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`) bounds the
     picture before its pixels are decoded."""
+    return decode_image_mode(data, formats=formats, max_pixels=max_pixels)[0]
+
+
+def decode_image_mode(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
+                      max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    """`decode_image`, and the Pillow mode the picture had (RGB, RGBA, L, I;16, ...)."""
     try:
         # Raster formats only: Pillow would hand EPS/PS seeds to Ghostscript if installed.
         img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:  # Pillow raises above 2x its limit
         raise ValueError(str(exc)) from None
+    except UnidentifiedImageError:  # its message shows the stream's repr: say it plainly
+        raise ValueError(f"unrecognised image data (formats read: {', '.join(formats)})"
+                         ) from None
     with img:
         # Pillow only warns between 1x and 2x its limit; here the limit itself is the bound.
         limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -106,7 +116,7 @@ def decode_image(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
                 f"{limit} pixels"
             )
         img.load()
-        return _to_rgb_array(ImageOps.exif_transpose(img))
+        return _to_rgb_array(ImageOps.exif_transpose(img)), img.mode
 
 
 def _npz_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
@@ -158,22 +168,9 @@ def load_seed(
     """
     if context_steps < 1:
         raise ValueError(f"context_steps must be >= 1, got {context_steps}")
-    _check_inside_root(ref)
-    try:
-        data = read_uri(ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
-    except FileNotFoundError:
-        raise SeedError(f"seed {ref.seed_id}: {ref.uri} does not exist") from None
-    except (OSError, StorageFatalError) as exc:  # I/O: a later attempt may read it
-        raise SeedReadError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
-    except UserError as exc:  # too large, a malformed location: the same next time
-        raise SeedError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
+    frames, actions, mode = _read_seed(ref, endpoint_url=endpoint_url, region=region,
+                                       max_bytes=max_bytes)
     is_clip = ref.uri.lower().endswith(".npz")
-    try:
-        frames, actions = _npz_arrays(data) if is_clip else (decode_image(data)[None], None)
-    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
-        # Pillow reports non-images and truncated files as OSError (UnidentifiedImageError).
-        kind = "bad clip" if is_clip else "not a readable image"
-        raise SeedError(f"seed {ref.seed_id} ({ref.uri}): {kind}: {exc}") from None
     source_size = (int(frames.shape[1]), int(frames.shape[2]))
     n_ctx = min(context_steps, len(frames))
     end = n_ctx + max(future_steps, 0)
@@ -188,7 +185,53 @@ def load_seed(
         future_images=chw[n_ctx:] if with_future else None,
         future_actions=actions[n_ctx:end] if with_future and actions is not None else None,
         source_size=source_size,
+        adapted=adaptations(source_size=source_size, mode=mode, image_size=image_size),
     )
+
+
+def check_seed(ref: SeedRef, *, endpoint_url: str | None = None, region: str | None = None,
+               max_bytes: int | None = None) -> None:
+    """Read and decode one seed as `load_seed` does (the driver's preflight samples seeds
+    with it); SeedError naming the seed when it cannot be used."""
+    _read_seed(ref, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
+
+
+def _read_seed(ref: SeedRef, *, endpoint_url: str | None, region: str | None,
+               max_bytes: int | None) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """A seed's frames uint8 (T,H,W,3) as stored, its recorded actions (clips) and its
+    pictures' Pillow mode; SeedError (SeedReadError when reading failed) naming the seed."""
+    _check_inside_root(ref)
+    try:
+        data = read_uri(ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
+    except FileNotFoundError:
+        raise SeedError(f"seed {ref.seed_id}: {ref.uri} does not exist") from None
+    except (OSError, StorageFatalError) as exc:  # I/O: a later attempt may read it
+        raise SeedReadError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
+    except UserError as exc:  # too large, a malformed location: the same next time
+        raise SeedError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
+    is_clip = ref.uri.lower().endswith(".npz")
+    try:
+        if is_clip:
+            return (*_npz_arrays(data), "RGB")  # clips are uint8 RGB by their format
+        image, mode = decode_image_mode(data)
+        return image[None], None, mode
+    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
+        # Pillow reports truncated files as OSError.
+        kind = "bad clip" if is_clip else "not a readable image"
+        raise SeedError(f"seed {ref.seed_id} ({ref.uri}): {kind}: {exc}") from None
+
+
+def adaptations(*, source_size: tuple[int, int], mode: str,
+                image_size: tuple[int, int]) -> tuple[str, ...]:
+    """How a seed of (H, W) `source_size` and Pillow `mode` was made to fit the model's
+    (H, W), in words: e.g. ("resized 96x64 -> 32x32", "converted RGBA -> RGB")."""
+    out = []
+    if tuple(source_size) != tuple(image_size):
+        (h, w), (th, tw) = source_size, image_size
+        out.append(f"resized {w}x{h} -> {tw}x{th}")
+    if mode != "RGB":
+        out.append(f"converted {mode} -> RGB")
+    return tuple(out)
 
 
 def make_actions(

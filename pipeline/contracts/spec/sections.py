@@ -28,6 +28,7 @@ from pipeline.contracts.choices import (
     FRAME_MODES,
     MODES,
     SEED_FORMATS,
+    SEED_SCOPES,
 )
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.layout import check_run_id
@@ -68,8 +69,16 @@ class RunSection(_Section):
         default_factory=_today_utc,
         description="Partition date of the run (YYYY-MM-DD); defaults to today in UTC.",
     )
-    seed: int = Field(default=0, ge=0, description="Master seed; every rollout's rng seed "
-                      "derives from it, the seed id and the rollout index.")
+    seed: int = Field(default=0, ge=0, description="Base seed; every rollout's rng seed "
+                      "derives from it, the seed id, the rollout index and (run.seed_scope: "
+                      "run) the run id.")
+    seed_scope: Literal[SEED_SCOPES] = Field(
+        default="run",
+        description="run: rng seeds also mix in the run id, so every run id (every nightly "
+        "date) generates new rollouts and rerunning a run id reproduces its own; config: "
+        "they depend on the config alone, so every run id of a config generates the same "
+        "rollouts (the behaviour before seed_scope). A run written before seed_scope resumes "
+        "with the seeds it started with.")
     max_failed_fraction: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="Largest fraction of failed rollouts for which the run still exits 0.",
