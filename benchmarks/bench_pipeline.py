@@ -42,7 +42,7 @@ from pipeline.contracts.spec import JobSpec, spec_from_data
 from pipeline.contracts.storage import open_storage
 from pipeline.driver import actor_name, run_job
 from workers.actor.actor import RolloutActor
-from workers.actor.writer import OutputWriter
+from workers.actor.writer import OutputWriter, WriterSettings
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 REPO = Path(__file__).resolve().parent.parent
@@ -61,9 +61,9 @@ class StubActor:
         return {"model_id": "stub", "sha256": "-", "batch_size": 1}
 
     def run_unit(self, unit: WorkUnit) -> UnitReceipt:
-        writer = OutputWriter(self.storage, run_date=self.spec.run.run_date,
-                              run_id=self.spec.run.run_id, frames="none", image_tokens=False,
-                              model_id="stub", threads=1)
+        writer = OutputWriter(self.storage, WriterSettings(
+            run_date=self.spec.run.run_date, run_id=self.spec.run.run_id, frame_mode="none",
+            image_tokens=False, model_id="stub", threads=1))
         with writer:
             for item in unit.items:
                 writer.add_step(unit.unit_id, item.rollout_id, step=0, image=None,
@@ -212,7 +212,8 @@ def pipeline_fps(spec: JobSpec, n_rollouts: int) -> tuple[float, float, float]:
             cpu.setdefault(name, [_cpu_seconds(pids[name])] * 2)
         elif event.kind == "unit_committed":
             worker = event.receipt.worker
-            done.setdefault(worker, []).append((time.perf_counter(), event.receipt.frames))
+            done.setdefault(worker, []).append((time.perf_counter(),
+                                                event.receipt.generated_frames))
             cpu[worker][1] = _cpu_seconds(pids[worker])
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -227,8 +228,8 @@ def pipeline_fps(spec: JobSpec, n_rollouts: int) -> tuple[float, float, float]:
     # commit (the engine-only side likewise excludes start-up and model construction).
     warm = sum(sum(f for _, f in commits) / (commits[-1][0] - ready[worker])
                for worker, commits in done.items())
-    per_cpu = summary.frames / sum(end - start for start, end in cpu.values())
-    return warm, summary.frames / wall, per_cpu
+    per_cpu = summary.generated_frames / sum(end - start for start, end in cpu.values())
+    return warm, summary.generated_frames / wall, per_cpu
 
 
 def part_a(tmp: Path, *, preset: str, checkpoint: str | None, rollouts: int, steps: int,

@@ -34,7 +34,7 @@ from docs_section import replace_section  # noqa: E402
 
 from pipeline.contracts.storage import LocalStorage  # noqa: E402
 from workers.actor import encode as watermark  # noqa: E402
-from workers.actor.writer import OutputWriter  # noqa: E402
+from workers.actor.writer import OutputWriter, WriterSettings  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Writer"
@@ -93,15 +93,14 @@ def bench_overlap(frames: list[np.ndarray], root: Path) -> list[tuple[str, float
         storage.put_bytes(f"frames/{i:06d}.png", data)
     results.append(("generation + inline PNG writes", time.perf_counter() - t0))
 
-    writer = OutputWriter(
-        LocalStorage(root / "bg"),
+    writer = OutputWriter(LocalStorage(root / "bg"), WriterSettings(
         run_date="2026-01-01",
         run_id="bench",
         model_id="bench",
-        frames="png",
+        frame_mode="png",
         threads=2,
         image_tokens=False,
-    )
+    ))
     t0 = time.perf_counter()
     for i, f in enumerate(frames):
         compute_step()

@@ -25,7 +25,7 @@ from pipeline.contracts.spec import JobSpec
 from pipeline.contracts.storage import Storage, open_storage
 from pipeline.contracts.storage.base import ObjectTooLarge
 from pipeline.contracts.versions import software_versions
-from pipeline.driver.lease import RunLease
+from pipeline.driver.lease import live_holder
 from pipeline.driver.progress import Totals
 
 MARKER_READERS = 16  # parallel reads of commit markers
@@ -330,7 +330,7 @@ def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None 
               run_date: str | None = None) -> list[RunInfo]:
     """Every run under `root`'s `_runs/` (optionally of one date), oldest first.
 
-    A run is running while a driver holds its lease (`RunLease.live_holder`), complete when
+    A run is running while a driver holds its lease (`lease.live_holder`), complete when
     `_SUCCESS` exists, failed when its units are all committed but its failed rollouts
     exceed its budget, partial otherwise. A complete run's counts come from its manifest,
     any other's from its commit markers; frames per second are those of the run's own
@@ -346,7 +346,7 @@ def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None 
         manifest = run["manifest"] or {}
         sums = _counts(storage, run, manifest)
         throughput = Throughput.of_manifest(manifest)
-        running = RunLease(storage, run_date=date, run_id=run_id).live_holder() is not None
+        running = live_holder(storage, run_date=date, run_id=run_id) is not None
         planned = (manifest.get("counts") or {}).get("units_total")
         out.append(RunInfo(
             run_date=date, run_id=run_id,

@@ -115,7 +115,7 @@ def test_engine_failure_becomes_failed_rows_and_actor_goes_on(tmp_path: Path) ->
     seed_folder(tmp_path)
     spec = make_spec(tmp_path, resources={"batch_size": 2})
     actor = RolloutActor(spec, worker="w0")
-    real = actor.engine.rollout
+    real = actor.model.engine.rollout
     calls = []
 
     def flaky(**kwargs):  # noqa: ANN003, ANN202 -- fault injection on the second batch
@@ -124,7 +124,7 @@ def test_engine_failure_becomes_failed_rows_and_actor_goes_on(tmp_path: Path) ->
             raise RuntimeError("device fell over")
         return real(**kwargs)
 
-    actor.engine.rollout = flaky
+    actor.model.engine.rollout = flaky
     (unit,) = plan(spec)
     receipt = actor.run_unit(unit)
     assert (receipt.ok, receipt.failed) == (4, 2)

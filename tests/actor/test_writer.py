@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.contracts import layout
 from pipeline.contracts.storage import LocalStorage, open_storage
 from workers.actor.encode import WATERMARK_TEXT, corner_block_size
-from workers.actor.writer import OutputWriter, WriteError
+from workers.actor.writer import OutputWriter, WriteError, WriterSettings
 from workers.wham.actions import BUTTON_NAMES, STICK_BIN_CENTRES, STICK_NAMES
 
 RUN = {"run_date": "2026-11-30", "run_id": "test-run"}
@@ -52,7 +52,7 @@ def rollout_row(rollout_id: str, *, status: str = "ok", error: str | None = None
 
 def make_writer(storage, **kw) -> OutputWriter:
     options = dict(
-        frames="png",
+        frame_mode="png",
         previews=False,
         preview_scale=1,
         image_tokens=True,
@@ -62,7 +62,7 @@ def make_writer(storage, **kw) -> OutputWriter:
         tokens_per_image=16,
     )
     options.update(kw)
-    return OutputWriter(storage, **RUN, **options)
+    return OutputWriter(storage, WriterSettings(**RUN, **options))
 
 
 def frame(seed: int, h: int = 16, w: int = 16) -> np.ndarray:
@@ -323,7 +323,7 @@ def test_gif_preview(storage):
 
 def test_tokens_disabled_and_frames_disabled(tmp_path):
     storage = LocalStorage(tmp_path)
-    with make_writer(storage, image_tokens=False, frames="none") as writer:
+    with make_writer(storage, image_tokens=False, frame_mode="none") as writer:
         feed_rollout(writer, "u000009", "s-r000")
         writer.finish_rollout("u000009", rollout_row("s-r000"))
         result = writer.finish_unit("u000009")
@@ -397,9 +397,9 @@ def test_bad_inputs(tmp_path):
         with pytest.raises(ValueError, match="orphan-r000"):
             writer.finish_unit("u000012")
     with pytest.raises(Exception, match="run_id"):
-        OutputWriter(LocalStorage(tmp_path), run_date="2026-11-30", run_id="../x", model_id="m")
+        WriterSettings(run_date="2026-11-30", run_id="../x", model_id="m")
     with pytest.raises(ValueError, match="frames must be one of"):
-        make_writer(LocalStorage(tmp_path), frames=True)
+        make_writer(LocalStorage(tmp_path), frame_mode=True)
     assert pa.types.is_list(layout.STEPS_SCHEMA.field("image_tokens").type)
 
 

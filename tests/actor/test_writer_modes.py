@@ -16,7 +16,7 @@ from pipeline.contracts.storage import LocalStorage, open_storage
 
 
 def _write_unit(storage, mode: str, unit_id: str = "u000000", **kw):
-    with make_writer(storage, frames=mode, **kw) as writer:
+    with make_writer(storage, frame_mode=mode, **kw) as writer:
         feed_rollout(writer, unit_id, "seed_b-r000")
         feed_rollout(writer, unit_id, "seed_a-r000")
         feed_rollout(writer, unit_id, "seed_c-r000", generated=1)
@@ -72,7 +72,7 @@ def test_none_mode_stores_only_tokens(tmp_path):
 
 def test_quality_columns(tmp_path):
     storage = LocalStorage(tmp_path)
-    with make_writer(storage, frames="none") as writer:
+    with make_writer(storage, frame_mode="none") as writer:
         for step in range(3):
             generated = step > 0
             quality = ({"image_logprob": -0.5 * step, "image_entropy": 0.25,
@@ -102,7 +102,7 @@ def _smooth(step: int) -> np.ndarray:
 def test_video_per_rollout(tmp_path):
     av = pytest.importorskip("av")
     storage = LocalStorage(tmp_path)
-    with make_writer(storage, frames="none", video=True, watermark=False) as writer:
+    with make_writer(storage, frame_mode="none", video=True, watermark=False) as writer:
         for step in range(7):
             writer.add_step("u000002", "s-r000", step=step, image=_smooth(step),
                             action=action(step), generated=step > 0,

@@ -13,7 +13,7 @@ import pytest
 from pipeline.contracts import layout
 from pipeline.contracts.markers import MarkerProblem, read_marker
 from pipeline.contracts.storage import LocalStorage, StorageFatalError
-from workers.actor.writer import WRITE_ATTEMPTS, OutputWriter, WriteError
+from workers.actor.writer import WRITE_ATTEMPTS, OutputWriter, WriteError, WriterSettings
 
 RUN = {"run_date": "2026-01-02", "run_id": "r"}
 
@@ -36,8 +36,8 @@ class FlakyStorage(LocalStorage):
 
 
 def finish(storage, *, fingerprint: str = "f" * 64):  # noqa: ANN001, ANN201
-    writer = OutputWriter(storage, **RUN, frames="none", image_tokens=False, model_id="m",
-                          threads=1)
+    writer = OutputWriter(storage, WriterSettings(**RUN, frame_mode="none", image_tokens=False,
+                                                  model_id="m", threads=1))
     with writer:
         return writer.finish_unit("u000000", plan_fingerprint=fingerprint)
 
@@ -71,8 +71,8 @@ def test_frame_upload_failing_for_good_is_not_wrapped(tmp_path):
     import numpy as np
 
     storage = FlakyStorage(tmp_path, fail_on="frames/", times=99, errno_=errno.ENOSPC)
-    writer = OutputWriter(storage, **RUN, frames="png", image_tokens=False, model_id="m",
-                          threads=1)
+    writer = OutputWriter(storage, WriterSettings(**RUN, frame_mode="png", image_tokens=False,
+                                                  model_id="m", threads=1))
     with writer:
         writer.add_step("u000000", "s-r000", step=0, image=np.zeros((3, 8, 8), np.uint8),
                         action=np.zeros(16, np.int64), generated=False, action_source="seed")

@@ -17,7 +17,7 @@ from pipeline.contracts.errors import UserError
 from pipeline.contracts.storage import open_storage
 from pipeline.driver.run_state import read_runs
 from pipeline.query import open_table, query
-from workers.actor.writer import OutputWriter
+from workers.actor.writer import OutputWriter, WriterSettings
 
 RUNS = [("2026-11-29", "nightly-a"), ("2026-11-30", "nightly-b")]
 NOW = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
@@ -62,16 +62,15 @@ def action(seed: int) -> np.ndarray:
 def write_run(storage, run_date: str, run_id: str, *, units: int = 2, tokens: int | None = 16,
               frames: str = "none"):
     """`units` units of 2 rollouts x (1 context + 3 generated) steps, committed."""
-    writer = OutputWriter(
-        storage,
+    writer = OutputWriter(storage, WriterSettings(
         run_date=run_date,
         run_id=run_id,
-        frames=frames,
+        frame_mode=frames,
         image_tokens=tokens is not None,
         model_id="preset:tiny",
         threads=1,
         tokens_per_image=tokens,
-    )
+    ))
     with writer:
         for u in range(units):
             unit_id = layout.unit_id_for(u)

@@ -67,7 +67,7 @@ class _StubEngine:
 class StubEngineActor(RolloutActor):
     def __init__(self, spec: JobSpec, *, worker: str, script: object = None) -> None:
         super().__init__(spec, worker=worker, script=script)
-        self.engine = _StubEngine(self.model)
+        self.model.engine = _StubEngine(self.model)
 
 
 def _rss() -> int:

@@ -14,7 +14,7 @@ from pipeline.contracts.plan import WorkUnit
 from pipeline.contracts.sources import NEUTRAL_ACTION
 from pipeline.contracts.spec import JobSpec
 from pipeline.contracts.storage import Storage
-from workers.actor.writer import OutputWriter, UnitWriteResult
+from workers.actor.writer import OutputWriter, UnitWriteResult, WriterSettings
 
 FRAME = np.zeros((3, 8, 8), dtype=np.uint8)
 TOKENS = np.arange(4, dtype=np.int64)
@@ -37,9 +37,10 @@ def rollout_row(spec: JobSpec, item, *, worker: str = "stub") -> dict:  # noqa: 
 def commit_unit(storage: Storage, spec: JobSpec, unit: WorkUnit, *,
                 frames: str = "none") -> UnitWriteResult:
     pixels = frames != "none"
-    writer = OutputWriter(storage, run_date=spec.run.run_date, run_id=spec.run.run_id,
-                          frames=frames, image_tokens=not pixels, model_id="stub",
-                          tokens_per_image=None if pixels else len(TOKENS), threads=1)
+    writer = OutputWriter(storage, WriterSettings(
+        run_date=spec.run.run_date, run_id=spec.run.run_id, frame_mode=frames,
+        image_tokens=not pixels, model_id="stub",
+        tokens_per_image=None if pixels else len(TOKENS), threads=1))
     with writer:
         for item in unit.items:
             for step in range(spec.rollouts.steps + 1):

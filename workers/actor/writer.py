@@ -6,9 +6,11 @@ computing; PNG encoding and uploads run on a small thread pool (Pillow's encoder
 release the GIL). A bounded number of pending jobs keeps memory bounded: `add_step` blocks
 when the pool falls behind.
 
-Frames are stored as `output.frames` says: `png` uploads one PNG per frame while the unit
-runs; `parquet` encodes the same PNGs on the pool and keeps them until the unit's frames
-part is written (one object per unit); `none` stores nothing but the steps' image tokens.
+Frames are stored as `output.frames` says, by that mode's handler
+(workers/actor/frame_store.py): `png` uploads one PNG per frame while the unit runs;
+`parquet` encodes the same PNGs on the pool and keeps them until the unit's frames part is
+written (one object per unit); `none` stores nothing but the steps' image tokens. What to
+write comes in one `WriterSettings`, built from the job's `output` section.
 
 Per work unit, in this order (docs/outputs.md, "Output layout"):
 1. frames, previews and videos are uploaded while the unit runs;
@@ -38,16 +40,17 @@ from pipeline.contracts.choices import FRAME_MODES
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.markers import marker_bytes
 from pipeline.contracts.metrics import Metrics
+from pipeline.contracts.spec import OutputSection
 from pipeline.contracts.storage import Storage, StorageFatalError, backoff_delay
-from workers.actor.encode import encode_gif, encode_mp4, encode_png, provenance_text
-from workers.actor.tables import (
-    StepRow,
-    frames_table,
-    ok_steps,
-    parquet_bytes,
-    rollouts_table,
-    steps_table,
+from workers.actor.encode import (
+    auto_preview_scale,
+    encode_gif,
+    encode_mp4,
+    encode_png,
+    provenance_text,
 )
+from workers.actor.frame_store import PARQUET_TYPE, UnitFrames, frame_store
+from workers.actor.tables import StepRow, ok_steps, parquet_bytes, rollouts_table, steps_table
 from workers.wham.actions import ACTION_DIM, validate_actions
 
 #: Longest wait for one unit's uploads (and for a free upload slot) before the unit fails.
@@ -64,6 +67,48 @@ class WriteError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
+class WriterSettings:
+    """What one run's writer writes and how (built from the job's `output` section by
+    `from_output`; tests build it directly)."""
+
+    run_date: str
+    run_id: str
+    model_id: str  # recorded in every PNG's provenance text
+    frame_mode: str = "parquet"  # output.frames: parquet | png | none
+    video: bool = False
+    previews: bool = False
+    preview_scale: int = 1
+    image_tokens: bool = True
+    tokens_per_image: int | None = None  # checked on every step when given
+    watermark: bool = True
+    threads: int = 4
+    max_pending: int | None = None  # jobs queued at most (default 8 per thread)
+
+    def __post_init__(self) -> None:
+        if self.preview_scale < 1 or self.threads < 1:
+            raise ValueError("preview_scale and threads must be >= 1")
+        if self.frame_mode not in FRAME_MODES:
+            raise ValueError(f"output.frames must be one of {FRAME_MODES}, "
+                             f"got {self.frame_mode!r}")
+        object.__setattr__(self, "run_date", layout.run_date_str(self.run_date))
+        layout.check_run_id(self.run_id)
+
+    @classmethod
+    def from_output(cls, output: OutputSection, *, run_date: str | dt.date, run_id: str,
+                    model_id: str, image_size: tuple[int, int],
+                    tokens_per_image: int | None) -> WriterSettings:
+        """The settings of a job's `output` section for a model of `image_size` (H, W)."""
+        scale = output.preview_scale
+        return cls(
+            run_date=layout.run_date_str(run_date), run_id=run_id, model_id=model_id,
+            frame_mode=output.frames, video=output.video, previews=output.previews,
+            preview_scale=auto_preview_scale(*image_size) if scale == "auto" else scale,
+            image_tokens=output.image_tokens,
+            tokens_per_image=tokens_per_image if output.image_tokens else None,
+            watermark=output.watermark, threads=output.writer_threads)
+
+
+@dataclass(frozen=True, slots=True)
 class UnitWriteResult:
     unit_id: str
     rollouts: int
@@ -74,60 +119,35 @@ class UnitWriteResult:
     previews: int
     write_seconds: float  # time finish_unit spent waiting for uploads and writing parts
     committed: bool  # False if an earlier attempt had already written the marker
-    retryable: int = 0  # failed rollouts a rerun may complete (their row said `retryable`)
+    retryable: int = 0  # failed rollouts a rerun may complete
 
 
 @dataclass
 class _Unit:
     steps: dict[str, dict[int, StepRow]] = field(default_factory=dict)
     rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retryable: set[str] = field(default_factory=set)  # failed rollouts a rerun may complete
     preview_frames: dict[str, list[tuple[np.ndarray, bool]]] = field(default_factory=dict)
-    pngs: dict[tuple[str, int], bytes] = field(default_factory=dict)  # frames: parquet
+    frames: UnitFrames = field(default_factory=UnitFrames)
     futures: list[Future[Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: BaseException | None = None
-    frames: int = 0
     previews: int = 0
 
 
 class OutputWriter:
     """Writes one actor's outputs for one run; thread-safe across units."""
 
-    def __init__(
-        self,
-        storage: Storage,
-        *,
-        run_date: str | dt.date,
-        run_id: str,
-        frames: str = "parquet",
-        video: bool = False,
-        previews: bool = False,
-        preview_scale: int = 1,
-        image_tokens: bool = True,
-        watermark: bool = True,
-        model_id: str,
-        threads: int = 4,
-        tokens_per_image: int | None = None,
-        max_pending: int | None = None,
-    ) -> None:
-        if preview_scale < 1 or threads < 1:
-            raise ValueError("preview_scale and threads must be >= 1")
-        if frames not in FRAME_MODES:
-            raise ValueError(f"frames must be one of {FRAME_MODES}, got {frames!r}")
+    def __init__(self, storage: Storage, settings: WriterSettings) -> None:
         # Inside a Ray actor every put's latency goes to the run's upload histogram.
-        self.storage = Metrics(run_id).timed(storage)
-        self.run_date = layout.run_date_str(run_date)
-        self.run_id = layout.check_run_id(run_id)
-        self.frames = frames
-        self.video = video
-        self.previews = previews
-        self.preview_scale = preview_scale
-        self.image_tokens = image_tokens
-        self.watermark = watermark
-        self.model_id = model_id
-        self.tokens_per_image = tokens_per_image if image_tokens else None
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="wham-writer")
-        self._slots = threading.BoundedSemaphore(max_pending or 8 * threads)
+        self.storage = Metrics(settings.run_id).timed(storage)
+        self.settings = settings
+        self.run_date, self.run_id = settings.run_date, settings.run_id
+        self.frame_store = frame_store(settings.frame_mode, run_date=settings.run_date,
+                                       run_id=settings.run_id)
+        self.tokens_per_image = settings.tokens_per_image if settings.image_tokens else None
+        self._pool = ThreadPoolExecutor(settings.threads, thread_name_prefix="wham-writer")
+        self._slots = threading.BoundedSemaphore(settings.max_pending or 8 * settings.threads)
         self._units: dict[str, _Unit] = {}
         self._lock = threading.Lock()
 
@@ -188,7 +208,7 @@ class OutputWriter:
             if image.ndim != 3 or image.shape[0] != 3:
                 raise ValueError(f"image must be uint8 (3,H,W), got shape {image.shape}")
             key = self._queue_frame(unit, unit_id, image, rollout_id, step, generated)
-            if self.previews or self.video:
+            if self.settings.previews or self.settings.video:
                 unit.preview_frames.setdefault(rollout_id, []).append((image, generated))
         unit.steps.setdefault(rollout_id, {})[step] = StepRow(
             step=step,
@@ -202,7 +222,7 @@ class OutputWriter:
         )
 
     def _checked_tokens(self, image_tokens: np.ndarray | None) -> np.ndarray | None:
-        if not self.image_tokens or image_tokens is None:
+        if not self.settings.image_tokens or image_tokens is None:
             return None
         tokens = np.asarray(image_tokens).reshape(-1)
         if self.tokens_per_image is not None and tokens.size != self.tokens_per_image:
@@ -213,20 +233,18 @@ class OutputWriter:
 
     def _queue_frame(self, unit: _Unit, unit_id: str, image: np.ndarray, rollout_id: str,
                      step: int, generated: bool) -> str | None:
-        """Queue the frame's PNG (an object, or bytes for the frames part); the key that
-        the step's `frame_key` names."""
-        if self.frames == "none":
-            return None
-        if self.frames == "png":
-            key = layout.frame_key(self.run_date, self.run_id, rollout_id, step)
-        else:
-            key = layout.frames_part_key(self.run_date, self.run_id, unit_id)
-        self._submit(unit, self._write_frame, unit, key, image, rollout_id, step, generated)
+        """Queue the frame's encoding and storage as the frame store says; the key that the
+        step's `frame_key` names (None: frames are not stored)."""
+        key = self.frame_store.key(unit_id, rollout_id, step)
+        if key is not None:
+            self._submit(unit, self._write_frame, unit, key, image, rollout_id, step, generated)
         return key
 
-    def finish_rollout(self, unit_id: str, row: Mapping[str, Any]) -> None:
+    def finish_rollout(self, unit_id: str, row: Mapping[str, Any], *,
+                       retryable: bool = False) -> None:
         """Record a rollout's row (rollouts columns except unit_id); queues its preview and
-        video."""
+        video. `retryable`: a failed rollout a rerun may complete (the marker counts them,
+        and the driver reopens their unit)."""
         missing = [k for k in _REQUIRED_ROLLOUT_KEYS if row.get(k) is None]
         if missing:
             raise ValueError(f"rollout row is missing {', '.join(missing)}")
@@ -235,13 +253,17 @@ class OutputWriter:
         unit = self._unit(unit_id)
         rollout_id = row["rollout_id"]
         unit.rollouts[rollout_id] = {**row, "unit_id": unit_id}
+        if retryable and row["status"] != "ok":
+            unit.retryable.add(rollout_id)
+        else:
+            unit.retryable.discard(rollout_id)
         frames = unit.preview_frames.pop(rollout_id, None)
         if row["status"] != "ok" or not frames:
             return
-        if self.previews:
+        if self.settings.previews:
             key = layout.preview_key(self.run_date, self.run_id, rollout_id)
             self._submit(unit, self._write_preview, unit, key, frames, rollout_id)
-        if self.video:
+        if self.settings.video:
             key = layout.video_key(self.run_date, self.run_id, rollout_id)
             self._submit(unit, self._write_video, key, frames, rollout_id)
 
@@ -260,43 +282,39 @@ class OutputWriter:
                 time.sleep(backoff_delay(attempt))
         return write()
 
-    def _put(self, key: str, data: bytes, *, content_type: str) -> None:
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
         self._retrying(lambda: self.storage.put_bytes(key, data, content_type=content_type))
 
     def _provenance(self, rollout_id: str, step: int | None = None,
                     generated: bool | None = None) -> dict[str, str]:
-        return provenance_text(model_id=self.model_id, run_id=self.run_id,
+        return provenance_text(model_id=self.settings.model_id, run_id=self.run_id,
                                rollout_id=rollout_id, step=step, generated=generated)
 
     def _write_frame(
         self, unit: _Unit, key: str, image: np.ndarray, rollout_id: str, step: int, generated: bool
     ) -> None:
         data = encode_png(image, text=self._provenance(rollout_id, step, generated),
-                          watermark=self.watermark and generated)
-        if self.frames == "parquet":
-            with unit.lock:
-                unit.pngs[(rollout_id, step)] = data
-            return
-        self._put(key, data, content_type="image/png")
-        with unit.lock:
-            unit.frames += 1
+                          watermark=self.settings.watermark and generated)
+        self.frame_store.keep(unit.frames, self._put, key=key, rollout_id=rollout_id,
+                              step=step, png=data)
 
     def _write_preview(
         self, unit: _Unit, key: str, frames: list[tuple[np.ndarray, bool]], rollout_id: str
     ) -> None:
         comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id).items())
         data = encode_gif(
-            frames, scale=self.preview_scale, watermark=self.watermark, comment=comment
+            frames, scale=self.settings.preview_scale, watermark=self.settings.watermark,
+            comment=comment
         )
-        self._put(key, data, content_type="image/gif")
+        self._put(key, data, "image/gif")
         with unit.lock:
             unit.previews += 1
 
     def _write_video(self, key: str, frames: list[tuple[np.ndarray, bool]],
                      rollout_id: str) -> None:
         comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id).items())
-        data = encode_mp4(frames, watermark=self.watermark, comment=comment)
-        self._put(key, data, content_type="video/mp4")
+        data = encode_mp4(frames, watermark=self.settings.watermark, comment=comment)
+        self._put(key, data, "video/mp4")
 
     # ------------------------------------------------------------------ commit
 
@@ -320,7 +338,7 @@ class OutputWriter:
             ) from errors[0]
 
     def _put_parquet(self, key: str, table: Any) -> None:
-        self._put(key, parquet_bytes(table), content_type="application/vnd.apache.parquet")
+        self._put(key, parquet_bytes(table), PARQUET_TYPE)
 
     def finish_unit(self, unit_id: str, *, plan_fingerprint: str = "") -> UnitWriteResult:
         """Wait for the unit's uploads, write its Parquet parts, then its commit marker
@@ -339,11 +357,7 @@ class OutputWriter:
         rows = ok_steps(unit.steps, unit.rollouts)
         steps = steps_table(rows)
         rollouts = rollouts_table(unit.rollouts)
-        if self.frames == "parquet":
-            frames = frames_table(rows, unit.pngs)
-            unit.frames = frames.num_rows
-            self._put_parquet(layout.frames_part_key(self.run_date, self.run_id, unit_id),
-                              frames)
+        self.frame_store.finish(unit.frames, self._put, unit_id=unit_id, rows=rows)
         self._put_parquet(layout.steps_part_key(self.run_date, self.run_id, unit_id), steps)
         self._put_parquet(layout.rollouts_part_key(self.run_date, self.run_id, unit_id), rollouts)
         ok = sum(r["status"] == "ok" for r in unit.rollouts.values())
@@ -352,9 +366,9 @@ class OutputWriter:
             "rollouts": len(unit.rollouts),
             "ok": ok,
             "failed": len(unit.rollouts) - ok,
-            "retryable": sum(bool(r.get("retryable")) for r in unit.rollouts.values()),
+            "retryable": len(unit.retryable),
             "steps": steps.num_rows,
-            "frames": unit.frames,
+            "frames": unit.frames.stored,
             "previews": unit.previews,
         }
         marker = marker_bytes(run_date=self.run_date, run_id=self.run_id, unit_id=unit_id,

@@ -72,13 +72,11 @@ class RunSection(_Section):
     seed: int = Field(default=0, ge=0, description="Base seed; every rollout's rng seed "
                       "derives from it, the seed id, the rollout index and (run.seed_scope: "
                       "run) the run id.")
-    seed_scope: Literal[SEED_SCOPES] = Field(
-        default="run",
-        description="run: rng seeds also mix in the run id, so every run id (every nightly "
-        "date) generates new rollouts and rerunning a run id reproduces its own; config: "
-        "they depend on the config alone, so every run id of a config generates the same "
-        "rollouts (the behaviour before seed_scope). A run written before seed_scope resumes "
-        "with the seeds it started with.")
+    seed_scope: Literal[SEED_SCOPES] = Field(default="run", description=(
+        "run: rng seeds also mix in the run id, so every run id (every nightly date) "
+        "generates new rollouts and a rerun of a run id reproduces its own; config: every run "
+        "id of a config generates the same rollouts (as before seed_scope existed; a run "
+        "started then resumes with its seeds)."))
     max_failed_fraction: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="Largest fraction of failed rollouts for which the run still exits 0.",
@@ -182,10 +180,12 @@ class SeedsSection(_Section):
     format: Literal[SEED_FORMATS] = Field(
         default="images",
         description="images: one picture per seed; wham-npz: recorded clips (frames + actions); "
-        "manifest: a CSV/Parquet listing seed files.",
+        "manifest: a CSV/Parquet listing seed files; demonstrator: folders of the WHAM "
+        "Demonstrator (frames + actions.json), one seed per folder.",
     )
     glob: str | None = Field(
-        default=None, description="Pattern that selects seed files (default depends on format)."
+        default=None, description="Pattern that selects seed files (default depends on "
+        "format; for demonstrator it selects folder names)."
     )
     limit: int | None = Field(default=None, gt=0, description="Use at most this many seeds.")
     context_steps: int = Field(
@@ -387,7 +387,7 @@ class JobSpec(_Section):
         needs_recording = self.rollouts.mode == "policy" or self.rollouts.actions.kind == "replay"
         if needs_recording and self.seeds.format == "images":
             raise ValueError("rollouts.mode policy and rollouts.actions replay need recorded "
-                             "clips: set seeds.format to wham-npz or manifest")
+                             "clips: set seeds.format to wham-npz, demonstrator or manifest")
         if self.model.endpoint is not None and self.output.frames == "none":
             raise ValueError("output.frames none keeps only image tokens, which an endpoint "
                              "need not send and nothing here could decode: store frames "

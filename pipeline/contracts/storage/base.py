@@ -38,6 +38,12 @@ def backoff_delay(attempt: int, *, base_s: float = 0.5, cap_s: float = 30.0) -> 
     return min(cap_s, base_s * 2 ** max(attempt, 0)) * (0.5 + random.random() / 2)
 
 
+class TransientStorageError(OSError):
+    """Storage failed in a way a later attempt may not (busy, throttled, a dropped connection,
+    a conflicting write in flight): the caller retries it with backoff. An OSError, so code
+    that retries I/O errors in general retries this one too."""
+
+
 class StorageFatalError(UserError):
     """Storage refuses writes for a reason a retry cannot fix (full, read-only, no access,
     no bucket, a symlink in the way): the run stops with this message and stays resumable."""
@@ -119,6 +125,21 @@ class Storage(ABC):
     @abstractmethod
     def create_if_absent(self, key: str, data: bytes) -> bool:
         """Create `key` only if no object is there; True if this call created it."""
+
+    @abstractmethod
+    def get_tagged(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """The object at `key` and its version tag (S3's ETag; locally a digest of the
+        bytes), for a later `put_if`/`delete_if`; FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def put_if(self, key: str, data: bytes, *, match: str | None) -> str | None:
+        """Write `data` at `key` only if the object there still has the version tag `match`
+        (with `match=None`: only if there is no object). The new object's tag, or None when
+        the condition did not hold: of several writers holding the same tag, one wins."""
+
+    @abstractmethod
+    def delete_if(self, key: str, *, match: str) -> bool:
+        """Delete the object at `key` only if it still has the version tag `match`."""
 
     @abstractmethod
     def check_writable(self) -> None:

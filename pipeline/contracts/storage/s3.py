@@ -17,12 +17,27 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import boto3
+import pyarrow.fs as pafs
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ResponseStreamingError,
+)
+
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.secrets import public_url
 from pipeline.contracts.storage.base import (
     PROBE_PREFIX,
     Storage,
     StorageFatalError,
+    TransientStorageError,
     backoff_delay,
     join_keys,
     too_large,
@@ -36,12 +51,20 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 CONFLICT_ATTEMPTS = 3
 #: Error codes S3 answers when it is busy or briefly failing (still so after boto3's own
 #: retries); and 409 ConditionalRequestConflict: another conditional write of the same key
-#: was in flight. A later attempt may succeed: an OSError the caller may retry.
+#: was in flight. A later attempt may succeed: a TransientStorageError the caller retries.
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
     "InternalError", "ServiceUnavailable", "500", "502", "503", "504",
     "ConditionalRequestConflict",
 })
+
+
+class _ConditionFailed(Exception):
+    """412 PreconditionFailed: the object is not as a conditional request expected."""
+
+
+class _WriteConflict(TransientStorageError):
+    """409 ConditionalRequestConflict: another conditional write of the key was in flight."""
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -126,9 +149,6 @@ class S3Storage(Storage):
         return f"S3Storage({self.uri!r}, endpoint={_display_endpoint(self.endpoint_url)!r})"
 
     def _make_client(self, max_attempts: int) -> Any:
-        import boto3
-        from botocore.config import Config
-
         config = Config(
             retries={"mode": "adaptive", "max_attempts": max_attempts},
             max_pool_connections=self.max_pool_connections,
@@ -154,14 +174,8 @@ class S3Storage(Storage):
         return f"bucket {self.bucket!r} at {_display_endpoint(self.endpoint_url)}"
 
     def _fail(self, exc: Exception, action: str, key: str | None = None) -> Exception:
-        """Turn a boto3 error into FileNotFoundError / UserError with a safe message."""
-        from botocore.exceptions import (
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
-
+        """Turn a boto3 error into FileNotFoundError / UserError / TransientStorageError
+        with a safe message."""
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "404", "NotFound") and key is not None:
@@ -174,8 +188,12 @@ class S3Storage(Storage):
                     f"access denied to {self._where()} ({code}) while trying to {action}; "
                     "check the credentials in the environment or AWS profile"
                 )
+            if code == "PreconditionFailed":
+                return _ConditionFailed(action)
             if code in _TRANSIENT_CODES:
-                return OSError(f"S3 answered {code} on {self._where()} while trying to {action}")
+                kind = (_WriteConflict if code == "ConditionalRequestConflict"
+                        else TransientStorageError)
+                return kind(f"S3 answered {code} on {self._where()} while trying to {action}")
             return UserError(f"S3 error {code} on {self._where()} while trying to {action}")
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return UserError(
@@ -184,12 +202,11 @@ class S3Storage(Storage):
             )
         if isinstance(exc, EndpointConnectionError):
             return UserError(f"cannot reach S3 endpoint for {self._where()}")
-        # Timeouts, dropped connections: transient, so an OSError the caller may retry.
-        return OSError(f"S3 request to {self._where()} failed while trying to {action}: {exc}")
+        # Timeouts, dropped connections: a later attempt may succeed.
+        return TransientStorageError(
+            f"S3 request to {self._where()} failed while trying to {action}: {exc}")
 
     def _call(self, action: str, fn: Any, key: str | None = None, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             return fn(**kwargs)
         except (ClientError, BotoCoreError) as exc:
@@ -208,8 +225,6 @@ class S3Storage(Storage):
                 **extra,
             )
             return
-        from boto3.s3.transfer import TransferConfig
-
         config = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
             multipart_chunksize=MULTIPART_THRESHOLD // 2,
@@ -226,11 +241,14 @@ class S3Storage(Storage):
         )
 
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+        return self.get_tagged(key, max_bytes=max_bytes)[0]
 
+    def get_tagged(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
         # boto3 retries a request, but not a body cut off after the headers arrived.
         last: Exception | None = None
-        for _ in range(max(1, self.max_attempts)):
+        for attempt in range(max(1, self.max_attempts)):
+            if attempt:
+                time.sleep(backoff_delay(attempt - 1))
             response = self._call(
                 f"read {key!r}", self._s3.get_object, key, Bucket=self.bucket, Key=self._key(key)
             )
@@ -239,7 +257,7 @@ class S3Storage(Storage):
                 response["Body"].close()
                 raise too_large(self.key_uri(key), size, max_bytes)
             try:
-                return response["Body"].read()
+                return response["Body"].read(), str(response.get("ETag", ""))
             except (ResponseStreamingError, IncompleteReadError) as exc:
                 last = exc
         raise self._fail(last, f"read {key!r}", key) from None
@@ -267,8 +285,6 @@ class S3Storage(Storage):
             **({"StartAfter": base + start_after} if start_after else {}),
             PaginationConfig={"PageSize": self.list_page_size},
         )
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             for page in pages:
                 for item in page.get("Contents", ()):
@@ -276,27 +292,45 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, f"list {prefix!r}") from None
 
-    def create_if_absent(self, key: str, data: bytes) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    def _conditional(self, action: str, fn: Any, key: str | None = None,
+                     **kwargs: Any) -> Any | None:
+        """The answer to a conditional request, or None when its condition does not hold."""
         attempt = 0
         while True:
             try:
-                self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                    IfNoneMatch="*")
-                return True
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code")
-                if code == "PreconditionFailed":
-                    return False  # 412: it exists
-                # 409: another conditional write of the key was in flight. It says nothing
-                # about whether the key exists: ask again; still so, a retryable OSError.
-                if code != "ConditionalRequestConflict" or attempt + 1 >= CONFLICT_ATTEMPTS:
-                    raise self._fail(exc, f"create {key!r}") from None
-            except BotoCoreError as exc:  # timeouts, dropped connections: OSError
-                raise self._fail(exc, f"create {key!r}") from None
-            time.sleep(backoff_delay(attempt))
-            attempt += 1
+                return self._call(action, fn, key, **kwargs)
+            except _ConditionFailed:
+                return None
+            except _WriteConflict:
+                # 409 says nothing about whether the condition holds: ask again; still so,
+                # a TransientStorageError the caller retries.
+                attempt += 1
+                if attempt >= CONFLICT_ATTEMPTS:
+                    raise
+            time.sleep(backoff_delay(attempt - 1))
+
+    def create_if_absent(self, key: str, data: bytes) -> bool:
+        return self.put_if(key, data, match=None) is not None
+
+    def put_if(self, key: str, data: bytes, *, match: str | None) -> str | None:
+        if match is None:
+            action, condition, missing = f"create {key!r}", {"IfNoneMatch": "*"}, None
+        else:
+            action, condition, missing = f"replace {key!r}", {"IfMatch": match}, key
+        try:
+            answer = self._conditional(action, self._s3.put_object, missing, Bucket=self.bucket,
+                                       Key=self._key(key), Body=data, **condition)
+        except FileNotFoundError:
+            return None  # If-Match where there is no object: 404 NoSuchKey
+        return None if answer is None else str(answer.get("ETag", ""))
+
+    def delete_if(self, key: str, *, match: str) -> bool:
+        try:
+            answer = self._conditional(f"delete {key!r}", self._s3.delete_object, key=key,
+                                       Bucket=self.bucket, Key=self._key(key), IfMatch=match)
+        except FileNotFoundError:
+            return False
+        return answer is not None
 
     def _delete(self, key: str) -> None:
         self._call(
@@ -330,8 +364,6 @@ class S3Storage(Storage):
         self._call(action, client.delete_object, Bucket=self.bucket, Key=key)
 
     def arrow_fs(self) -> tuple[Any, str]:
-        import pyarrow.fs as pafs
-
         kwargs: dict[str, Any] = {}
         if self.region:
             kwargs["region"] = self.region
