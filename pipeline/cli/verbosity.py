@@ -21,8 +21,16 @@ def library_log_level(verbose: bool) -> int:
 
 
 def quiet_libraries(*, verbose: bool) -> None:
-    """Set the libraries' loggers in this process to INFO (`verbose`) or WARNING."""
-    import ray  # noqa: F401 - Ray sets its loggers' levels when imported: set them after
+    """Let the libraries' loggers in this process pass INFO (`verbose`) or WARNING and up.
 
+    The handlers get the level too: some of Ray's modules set their own loggers to INFO
+    when they are imported (its job client does), and their lines go out through the
+    handler Ray puts on its top logger."""
+    import ray  # noqa: F401 - Ray sets up its loggers when imported: set them after
+
+    level = library_log_level(verbose)
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(library_log_level(verbose))
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        for handler in logger.handlers:
+            handler.setLevel(level)

@@ -319,6 +319,7 @@ def test_submit_wait_then_query_logs_status_runs(
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.splitlines()[0].strip()
     assert "SUCCEEDED" in result.stdout
+    assert " INFO " not in result.stderr  # Ray's upload lines only with --verbose
 
     info = _client(address).get_job_info(job_id)
     run_id = info.metadata["wham_batch_run_id"]
