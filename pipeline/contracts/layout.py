@@ -11,6 +11,7 @@ _runs/run_date=YYYY-MM-DD/run_id=<run_id>/manifest.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/commits/<unit>.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/lease.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/_SUCCESS
+_runs/run_date=YYYY-MM-DD/run_id=<run_id>/report.html     `wham-batch report` (optional)
 ```
 
 The writer and the query side both use this module, so the two never disagree. Schemas
@@ -303,3 +304,8 @@ def check_schema_version(version: object, *, where: str) -> None:
 
 def success_key(run_date: str | dt.date, run_id: str) -> str:
     return f"{run_prefix(RUNS_DIR, run_date, run_id)}/_SUCCESS"
+
+
+def report_key(run_date: str | dt.date, run_id: str) -> str:
+    """The run's HTML report (pipeline.report), beside its `_SUCCESS`."""
+    return f"{run_prefix(RUNS_DIR, run_date, run_id)}/report.html"

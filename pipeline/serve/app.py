@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.secrets import hide_secret_env
 from pipeline.driver.preflight import check_checkpoint, check_preset, connect_ray
-from pipeline.serve.config import ONGOING_HEADROOM, ServeConfig
+from pipeline.serve.config import API_KEY_ENV, ONGOING_HEADROOM, ServeConfig
 
 log = logging.getLogger("pipeline.serve")
 #: Tries of a replica's constructor before the deployment is failed (a bad model will not
@@ -118,6 +119,9 @@ def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None
                          region=config.region, field="checkpoint")
     else:
         check_preset(config.preset, field="preset")
+    # The replicas hold only the key's digest: the key leaves this process's environment
+    # before Ray starts here, or every Ray process (replicas included) would inherit it.
+    hide_secret_env(API_KEY_ENV)
     started = connect_ray(config.address).started
     try:
         check_resources(config)

@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.contracts.choices import DEVICES, DTYPES
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.secrets import read_key_file
 from pipeline.contracts.spec.paths import absolute, is_uri
 
 API_KEY_ENV = "WHAM_API_KEY"
-MAX_KEY_FILE_BYTES = 4096
 #: Requests a replica admits beyond max_batch + max_queue: room for health checks and
 #: cheap rejections, so a busy replica still answers them (and its own 503s) itself.
 ONGOING_HEADROOM = 16
@@ -167,16 +167,7 @@ def resolve_api_key(config: ServeConfig, *, environ: dict[str, str] | None = Non
     env = os.environ if environ is None else environ
     key = None
     if config.api_key_file:
-        path = Path(config.api_key_file)
-        try:
-            if path.stat().st_size > MAX_KEY_FILE_BYTES:
-                raise UserError(f"api_key_file {path}: larger than {MAX_KEY_FILE_BYTES} bytes; "
-                                "it should hold only the key")
-            key = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"api_key_file {path}: cannot read it ({exc})") from None
-        if not key:
-            raise UserError(f"api_key_file {path}: the file is empty")
+        key = read_key_file(config.api_key_file, what="api_key_file")
     elif env.get(API_KEY_ENV, "").strip():
         key = env[API_KEY_ENV].strip()
     if key is None and not is_loopback(config.host):

@@ -65,18 +65,14 @@ class RunSection(_Section):
         description="Run id template; placeholders {date} (run_date, YYYY-MM-DD) and {name}. "
         "The rendered id names the output partition; rerunning the same id resumes it.",
     )
-    run_date: dt.date = Field(
-        default_factory=_today_utc,
-        description="Partition date of the run (YYYY-MM-DD); defaults to today in UTC.",
-    )
-    seed: int = Field(default=0, ge=0, description="Base seed; every rollout's rng seed "
-                      "derives from it, the seed id, the rollout index and (run.seed_scope: "
-                      "run) the run id.")
+    run_date: dt.date = Field(default_factory=_today_utc, description="Partition date of "
+                              "the run (YYYY-MM-DD); defaults to today in UTC.")
+    seed: int = Field(default=0, ge=0, description="Base of every rollout's rng seed, mixed "
+                      "with the seed id, the rollout index and (seed_scope run) the run id.")
     seed_scope: Literal[SEED_SCOPES] = Field(default="run", description=(
-        "run: rng seeds also mix in the run id, so every run id (every nightly date) "
-        "generates new rollouts and a rerun of a run id reproduces its own; config: every run "
-        "id of a config generates the same rollouts (as before seed_scope existed; a run "
-        "started then resumes with its seeds)."))
+        "run: rng seeds mix in the run id (new rollouts per run id, the same ones on a rerun); "
+        "config: they do not (every run id of the config repeats the same rollouts, as runs "
+        "did before seed_scope; a run started then resumes with its seeds)."))
     max_failed_fraction: float = Field(
         default=0.0, ge=0.0, le=1.0,
         description="Largest fraction of failed rollouts for which the run still exits 0.",
@@ -162,6 +158,11 @@ class ModelSection(_Section):
         default=1.0, ge=0.0, le=600.0,
         description="First retry delay; it doubles per try (at most 60 s) with full jitter, "
         "or follows the endpoint's Retry-After.",
+    )
+    trust_env: bool = Field(
+        default=False,
+        description="Send endpoint requests through the proxy the environment names "
+        "(HTTP_PROXY, HTTPS_PROXY, NO_PROXY). Off by default: the proxy would see the key.",
     )
 
     @model_validator(mode="after")
