@@ -79,7 +79,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                       help="how long results wait after a job's newest one (default 600)")
     jobs.add_argument("--job-lease-s", type=float, metavar="S",
                       help="how long a stopped replica's jobs wait before another resumes "
-                      "them (default 30)")
+                      "them (default 30, at least 3)")
     parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a "
                         "local Ray instance)")
     parser.add_argument("--name", help="Serve application name (default wham)")

@@ -147,11 +147,14 @@ def actions_from_values(values: np.ndarray, *, where: str, sticks: str = "values
 
 #: The file of a Demonstrator example or saved timeline folder: image file name -> 16 values.
 DEMONSTRATOR_ACTIONS = "actions.json"
+#: Largest actions.json parsed: it becomes Python objects many times its size, and it is
+#: read whole. The Demonstrator writes about 110 bytes a frame: some 70,000 frames.
+MAX_ACTIONS_BYTES = 8 * 2**20
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key that orders the digits in a name by their value: image2 before image10."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part)
+    return tuple((0, int(part)) if part.isdecimal() else (1, part)
                  for part in re.split(r"(\d+)", name) if part)
 
 
@@ -171,6 +174,9 @@ def demonstrator_actions(data: bytes, *, where: str) -> tuple[list[str], np.ndar
     Each value is 16 numbers: 12 buttons 0/1, then 4 sticks in [-1, 1], binned with the
     official server's bin edges. `where` starts every error (a SeedError naming the image).
     """
+    if len(data) > MAX_ACTIONS_BYTES:
+        raise SeedError(f"{where}: {len(data) / 2**20:.1f} MiB, more than the "
+                        f"{MAX_ACTIONS_BYTES / 2**20:g} MiB an actions file may hold")
     try:
         table = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

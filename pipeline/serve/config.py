@@ -24,6 +24,9 @@ API_KEY_ENV = "WHAM_API_KEY"
 #: Requests a replica admits beyond max_batch + max_queue: room for health checks and
 #: cheap rejections, so a busy replica still answers them (and its own 503s) itself.
 ONGOING_HEADROOM = 16
+#: Shortest job lease: replicas renew theirs about once a second (and with every result),
+#: so a lease must outlast a few renewals, or it runs out under a live replica.
+MIN_JOB_LEASE_S = 3.0
 
 
 class ServeConfig(BaseModel):
@@ -75,9 +78,10 @@ class ServeConfig(BaseModel):
         default=600, ge=1, le=7 * 24 * 3600, description="Official protocol: seconds a "
         "job's results are kept after its newest result; then they are deleted.")
     job_lease_s: float = Field(
-        default=30.0, ge=1.0, le=3600.0, description="Official protocol: seconds a job stays "
-        "with a replica that stopped renewing it (restarted, crashed) before another replica "
-        "resumes it from its last result.")
+        default=30.0, ge=MIN_JOB_LEASE_S, le=3600.0, description="Official protocol: seconds "
+        "a job stays with a replica that stopped renewing it (restarted, crashed) before "
+        f"another replica resumes it from its last result (at least {MIN_JOB_LEASE_S:g}: "
+        "replicas renew about once a second).")
     api_key_file: str | None = Field(
         default=None, description=f"File holding the API key (else ${API_KEY_ENV}); the key "
         "itself is never a setting.")

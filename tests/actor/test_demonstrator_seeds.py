@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.contracts import layout
 from pipeline.contracts.plan import make_plan
-from pipeline.contracts.sources import SeedError
+from pipeline.contracts.sources import SeedError, natural_key
 from pipeline.contracts.spec import spec_from_data
 from pipeline.contracts.storage import open_storage
 from pipeline.driver.discovery import discover_seeds
@@ -119,6 +120,13 @@ def test_every_stick_value_gets_the_official_bin(tmp_path) -> None:
     assert bins.tolist() == [k for _, k in STICK_BINS]
 
 
+def test_names_sort_by_their_numbers_whatever_the_characters() -> None:
+    # '²' is a digit to str.isdigit but not a decimal number: it sorts as text
+    names = ["x10", "x1²", "image٣.png", "x2", "image10.png", "image2.png"]
+    assert sorted(names, key=natural_key) == ["image2.png", "image٣.png", "image10.png",
+                                               "x1²", "x2", "x10"]
+
+
 def test_a_single_example_folder_is_one_seed(tmp_path) -> None:
     storage = open_storage(str(tmp_path / "my timeline"))
     for i in range(4):
@@ -162,6 +170,40 @@ def bad_folders(storage) -> dict[str, str]:  # noqa: ANN001
         "not-json": "not-json/actions.json: not valid JSON",
         "not-an-image": "not-an-image/image0.png): not a readable image",
     }
+
+
+def test_an_actions_file_has_a_bound_of_its_own(tmp_path) -> None:
+    """actions.json is parsed whole, into Python objects many times its size: it is held
+    to a bound of its own, far below seeds.max_file_mb."""
+    storage = open_storage(str(tmp_path / "f"))
+    storage.put_bytes("image0.png", png(frame(0)))
+    table = json.dumps({"image0.png": [0.0] * 16}).encode()
+    storage.put_bytes("actions.json", table[:-1] + b" " * 16 * 2**20 + b"}")
+    (ref,) = discover_seeds(str(tmp_path / "f"), format="demonstrator")
+    with pytest.raises(SeedError, match="f/actions.json") as info:
+        load_seed(ref, image_size=SIZE, context_steps=1, max_bytes=256 * 2**20)
+    assert "16.0 MiB, more than the 8 MiB an actions file may hold" in str(info.value)
+
+
+def test_frames_are_resized_one_at_a_time(tmp_path) -> None:
+    """Large frames compress to little (six 1500x1500 frames: a few KB on disk, 40 MB
+    decoded): each is brought to the model's size as soon as it is decoded, so a folder
+    holds one decoded frame at a time, not all of them."""
+    storage = open_storage(str(tmp_path / "f"))
+    big = png(Image.new("RGB", (1500, 1500), (10, 20, 30)))
+    for i in range(6):
+        storage.put_bytes(f"image{i}.png", big)
+    storage.put_bytes("actions.json", json.dumps(
+        {f"image{i}.png": [0.0] * 16 for i in range(6)}).encode())
+    (ref,) = discover_seeds(str(tmp_path / "f"), format="demonstrator")
+    tracemalloc.start()
+    try:
+        seed = load_seed(ref, image_size=SIZE, context_steps=4, future_steps=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seed.source_size == (1500, 1500) and seed.future_images.shape == (2, 3, *SIZE)
+    assert peak < 4 * 1500 * 1500 * 3, peak  # decoding one frame takes about three copies
 
 
 def test_bad_folders_raise_seed_errors_naming_the_file(examples) -> None:

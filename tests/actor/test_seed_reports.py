@@ -26,8 +26,8 @@ def test_a_seed_that_is_no_image_says_so_without_a_python_repr(tmp_path: Path) -
     with pytest.raises(SeedError) as caught:
         load_seed(SeedRef("x", str(path)), image_size=(16, 16), context_steps=1)
     text = str(caught.value)
-    assert text == (f"seed x ({path}): not a readable image: unrecognised image data "
-                    "(formats read: PNG, JPEG, GIF, BMP, TIFF, WEBP)")
+    assert text == (f"seed x ({path}): not a readable image: the data is none of PNG, JPEG, "
+                    "GIF, BMP, TIFF, WEBP")
     assert "object at 0x" not in text and "<_io" not in text
 
 

@@ -167,6 +167,7 @@ def test_bad_images_raise_seed_error_naming_the_seed(seed_root, name):
     with pytest.raises(SeedError) as info:
         load_seed(refs[stem], image_size=SIZE, context_steps=1)
     assert stem in str(info.value) and name in str(info.value)
+    assert " object at 0x" not in str(info.value)  # no Python repr of Pillow's file object
     assert load_seed(refs["good"], image_size=SIZE, context_steps=1).context_images.shape[0] == 1
 
 

@@ -78,7 +78,7 @@ def test_seeds_that_do_not_decode_fail_before_any_actor_without_reprs(
     spec = spec_from_data(data)
     with pytest.raises(UserError, match="seeds.source: none of the 2 seeds") as caught:
         preflight(spec, check_seed=check_seed)
-    assert "unrecognised image data" in str(caught.value)
+    assert "the data is none of PNG, JPEG" in str(caught.value)
     code, err = _validate(tmp_path, data, capsys)
     assert code == 2 and "seeds.source: none of the 2 seeds" in err
     for text in (str(caught.value), err):

@@ -50,11 +50,11 @@ def test_storage_operations_survive_each_fault_kind(s3_server: str, s3_bucket: s
         assert store.create_if_absent("marker.json", b"{}") is True
         assert store.create_if_absent("marker.json", b"{}") is False
     assert proxy.counts[kind] > 0
-    assert {k: _digest(direct.get_bytes(k)) for k in blobs} == \
-        {k: _digest(v) for k, v in blobs.items()}
-    assert direct.get_bytes("marker.json") == b"{}"
+    intact = sum(_digest(direct.get_bytes(k)) == _digest(v) for k, v in blobs.items()) + (
+        direct.get_bytes("marker.json") == b"{}")
     record_figures("storage_faults", requests=proxy.requests, faults=dict(proxy.counts),
-                   rows_lost=0)
+                   objects=len(blobs) + 1, intact=intact)
+    assert intact == len(blobs) + 1
 
 
 @pytest.mark.slow
@@ -73,7 +73,8 @@ def test_multipart_upload_survives_part_failures_and_resets(s3_server: str,
     assert proxy.counts["reset"] == 2 and _digest(got) == _digest(data)
     uploads = direct._s3.list_multipart_uploads(Bucket=direct.bucket).get("Uploads", [])
     assert uploads == []  # no multipart upload left dangling
-    record_figures("multipart_faults", faults={"part_fail": 6, "reset": 2}, rows_lost=0)
+    record_figures("multipart_faults", faults={"part_fail": 6, "reset": 2}, objects=1,
+                   intact=int(_digest(direct.get_bytes("big.bin")) == _digest(data)))
 
 
 def _job(tmp_path: Path, root: str, endpoint: str, run_id: str) -> dict:
@@ -150,8 +151,15 @@ def test_pipeline_run_through_faults_matches_a_clean_run(
     assert faulty["snapshot"]["steps"] == clean["snapshot"]["steps"]
     assert faulty["snapshot"]["rollouts"] == clean["snapshot"]["rollouts"]
     assert len(clean["snapshot"]["steps"]) == 12 * 4
+    same = {k for k in clean["snapshot"]["frames"]
+            if faulty["snapshot"]["frames"].get(k) == clean["snapshot"]["frames"][k]}
     record_figures("pipeline_faults", requests=faulty["requests"], faults=faulty["counts"],
-                   objects=len(clean["snapshot"]["keys"]), rows_lost=0,
+                   objects=len(clean["snapshot"]["keys"]),
+                   keys_present=len(set(clean["snapshot"]["keys"])
+                                    & set(faulty["snapshot"]["keys"])),
+                   frames=len(clean["snapshot"]["frames"]), identical_frames=len(same),
+                   rows_lost=sum(r not in faulty["snapshot"]["steps"]
+                                 for r in clean["snapshot"]["steps"]),
                    clean_wall_s=round(clean["wall"], 2), faulty_wall_s=round(faulty["wall"], 2),
                    slowdown=round(faulty["wall"] / clean["wall"], 2))
 

@@ -153,7 +153,8 @@ def test_thousands_of_rollouts_keep_driver_memory_flat(
     check = verify_run(storage, run_date="2026-10-11", run_id="load")
     verify_s = time.perf_counter() - t0
     assert check.ok and check.units_checked == units and check.rows == rollouts * 2
-    record_figures("load", seeds=SEEDS, rollouts=rollouts, units=units,
+    record_figures("load", seeds=SEEDS, rollouts=rollouts, units=units, rows=check.rows,
+                   rows_expected=rollouts * 2,
                    verify_s=round(verify_s, 2),
                    wall_s=round(wall, 1), rollouts_per_s=round(rollouts / wall, 1),
                    max_units_in_flight=max(in_flight), in_flight_limit=ACTORS * IN_FLIGHT,

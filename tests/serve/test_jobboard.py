@@ -5,6 +5,7 @@ results expiring as in the official server."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -98,6 +99,24 @@ def test_a_cancelled_job_delivers_nothing_more() -> None:
         assert not await board.post("r1", result("a", 2), replace(job, steps_done=3))
         assert (await board.poll(["a"])).results == []
         assert await board.claim("r2", [], want=1, wait_s=0) == []
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_jobs_let_go_of_their_frames() -> None:
+    """A cancelled job is kept for a lifespan (its polls are answered) but not the frames it
+    started from: a client that starts and cancels jobs in a loop, which the concurrency
+    limit does not count, cannot fill the board's memory with them."""
+    async def scenario() -> None:
+        board = JobBoard(max_concurrent_jobs=1, clock=Clock())
+        for k in range(8):  # 8 jobs of ten 180x300 frames each: 13 MB of frames in all
+            frames = list(np.full((10, 3, 180, 300), k, np.uint8))
+            job = replace(state(f"j{k}"), images=frames, tokens=[None] * 10,
+                          actions=np.zeros((10, 16), np.int64))
+            assert (await board.submit([job]))[0]
+            assert await board.cancel(job.job_id)
+        assert len(pickle.dumps(board._jobs)) < 100_000
+        assert (await board.poll(["j0"])).unknown == []  # still known: a poll gets 204
 
     asyncio.run(scenario())
 

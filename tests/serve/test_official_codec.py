@@ -127,6 +127,14 @@ def test_the_demonstrators_text_settings_and_float_tokens() -> None:
     assert short.start.tokens == [None] * 3 and short.start.images[0] is not None
 
 
+@pytest.mark.parametrize("top_p", ["None", "none", None])
+def test_top_k_with_top_p_unset_as_the_official_server_needs(top_p: str | None) -> None:
+    """The official sampler takes top_k only with top_p unset (it asserts that one of them
+    is None), so a Demonstrator job that sets top_k sends top_p "None": no nucleus cut."""
+    job = parse(job_json(steps(1), predict=1, top_k="5", top_p=top_p))
+    assert (job.start.top_k, job.start.top_p) == (5, 1.0)
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"num_steps_to_predict": None}, "json.num_steps_to_predict"),
     ({"num_steps_to_predict": 6}, "json.num_steps_to_predict"),  # > max_dream_steps_per_job
@@ -169,6 +177,7 @@ def test_a_missing_json_field_bad_json_and_an_undecodable_image() -> None:
         parse({"steps": steps(1), "num_steps_to_predict": 1}, {"image0.png": b"GIF89a junk"})
     assert info.value.field == "files[image0.png]"
     assert "not a readable PNG or JPEG image" in str(info.value)
+    assert " object at 0x" not in str(info.value)  # no Python repr of Pillow's file object
 
 
 # ---------------------------------------------------------------- steps and results

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from support.asgi import make_request
 from support.official import dotnet_form, job_json
 
+from workers.actor.jobboard import JobBoard
 from workers.actor.serve_replica import MuseReplica, key_digest
 
 KEY = "official-replica-key"
@@ -84,6 +85,63 @@ def test_jobs_run_to_the_end_and_a_cancelled_one_stops() -> None:
         assert not replica.official._running
         reply = await replica.handle(make_request("/get_job_results", query={"job_ids": long_job}))
         assert reply.status == 204  # nothing of the cancelled job came out after the cancel
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_lease_ran_out_under_its_live_replica_runs_each_step_once() -> None:
+    """The board's lease of a job runs out while its replica still runs a step (its renewals
+    were held up): the board hands the job back to the same replica, which goes on with the
+    task it has rather than running the same step a second time beside it."""
+    async def scenario() -> None:
+        now = [1000.0]
+        replica = make_replica(None)
+        replica.official.board = JobBoard(lease_s=30, clock=lambda: now[0])
+        gate, started = asyncio.Event(), []
+        engine_step = replica.official._batched
+
+        async def gated_step(step):  # noqa: ANN001, ANN202
+            started.append(step.step)
+            await gate.wait()
+            return await engine_step(step)
+
+        replica.official._batched = gated_step
+        reply = await replica.handle(new_job_request(parallel=1, predict=1))
+        (job,) = json.loads(reply.body)["job_ids"]
+        for _ in range(100):
+            if started:
+                break
+            await asyncio.sleep(0.05)
+        now[0] += 31  # the lease runs out; the next claim (within a second) hands it back
+        await asyncio.sleep(2.5)
+        gate.set()
+        assert sorted(await poll_all(replica, [job], 2)) == [(job, 0), (job, 1)]
+        assert started == [0, 1]
+
+    asyncio.run(scenario())
+
+
+def test_a_job_that_fails_unforeseen_is_reported_without_the_exceptions_text() -> None:
+    """An error nobody foresaw ends the job as failed; its polls say so with the error's
+    type, never its text (which may hold a Python repr): that goes to the server's log."""
+    async def scenario() -> None:
+        replica = make_replica(None)
+
+        async def broken_step(step):  # noqa: ANN001, ANN202
+            raise RuntimeError(f"unforeseen {object()!r}")
+
+        replica.official._batched = broken_step
+        reply = await replica.handle(new_job_request(parallel=1, predict=1))
+        (job,) = json.loads(reply.body)["job_ids"]
+        for _ in range(100):
+            reply = await replica.handle(make_request("/get_job_results",
+                                                      query={"job_ids": job}))
+            if reply.status != 204:
+                break
+            await asyncio.sleep(0.05)
+        assert reply.status == 500, reply.body
+        reason = json.loads(reply.body)["failed"][job]
+        assert "RuntimeError" in reason and "object at 0x" not in reason, reason
 
     asyncio.run(scenario())
 

@@ -16,8 +16,8 @@ def test_an_image_that_is_none_is_named_without_a_python_repr() -> None:
         decode_frame(data, field="input_data.context[0].image", size=None)
     body = caught.value.body()
     assert body["field"] == "input_data.context[0].image"
-    assert body["error"].endswith("not a readable PNG or JPEG image: unrecognised image data "
-                                  "(formats read: PNG, JPEG)")
+    assert body["error"].endswith("not a readable PNG or JPEG image: the data is none of PNG, "
+                                  "JPEG")
     assert "object at 0x" not in body["error"] and "<_io" not in body["error"]
     assert "Error:" not in body["error"]  # no exception class names either
 

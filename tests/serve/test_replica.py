@@ -135,6 +135,17 @@ def test_a_batch_answers_as_one_by_one_requests_do(replica: MuseReplica) -> None
     assert len({json.dumps(r["tokens"]) for r in results}) == 4  # different seeds, answers
 
 
+def test_health_counts_engine_calls_and_rows_exactly(replica: MuseReplica) -> None:
+    def counts() -> tuple[int, int]:
+        body = _handle(replica, _request(path="/health", method="GET")).body
+        return body["engine_calls"], body["engine_rows"]
+
+    calls, rows = counts()
+    replica.score_batch([_score_request(replica, steps=2, seed=s) for s in (11, 12, 13)])
+    replica.score_batch([_score_request(replica, steps=3, seed=14)])
+    assert counts() == (calls + 2, rows + 4)
+
+
 def test_given_tokens_answer_as_the_encoded_image_does(replica: MuseReplica) -> None:
     request = _score_request(replica, steps=2, seed=5)
     tokens = replica.model.encode_images(np.stack(request.images)[None])[0].cpu().numpy()

@@ -40,6 +40,9 @@ def test_flags_override_the_yaml(tmp_path: Path) -> None:
     ({"checkpoint": "m", "api_key": "secret"}, "api_key: unknown key"),
     ({"checkpoint": "m", "max_concurrent_jobs": 0}, "max_concurrent_jobs:"),
     ({"checkpoint": "m", "max_job_lifespan_s": 0}, "max_job_lifespan_s:"),
+    # replicas renew their jobs' leases about once a second: a 1 s lease runs out under a
+    # live replica whose step takes longer, and its jobs fail as if it had stopped 3 times
+    ({"checkpoint": "m", "job_lease_s": 1}, "job_lease_s:"),
 ])
 def test_bad_settings_name_their_field(tmp_path: Path, data: dict, message: str) -> None:
     path = tmp_path / "serve.yaml"

@@ -29,6 +29,7 @@ import io
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -113,9 +114,8 @@ def decode_image_mode(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMAT
         img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:  # Pillow raises above 2x its limit
         raise ValueError(str(exc)) from None
-    except UnidentifiedImageError:  # its message shows the stream's repr: say it plainly
-        raise ValueError(f"unrecognised image data (formats read: {', '.join(formats)})"
-                         ) from None
+    except UnidentifiedImageError:  # its message shows the repr of the in-memory file
+        raise ValueError(f"the data is none of {', '.join(formats)}") from None
     with img:
         # Pillow only warns between 1x and 2x its limit; here the limit itself is the bound.
         limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
@@ -170,12 +170,24 @@ def _read(ref: SeedRef, uri: str, *, endpoint_url: str | None, region: str | Non
         raise SeedError(f"seed {ref.seed_id}: cannot read {uri} ({exc})") from None
 
 
-def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int, endpoint_url: str | None,
-                         region: str | None, max_bytes: int | None,
-                         ) -> tuple[list[np.ndarray], np.ndarray, str]:
-    """A Demonstrator folder: its first `count` frames (uint8 (H,W,3) each, numeric name
-    order), the actions of all of them and the Pillow mode of its first frame. Every image
-    actions.json names must exist."""
+@dataclass(frozen=True, slots=True)
+class _Frames:
+    """A seed as read: its frames uint8 (H,W,3) (a folder's already at the model's size when
+    one was given), its recorded actions (clips, folders), and its first frame's own (H, W)
+    and Pillow mode."""
+
+    frames: Sequence[np.ndarray]
+    actions: np.ndarray | None
+    source_size: tuple[int, int]
+    mode: str
+
+
+def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int,
+                         image_size: tuple[int, int] | None, endpoint_url: str | None,
+                         region: str | None, max_bytes: int | None) -> _Frames:
+    """A Demonstrator folder: its first `count` frames (numeric name order; at `image_size`
+    when given) and the actions of all of them. Every image actions.json names must
+    exist."""
     names, actions = demonstrator_actions(data, where=f"seed {ref.seed_id}: {ref.uri}")
     folder = ref.uri[:-len(DEMONSTRATOR_ACTIONS)].rstrip("/")
     try:
@@ -187,7 +199,7 @@ def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int, endpoint_url:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SeedError(f"seed {ref.seed_id}: {folder}/{missing[0]}{more} is named in "
                         f"{ref.uri} but does not exist")
-    frames, modes = [], []
+    frames, source_size, first_mode = [], (0, 0), "RGB"
     for name in names[:count]:
         image = SeedRef(seed_id=ref.seed_id, uri=f"{folder}/{name}", root=ref.root)
         _check_inside_root(image)
@@ -198,9 +210,11 @@ def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int, endpoint_url:
         except (OSError, ValueError, SyntaxError) as exc:
             raise SeedError(f"seed {ref.seed_id} ({image.uri}): not a readable image: "
                             f"{exc}") from None
-        frames.append(frame)
-        modes.append(mode)
-    return frames, actions, modes[0]
+        if not frames:
+            source_size, first_mode = (int(frame.shape[0]), int(frame.shape[1])), mode
+        # Resized at once: large frames compress to little, and a folder holds many.
+        frames.append(resize_frame(frame, image_size) if image_size else frame)
+    return _Frames(frames, actions, source_size, first_mode)
 
 
 def load_seed(
@@ -224,11 +238,11 @@ def load_seed(
     if context_steps < 1:
         raise ValueError(f"context_steps must be >= 1, got {context_steps}")
     n_wanted = context_steps + max(future_steps, 0)
-    frames, actions, mode = _read_seed(ref, count=n_wanted, endpoint_url=endpoint_url,
-                                       region=region, max_bytes=max_bytes)
+    read = _read_seed(ref, count=n_wanted, image_size=image_size, endpoint_url=endpoint_url,
+                      region=region, max_bytes=max_bytes)
+    frames, actions, source_size = read.frames, read.actions, read.source_size
     is_folder = ref.uri.rsplit("/", 1)[-1] == DEMONSTRATOR_ACTIONS
     is_clip = ref.uri.lower().endswith(".npz")
-    source_size = (int(frames[0].shape[0]), int(frames[0].shape[1]))
     n_ctx = min(context_steps, len(frames))
     end = n_ctx + max(future_steps, 0)
     chw = np.stack([resize_frame(f, image_size) for f in frames[:end]]).transpose(0, 3, 1, 2)
@@ -242,7 +256,7 @@ def load_seed(
         future_images=chw[n_ctx:] if with_future else None,
         future_actions=actions[n_ctx:end] if with_future and actions is not None else None,
         source_size=source_size,
-        adapted=adaptations(source_size=source_size, mode=mode, image_size=image_size),
+        adapted=adaptations(source_size=source_size, mode=read.mode, image_size=image_size),
     )
 
 
@@ -250,29 +264,33 @@ def check_seed(ref: SeedRef, *, endpoint_url: str | None = None, region: str | N
                max_bytes: int | None = None) -> None:
     """Read and decode one seed as `load_seed` does (the driver's preflight samples seeds
     with it); SeedError naming the seed when it cannot be used."""
-    _read_seed(ref, count=1, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
+    _read_seed(ref, count=1, image_size=None, endpoint_url=endpoint_url, region=region,
+               max_bytes=max_bytes)
 
 
-def _read_seed(ref: SeedRef, *, count: int, endpoint_url: str | None, region: str | None,
-               max_bytes: int | None) -> tuple[Sequence[np.ndarray], np.ndarray | None, str]:
-    """A seed's frames uint8 (H,W,3) as stored (a Demonstrator folder's first `count`), its
-    recorded actions (clips, folders) and its picture's Pillow mode; SeedError
+def _read_seed(ref: SeedRef, *, count: int, image_size: tuple[int, int] | None,
+               endpoint_url: str | None, region: str | None, max_bytes: int | None) -> _Frames:
+    """A seed's frames as `_Frames` (a Demonstrator folder's first `count`); SeedError
     (SeedReadError when reading failed) naming the seed and the file."""
     _check_inside_root(ref)
     data = _read(ref, ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
     is_clip = ref.uri.lower().endswith(".npz")
     try:
         if ref.uri.rsplit("/", 1)[-1] == DEMONSTRATOR_ACTIONS:
-            return _demonstrator_frames(ref, data, count=count, endpoint_url=endpoint_url,
-                                        region=region, max_bytes=max_bytes)
+            return _demonstrator_frames(ref, data, count=count, image_size=image_size,
+                                        endpoint_url=endpoint_url, region=region,
+                                        max_bytes=max_bytes)
         if is_clip:
-            return (*_npz_arrays(data), "RGB")  # clips are uint8 RGB by their format
-        image, mode = decode_image_mode(data)
-        return image[None], None, mode
+            frames, actions = _npz_arrays(data)
+            mode = "RGB"  # clips are uint8 RGB by their format
+        else:
+            image, mode = decode_image_mode(data)
+            frames, actions = image[None], None
     except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
         # Pillow reports truncated files as OSError.
         kind = "bad clip" if is_clip else "not a readable image"
         raise SeedError(f"seed {ref.seed_id} ({ref.uri}): {kind}: {exc}") from None
+    return _Frames(frames, actions, (int(frames[0].shape[0]), int(frames[0].shape[1])), mode)
 
 
 def adaptations(*, source_size: tuple[int, int], mode: str,

@@ -17,8 +17,8 @@ Nothing is lost silently:
   job and the step, so a resumed step draws what the lost one would have); after
   `max_attempts` such losses, or when the model fails on it, the job is failed, and polls
   for it answer with the reason instead of nothing;
-- a cancelled job's undelivered results are dropped and its owner's next post is refused,
-  so no later step is delivered.
+- a cancelled job's undelivered results (and the frames it started from) are dropped and
+  its owner's next post is refused, so no later step is delivered.
 
 As in the official server, a job's results wait for at most `max_job_lifespan_s` after its
 newest result and are then deleted (looked for at most every `EXPIRY_CHECK_S`, or every
@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from workers.actor.official import (
     MAX_CONCURRENT_JOBS,
@@ -130,7 +130,9 @@ class JobBoard:
             return False
         if job.status in (QUEUED, RUNNING):
             job.status, job.owner, job.touched = CANCELLED, None, self._clock()
-        job.results = []
+        # Nothing runs it again: it is kept to answer polls, without its frames (a client
+        # that starts and cancels jobs in a loop is not held back by max_concurrent_jobs).
+        job.results, job.state = [], replace(job.state, images=[], tokens=[])
         return True
 
     async def counts(self) -> dict[str, int]:

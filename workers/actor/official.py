@@ -221,7 +221,11 @@ def _form(parts: list[Part]) -> tuple[dict[str, Any], dict[str, bytes]]:
 
 
 def _top_p(value: Any) -> float:
-    top_p = _number(value, "json.top_p", integer=False, low=0, high=1.0)
+    """top_p; unset is 1.0, no nucleus cut (the official sampler takes top_k only with top_p
+    unset, so a Demonstrator job that sets top_k sends top_p "None")."""
+    top_p = _number(value, "json.top_p", integer=False, low=0, high=1.0, allow_none=True)
+    if top_p is None:
+        return DEFAULT_TOP_P
     if top_p == 0:
         raise ProtocolError("json.top_p", "expected a number in (0, 1], got 0")
     return top_p

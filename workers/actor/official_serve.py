@@ -224,6 +224,10 @@ class OfficialProtocol:
                 await asyncio.sleep(BOARD_RETRY_S)
                 continue
             for state in states:
+                if state.job_id in self._running:
+                    # Its lease ran out under this replica (renewals held up) and the board
+                    # gave it back from its last result: the task running it goes on.
+                    continue
                 self._running[state.job_id] = loop.create_task(self._run(state))
             if free <= 0:
                 await asyncio.sleep(CLAIM_WAIT_S)  # full: only renew the leases
@@ -243,9 +247,10 @@ class OfficialProtocol:
                     return  # cancelled, finished, or resumed elsewhere
         except BoardUnavailable as exc:  # the lease runs out; the job resumes from its post
             log.warning("job %s: the board went away (%s)", job_id, exc)
-        except Exception as exc:
+        except Exception as exc:  # its text may hold reprs: the log has it, the client not
             log.exception("job %s failed", job_id)
             with contextlib.suppress(BoardUnavailable):
-                await self._call("fail", self.owner, job_id, f"{type(exc).__name__}: {exc}")
+                await self._call("fail", self.owner, job_id, f"failed at step "
+                                 f"{state.steps_done} ({type(exc).__name__}; see the log)")
         finally:
             self._running.pop(job_id, None)

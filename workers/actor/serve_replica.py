@@ -128,6 +128,8 @@ class MuseReplica:
         self.watermark = watermark
         self._key_sha256 = api_key_sha256
         self._pending = 0  # admitted and not yet answered
+        # Exact counts for /health (Ray's metrics are sampled and exported late).
+        self.engine_calls = self.engine_rows = 0
         self._tokens = _TokenCache(TOKEN_CACHE_ENTRIES)
         self.metrics = ServeMetrics(self.model.model_id)
         self._text = {"Software": "wham-batch", "generator": "WHAM world model (wham-batch serve)",
@@ -156,7 +158,8 @@ class MuseReplica:
         path, method = request.url.path.rstrip("/") or "/", request.method
         if path == HEALTH_PATH:
             return _Reply(200, {"status": "ok", "model_id": self.model.model_id,
-                                "pending": self._pending})
+                                "pending": self._pending, "engine_calls": self.engine_calls,
+                                "engine_rows": self.engine_rows})
         if is_official(path, method):
             return await self.official.handle(request, path)
         if path not in SCORE_PATHS:
@@ -246,6 +249,7 @@ class MuseReplica:
                                      mode="full", sampling=sampling,
                                      seeds=[r.seed for r in group])
         self.metrics.record_batch(rows=len(group), seconds=time.perf_counter() - t0)
+        self.engine_calls, self.engine_rows = self.engine_calls + 1, self.engine_rows + len(group)
         step_actions, step_tokens = out.actions.numpy(), out.image_tokens.numpy()
         return [ScoreResult(image=out.images[b], action=step_actions[b], tokens=step_tokens[b])
                 for b in range(len(group))]
