@@ -71,7 +71,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "\"status <> 'ok'\"")
     p.add_argument("--columns", metavar="A,B", help="comma-separated columns to keep")
     p.add_argument("--limit", type=_limit, metavar="N", help="at most N rows")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="output format; json is JSON Lines (one JSON object per row, one per "
+                   "line)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument(
         "--committed-only",

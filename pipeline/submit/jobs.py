@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,9 @@ TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 REQUEST_TIMEOUT_S = (10.0, 120.0)
 _API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 DEFAULT_POLL_S = 2.0
+#: A line of Ray's own logging at INFO (`2026-12-07 03:29:50,140\tINFO job_manager.py:581 --
+#: ...`); the project's lines look otherwise (`2026-12-07T03:29:50Z INFO pipeline.driver`).
+RAY_INFO_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+INFO \S+:\d+ -- ")
 
 
 def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -201,13 +205,23 @@ def wait_for_job(
 
 
 def follow_logs(client: JobSubmissionClient, job_id: str, *, timeout_s: float,
-                out: TextIO = sys.stdout) -> bool:
-    """Stream the job's logs to `out` until it ends; False if `timeout_s` ran out first."""
+                out: TextIO = sys.stdout, ray_info: bool = True) -> bool:
+    """Stream the job's logs to `out` until it ends; False if `timeout_s` ran out first.
+    Without `ray_info`, the INFO lines of Ray's own logging (runtime env set-up and the
+    like, in Ray's format) are left out; the job's own lines all pass."""
+    pending = ""  # a line whose end has not arrived yet
+
+    def write(lines: list[str]) -> None:
+        for line in lines:
+            if ray_info or not RAY_INFO_LINE.match(line):
+                out.write(redact(line))
+        out.flush()
 
     async def _tail() -> None:
+        nonlocal pending
         async for chunk in client.tail_job_logs(job_id):
-            out.write(redact(chunk))
-            out.flush()
+            *done, pending = (pending + chunk).split("\n")
+            write([f"{line}\n" for line in done])
 
     async def _bounded() -> bool:
         try:
@@ -217,4 +231,7 @@ def follow_logs(client: JobSubmissionClient, job_id: str, *, timeout_s: float,
         return True
 
     with cluster_errors(client.get_address()):
-        return asyncio.run(_bounded())
+        try:
+            return asyncio.run(_bounded())
+        finally:
+            write([pending] if pending else [])

@@ -86,7 +86,7 @@ def test_local_and_s3_roots(tmp_path: Path, where: str, request: pytest.FixtureR
     spec = spec_from_data(job_data(tmp_path, root))
     summary = run_job(spec, actor_cls=RolloutActor, progress=False)
     assert summary.complete and summary.ok
-    assert (summary.rollouts_ok, summary.rollouts_failed, summary.frames) == (24, 0, 96)
+    assert (summary.rollouts_ok, summary.rollouts_failed, summary.generated_frames) == (24, 0, 96)
     storage = open_storage(root)
     run_id = spec.run.run_id
     assert storage.exists(success_key(DATE, run_id)) and storage.exists(manifest_key(DATE, run_id))

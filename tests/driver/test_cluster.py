@@ -349,6 +349,7 @@ def test_submit_wait_then_query_logs_status_runs(
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.splitlines()[0].strip()
     assert "SUCCEEDED" in result.stdout
+    assert " INFO " not in result.stderr  # Ray's upload lines only with --verbose
 
     info = _client(address).get_job_info(job_id)
     run_id = info.metadata["wham_batch_run_id"]
@@ -376,7 +377,8 @@ def test_submit_wait_then_query_logs_status_runs(
     assert runs.returncode == 0, runs.stderr
     (run,) = [json.loads(line) for line in runs.stdout.splitlines()]
     assert run["run_id"] == run_id and run["status"] == "complete"
-    assert run["rollouts_ok"] == 2 and run["frames"] == 4
+    assert run["rollouts_ok"] == 2 and run["generated_frames"] == 4
+    assert run["stored_frames"] == 2 * (1 + 2)  # the context frames are stored too
 
     # The run's metrics reached the node's Prometheus endpoint, tagged with its run id.
     port = ray_head["metrics_port"]
@@ -418,6 +420,9 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
                  *_sets(sets))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "run outside complete" in result.stdout  # the driver's log, streamed
+    # Quiet by default: none of Ray's INFO lines (packaging, the job's runtime env set-up).
+    assert "INFO packaging.py" not in result.stderr and "Uploading package" not in result.stderr
+    assert "Runtime env is setting up" not in result.stdout
 
     # Valid spec, but the job itself fails (no seeds there): --wait reports it, exit 1.
     # Sent in image mode: only the config travels and the driver imports the installed
