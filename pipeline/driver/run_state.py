@@ -185,7 +185,7 @@ def totals_of(markers: Iterable[dict[str, Any]]) -> MarkerTotals:
         out.ok += int(marker.get("ok", 0))
         out.failed += int(marker.get("failed", 0))
         out.steps += int(marker.get("steps", 0))
-        out.frames += int(marker.get("frames", 0))
+        out.frames += int(marker.get("stored_frames", 0))  # read_marker's name in every version
     return out
 
 

@@ -18,20 +18,18 @@ never holds half a unit or duplicates. Commit markers guard resume, not reads; p
 from __future__ import annotations
 
 import logging
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.parts import check_part
 from pipeline.contracts.storage import open_storage
 
 log = logging.getLogger("pipeline.query")
 FOOTER_READERS = 16  # parallel reads of part footers when checking schema versions
 #: Files in a warning about non-part files before the rest are only counted.
 _SHOWN_FILES = 5
-_PART = re.compile(r"^(?P<table>[^/]+)/run_date=(?P<run_date>[^/]+)/run_id=(?P<run_id>[^/]+)/"
-                   r"part-(?P<unit>u\d+)\.parquet$")
 
 
 class NoTable(UserError):
@@ -53,40 +51,35 @@ def part_keys(storage: Any, table: str) -> tuple[list[str], list[str]]:
     """(part files of `table`, other files under its folder), from one listing."""
     parts, other = [], []
     for key in storage.list_keys(f"{table}/"):
-        (parts if _PART.match(key) else other).append(key)
+        (parts if layout.parse_part_key(key) else other).append(key)
     return parts, other
 
 
-def check_versions(dataset: Any) -> None:
-    """UserError if a run's parts were written with a newer schema than this code reads.
-
-    One part per run folder is checked (a run is written by one version); its footer is
-    read, so an unreadable part is reported by name here too.
-    """
-    first: dict[str, Any] = {}
-    for fragment in dataset.get_fragments():
-        first.setdefault(fragment.path.rsplit("/", 1)[0], fragment)
+def check_versions(dataset: Any, *, storage: Any, base: str) -> None:
+    """UserError if a part was written with a newer schema than this code reads, or if it
+    says it belongs elsewhere than where it stands (`pipeline.contracts.parts.check_part`:
+    another table, run or unit). Every part's footer is read, in parallel (a scan reuses
+    them), so an unreadable part is reported by name here too."""
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
-        for path, found in pool.map(_footer_version, first.values()):
-            if found is not None:
-                layout.check_schema_version(found.decode(errors="replace"),
-                                            where=f"table part {path}")
+        for path, metadata in pool.map(_footer, dataset.get_fragments()):
+            key = path.removeprefix(f"{base}/")
+            check_part(key, metadata, shown=storage.key_uri(key))
 
 
-def _footer_version(fragment: Any) -> tuple[str, bytes | None]:
+def _footer(fragment: Any) -> tuple[str, dict[bytes, bytes]]:
     import pyarrow as pa
 
     try:
         metadata = fragment.physical_schema.metadata or {}
     except (pa.ArrowInvalid, OSError) as exc:
         raise UserError(f"table part {fragment.path} cannot be read ({exc})") from None
-    return fragment.path, metadata.get(layout.SCHEMA_VERSION_KEY)
+    return fragment.path, metadata
 
 
 def find_unreadable(dataset: Any) -> None:
     """UserError naming the first part of `dataset` whose footer cannot be read."""
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
-        list(pool.map(_footer_version, dataset.get_fragments()))
+        list(pool.map(_footer, dataset.get_fragments()))
 
 
 def open_table(
@@ -119,15 +112,14 @@ def open_table(
                     "%s%s", len(other), storage.uri, table, shown, more)
     if committed_only:
         committed = _committed_units(storage)
-        keys = [k for k in keys if (m := _PART.match(k)) and
-                (m["run_date"], m["run_id"], m["unit"]) in committed]
+        keys = [k for k in keys if (p := layout.parse_part_key(k)) and p[1:] in committed]
     partitioning = ds.partitioning(
         schema=pa.schema([schema.field(name) for name in layout.PARTITION_COLUMNS]), flavor="hive"
     )
     dataset = ds.dataset([f"{base}/{k}" for k in keys], filesystem=fs, format="parquet",
                          partitioning=partitioning, schema=schema,
                          partition_base_dir=f"{base}/{table}")
-    check_versions(dataset)
+    check_versions(dataset, storage=storage, base=base)
     return dataset
 
 

@@ -35,6 +35,7 @@ from pipeline.contracts.errors import UserError
 from pipeline.contracts.secrets import public_url
 from pipeline.contracts.storage.base import (
     PROBE_PREFIX,
+    ObjectHead,
     Storage,
     StorageFatalError,
     TransientStorageError,
@@ -213,10 +214,22 @@ class S3Storage(Storage):
             raise self._fail(exc, action, key) from None
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
+        self._write(key, data, {"ContentType": content_type} if content_type else {})
+
+    def put_with_checksum(self, key: str, data: bytes, *,
+                          content_type: str | None = None) -> str | None:
+        extra = {"ChecksumAlgorithm": "SHA256",
+                 **({"ContentType": content_type} if content_type else {})}
+        answer = self._write(key, data, extra)
+        if answer is None:  # a multipart upload: S3 made its composite checksum; ask for it
+            return self.head(key).sha256
+        return answer.get("ChecksumSHA256")
+
+    def _write(self, key: str, data: bytes, extra: dict[str, str]) -> dict[str, Any] | None:
+        """PutObject's answer, or None after a multipart upload (large objects)."""
         full = self._key(key)
-        extra = {"ContentType": content_type} if content_type else {}
         if len(data) < MULTIPART_THRESHOLD:
-            self._call(
+            return self._call(
                 f"write {key!r}",
                 self._s3.put_object,
                 Bucket=self.bucket,
@@ -224,7 +237,6 @@ class S3Storage(Storage):
                 Body=data,
                 **extra,
             )
-            return
         config = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
             multipart_chunksize=MULTIPART_THRESHOLD // 2,
@@ -239,6 +251,7 @@ class S3Storage(Storage):
             ExtraArgs=extra or None,
             Config=config,
         )
+        return None
 
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         # boto3 retries a request, but not a body cut off after the headers arrived.
@@ -271,6 +284,12 @@ class S3Storage(Storage):
         except FileNotFoundError:
             return False
         return True
+
+    def head(self, key: str) -> ObjectHead:
+        answer = self._call(f"look up {key!r}", self._s3.head_object, key, Bucket=self.bucket,
+                            Key=self._key(key), ChecksumMode="ENABLED")
+        return ObjectHead(size=int(answer.get("ContentLength") or 0),
+                          sha256=answer.get("ChecksumSHA256"))
 
     def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
