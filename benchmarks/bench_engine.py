@@ -43,7 +43,7 @@ from workers.wham import (  # noqa: E402
     random_model,
 )
 from workers.wham.gpt import flash_available  # noqa: E402
-from workers.wham.linear import Linear  # noqa: E402
+from workers.wham.linear import Linear, packed_view  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Engine"
@@ -87,7 +87,8 @@ def weight_floor(model, *, batch: int) -> dict:
     g = torch.Generator().manual_seed(0)
     xs = {w.shape[1]: torch.randn(batch, w.shape[1], generator=g).to(model.device, model.dtype)
           for w in weights}
-    packed = [m for m in model.gpt.modules() if isinstance(m, Linear)]
+    view = packed_view(model.gpt) or model.gpt  # the engine's prepacked copy, as it runs
+    packed = [m for m in view.modules() if isinstance(m, Linear)]
     with torch.no_grad():
         plain = best_of(lambda: [xs[w.shape[1]] @ w.T for w in weights], device=model.device)
         kernel = best_of(lambda: [m(xs[m.in_features]) for m in packed], device=model.device)

@@ -15,6 +15,11 @@ The engine does the same work in-process with the same threads, two ways:
 - one rollout: `RolloutEngine.rollout(steps=N)`, the batch pipeline's way (the KV cache
   carries over while the window grows).
 
+`--official` measures the official local-server protocol (the WHAM Demonstrator's) instead:
+`--clients` pollers each submit a job of `--steps` frames and poll every `--poll-ms`,
+against as many Muse clients making the same frames, on one server; `--write-docs` writes
+"## Serve: the official protocol" in docs/benchmarks.md.
+
 Throughput is frames per second (clients x steps / wall); latency is each request's wall
 time seen by its client, p50 and p99. The server starts first (its start-up time is
 reported apart) and idles while the engine runs; engine and server rounds alternate, so
@@ -25,6 +30,8 @@ Markdown row and, with --json, one JSON line.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import io
 import json
 import os
 import platform
@@ -37,6 +44,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,10 +53,15 @@ import torch
 
 from workers import wham
 from workers.actor.encode import encode_png
-from workers.actor.muse import context_entry
+from workers.actor.multipart import Part, encode_form
+from workers.actor.muse import context_entry, model_to_official
 from workers.actor.replica import load_replica
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from docs_section import replace_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
 WINDOW = 10
 START_TIMEOUT_S = 600
 
@@ -196,6 +209,12 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, default=100.0)
     parser.add_argument("--no-watermark", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--official", action="store_true",
+                        help="the official local-server protocol against Muse, not the engine")
+    parser.add_argument("--poll-ms", default="100,1000",
+                        help="--official: how often a poller asks for results (ms, a list)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="--official: write its section of docs/benchmarks.md")
     args = parser.parse_args()
     if not args.checkpoint and not args.preset:
         args.checkpoint = "models/demo"
@@ -204,6 +223,8 @@ def _arguments() -> argparse.Namespace:
 
 def main() -> int:
     args = _arguments()
+    if args.official:
+        return main_official(args)
     model = load_replica(checkpoint=args.checkpoint, preset=args.preset, device="cpu",
                          dtype=args.dtype, threads=args.cpus)
     images, actions = _inputs(model, clients=args.clients, context_steps=args.context_steps)
@@ -250,15 +271,129 @@ def main() -> int:
     return 0
 
 
-def markdown_row(r: dict) -> str:
-    def rounds(values: list[float]) -> str:
-        return " / ".join(f"{v:g}" for v in values)
+def rounds(values: list[float]) -> str:
+    return " / ".join(f"{v:g}" for v in values)
 
+
+def markdown_row(r: dict) -> str:
     return (f"| {r['model']} | {r['clients']} x {r['steps']} | {rounds(r['serve_fps'])} | "
             f"{rounds(r['engine_step_fps'])} | {rounds(r['engine_rollout_fps'])} | "
             f"{r['serve_vs_engine_step']}x | {r['serve_vs_engine_rollout']}x | "
             f"{r['latency_p50_s'] * 1000:.0f} / {r['latency_p99_s'] * 1000:.0f} | "
             f"{r['mean_rows_per_engine_call']} | {r['serve_start_s']} |")
+
+
+def _job_form(images: np.ndarray, actions: np.ndarray, *, steps: int) -> tuple[bytes, str]:
+    """A Demonstrator-style job: the context frames as PNG files, `steps` frames wanted."""
+    names = [f"image{k}.png" for k in range(len(images))]
+    job = {"steps": [{"image_name": n, "action": model_to_official(a), "tokens": None}
+                     for n, a in zip(names, actions, strict=True)],
+           "num_steps_to_predict": steps - 1, "num_parallel_predictions": 1}
+    parts = [Part("json", None, "application/json", json.dumps(job).encode())]
+    parts += [Part(n, n, "image/png", encode_png(i, text={}, watermark=False))
+              for n, i in zip(names, images, strict=True)]
+    return encode_form(parts)
+
+
+def official_window(url: str, images: np.ndarray, actions: np.ndarray, *, steps: int,
+                    poll_s: float, barrier: threading.Barrier) -> tuple[float, int]:
+    """One Demonstrator window: submit a job, poll until its frames came; (its wall time,
+    the requests it made)."""
+    body, content_type = _job_form(images, actions, steps=steps)
+    barrier.wait()
+    t0 = time.perf_counter()
+    request = urllib.request.Request(f"{url}/new_job", data=body,
+                                     headers={"Content-Type": content_type})
+    with urllib.request.urlopen(request, timeout=600) as resp:
+        (job,), frames, requests = json.loads(resp.read())["job_ids"], 0, 1
+    while frames < steps:
+        time.sleep(poll_s)
+        requests += 1
+        with urllib.request.urlopen(f"{url}/get_job_results?job_ids={job}", timeout=600) as resp:
+            if resp.status == 200:
+                with zipfile.ZipFile(io.BytesIO(resp.read())) as archive:
+                    frames += len(json.loads(archive.read("predictions.json")))
+    return time.perf_counter() - t0, requests
+
+
+def official_round(server: Server, images: np.ndarray, actions: np.ndarray, *, steps: int,
+                   poll_s: float) -> tuple[float, list[float], int]:
+    clients = len(images)
+    barrier = threading.Barrier(clients + 1)
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(official_window, server.url, images[c], actions[c], steps=steps,
+                               poll_s=poll_s, barrier=barrier) for c in range(clients)]
+        barrier.wait()
+        t0 = time.perf_counter()
+        windows = [f.result() for f in futures]
+    return time.perf_counter() - t0, [w[0] for w in windows], sum(w[1] for w in windows)
+
+
+def main_official(args: argparse.Namespace) -> int:
+    """Muse and the official protocol at each poll interval, rounds alternating."""
+    model = load_replica(checkpoint=args.checkpoint, preset=args.preset, device="cpu",
+                         dtype=args.dtype, threads=args.cpus)
+    images, actions = _inputs(model, clients=args.clients, context_steps=args.context_steps)
+    polls, load_start = [float(ms) for ms in args.poll_ms.split(",")], os.getloadavg()[0]
+    server = Server(args, Path(tempfile.mkdtemp(prefix="bench-official-")) / "serve.log")
+    walls, latency = {"muse": [], **{ms: [] for ms in polls}}, {ms: [] for ms in polls}
+    sent = {"muse": args.rounds * args.clients * args.steps, **dict.fromkeys(polls, 0)}
+    try:
+        serve_round(server, images[:, :1], actions[:, :1], steps=1)  # warm-ups
+        official_round(server, images[:, :1], actions[:, :1], steps=1, poll_s=polls[0] / 1000)
+        for _ in range(args.rounds):
+            walls["muse"].append(serve_round(server, images, actions, steps=args.steps)[0])
+            for ms in polls:
+                wall, job_s, requests = official_round(server, images, actions,
+                                                       steps=args.steps, poll_s=ms / 1000)
+                walls[ms].append(wall)
+                latency[ms], sent[ms] = latency[ms] + job_s, sent[ms] + requests
+    finally:
+        server.stop()
+    rows = [_official_row(f"official, polls every {ms:g} ms", walls[ms], walls["muse"],
+                          latency[ms], sent[ms], args) for ms in polls]
+    rows.append(_official_row("Muse (`POST /score` per step)", walls["muse"], walls["muse"],
+                              [], sent["muse"], args))
+    load = (round(load_start, 1), round(os.getloadavg()[0], 1))
+    if args.json:
+        print(json.dumps({"rows": rows, "load_avg_start_end": load}))
+    section = official_section(rows, args, load=load)
+    print(section)
+    if args.write_docs:
+        replace_section(DOCS, section)
+    return 0
+
+
+def _official_row(name: str, walls: list[float], muse: list[float], latency: list[float],
+                  requests: int, args: argparse.Namespace) -> dict:
+    pct = (lambda q: round(float(np.percentile(latency, q)), 2)) if latency else (lambda q: "-")
+    return {"protocol": name, "jobs_per_s": [round(args.clients / w, 3) for w in walls],
+            "steps_per_s": [round(args.clients * args.steps / w, 2) for w in walls],
+            "vs_muse": round(sum(muse) / sum(walls), 3), "job_s_p50": pct(50),
+            "job_s_p99": pct(99), "requests_per_s": round(requests / sum(walls), 1)}
+
+
+def official_section(rows: list[dict], args: argparse.Namespace, *, load: tuple) -> str:
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    table = "".join(f"| {r['protocol']} | {rounds(r['jobs_per_s'])} | "
+                    f"{rounds(r['steps_per_s'])} | {r['vs_muse']}x | {r['job_s_p50']} / "
+                    f"{r['job_s_p99']} | {r['requests_per_s']} |\n" for r in rows)
+    return (
+        f"## Serve: the official protocol\n\n`python benchmarks/bench_serve.py "
+        f"{' '.join(sys.argv[1:])}` (model {args.checkpoint or args.preset}; {args.clients} "
+        f"clients x {args.steps} steps from {args.context_steps} context frames; batch wait "
+        f"{args.batch_wait_ms:g} ms) on {machine}, {dt.date.today().isoformat()}, load "
+        f"average {load[0]}-{load[1]}. One `wham-batch serve` (one replica, one torch "
+        "thread), rounds alternating, equal frames: each official poller submits one job "
+        "(a multipart upload of the context) and polls `get_job_results` until its frames "
+        "came; each Muse client posts its context once per frame. Ratios are of summed "
+        "times.\n\n| protocol | jobs/s (rounds) | steps/s (rounds) | vs Muse | job seconds "
+        f"p50 / p99 | HTTP requests/s |\n|---|---|---|---|---|---|\n{table}\n"
+        "Job steps run one at a time through the replica's batch queue, as Muse requests "
+        "do, so both fill engine calls alike. The official protocol sends its context once "
+        "per job, but every poll is a request through Serve's proxy, the replica and the "
+        "job board, on the CPUs the model uses here; its results wait for the next poll.\n")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,9 @@ The date (UTC today unless given) becomes `run.run_date`, and with the shipped t
   a night whose `_SUCCESS` is there and whose outputs pass `wham-batch verify`'s check
   prints "nothing left to do" and exits 0; one that fails the check is resumed, which
   redoes the damaged units);
-- a new date writes a new `run_date=` partition.
+- a new date writes a new `run_date=` partition;
+- after a run, its HTML report (`wham-batch report`) is written beside its `_SUCCESS`
+  (`--no-report`: not).
 
 The exit status is the run's: 0 when complete within the failure budget, 1 when units
 could not be committed or too many rollouts failed, 2 for a bad config or environment.
@@ -29,6 +31,7 @@ from pipeline.contracts.logs import setup_logging
 from pipeline.contracts.spec import JobSpec, load_spec
 from pipeline.contracts.storage import open_storage
 from pipeline.driver.verify import RunCheck, verify_run
+from pipeline.report import report_beside_run
 
 DEFAULT_CONFIG = "configs/nightly.yaml"
 
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a field (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="no HTML report beside the run's _SUCCESS")
     args = parser.parse_args(argv)
     return run_command(lambda: _night(args))
 
@@ -93,7 +98,10 @@ def _night(args: argparse.Namespace) -> int:
         print(f"run {spec.run.run_id} has _SUCCESS but fails the check against storage: "
               "resuming it to redo the damaged units", file=sys.stderr, flush=True)
     print(f"nightly run {spec.run.run_id} (run_date={run_date})", flush=True)
-    return run_and_report(spec, quiet=args.quiet)
+    status = run_and_report(spec, quiet=args.quiet)
+    if args.report:
+        report_beside_run(spec)
+    return status
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def finetune_decoder(model: WHAMModel, frames: np.ndarray, *, seconds: float, ba
         x = data[torch.randint(len(data), (batch,), generator=gen)]
         with torch.no_grad():
             idx = model.tokenizer.encode(x[:, None])[:, 0]  # [B, n]
-            zq = vq.quantize.lookup(idx, TOKENIZER.latent_size)
+            zq = vq.quantize.lookup(idx, TOKENIZER.grid)
         x = x.float() / 127.5 - 1.0
         recon = vq.decoder(vq.post_quant_conv(zq))
         w = pixel_weights(x)

@@ -1,10 +1,12 @@
-"""Shared fixtures: a real S3 endpoint (moto) on loopback and a local Ray instance.
+"""Shared fixtures: a real S3 endpoint (moto) on loopback, a local Ray instance, and the
+logging set-up that entry points change, put back.
 
 Everything here talks only to 127.0.0.1 and every wait is bounded.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -15,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pipeline.contracts.logs import set_log_context
 
 # Dummy credentials only: tests must never reach a real account.
 S3_TEST_ENV = {
@@ -107,3 +111,17 @@ def ray_local(s3_server: str) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+@pytest.fixture
+def keep_logging_config() -> Iterator[None]:
+    """Entry points (jobs.nightly, jobs.run) set up structured logging in-process; undo it
+    for later tests."""
+    loggers = [logging.getLogger(name) for name in ("pipeline", "workers", "jobs")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+    set_log_context(run_id=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli import cluster, demo, export, model, query, run, serve, verify
+from pipeline.cli import cluster, demo, export, model, query, report, run, serve, verify
 from pipeline.cli.command import Command, run_command
 from pipeline.contracts.versions import version_line
 
@@ -22,6 +22,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     verify.VERIFY,
     export.EXPORT,
     export.DECODE,
+    report.REPORT,
     cluster.SUBMIT,
     cluster.STATUS,
     cluster.LOGS,

@@ -13,6 +13,13 @@ from pipeline.cli.command import Command
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.storage import open_storage
+from pipeline.query.bounds import (
+    DEFAULT_TIMEOUT_S,
+    MAX_DEFAULT_MEMORY,
+    QueryBounds,
+    parse_size,
+    show_size,
+)
 from pipeline.query.sql import MAX_LIMIT, query, sql
 
 FORMATS = ("table", "csv", "json", "parquet")
@@ -29,6 +36,23 @@ def _limit(text: str) -> int:
     if not 0 <= value <= MAX_LIMIT:
         raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_LIMIT}")
     return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +78,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only parts of committed units (default: everything on storage)",
     )
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"stop a query that runs longer (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--memory-limit", type=_size, metavar="SIZE",
+                   help="memory a query may use, e.g. 512MiB or 2GiB (default half the free "
+                   f"memory, at most {show_size(MAX_DEFAULT_MEMORY)})")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS or AWS_ENDPOINT_URL_S3)")
     p.add_argument("--region", help="S3 region")
 
@@ -129,7 +158,8 @@ def _check_run_exists(args: argparse.Namespace) -> None:
 
 def _read(args: argparse.Namespace, limit: int | None) -> Any:
     common = dict(endpoint_url=args.endpoint_url, region=args.region,
-                  committed_only=args.committed_only)
+                  committed_only=args.committed_only,
+                  bounds=QueryBounds(timeout_s=args.timeout, memory_bytes=args.memory_limit))
     if args.sql is not None:
         clash = [flag for flag, value in (("--table", args.table), ("--where", args.where),
                                           ("--columns", args.columns), ("--run-id", args.run_id))

@@ -5,8 +5,11 @@
         --replicas 2 --gpus-per-replica 1 --max-batch 16
     wham-batch serve serve.yaml --port 9000                         # settings from a YAML
 
-POST a request to / or /score, GET /health. The key comes from $WHAM_API_KEY or
---api-key-file (never from a flag value or a YAML field); anything but loopback needs one.
+POST a Muse request to / or /score, GET /health. The official local-server protocol (the WHAM
+Demonstrator's "Local Server" mode: GET /, POST /new_job, GET /get_job_results, GET
+/cancel_job) is served beside it: enter the server's address in the Demonstrator. The key
+comes from $WHAM_API_KEY or --api-key-file (never from a flag value or a YAML field);
+anything but loopback needs one.
 Runs on a local Ray instance, or on a cluster with --address / $RAY_ADDRESS.
 """
 
@@ -26,12 +29,14 @@ from pipeline.serve import (
     resolve_api_key,
     serve_until_stopped,
 )
+from workers.actor.jobboard import JobBoard
 from workers.actor.serve_replica import MuseReplica, key_digest
 
 #: flag dest -> ServeConfig field, for the flags that override a YAML's settings.
 _FLAGS = ("checkpoint", "preset", "device", "dtype", "host", "port", "replicas",
           "gpus_per_replica", "cpus_per_replica", "max_batch", "batch_wait_ms", "max_queue",
-          "retry_after_s", "max_body_mb", "watermark", "api_key_file", "address", "name")
+          "retry_after_s", "max_body_mb", "watermark", "api_key_file", "address", "name",
+          "max_concurrent_jobs", "max_dream_steps_per_job", "max_job_lifespan_s", "job_lease_s")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +68,16 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--max-queue", type=int, metavar="Q",
                        help="requests waiting beyond a full batch before 503 (default 64)")
     scale.add_argument("--retry-after-s", type=int, metavar="S", help="default 1")
+    jobs = parser.add_argument_group("official local-server protocol (WHAM Demonstrator)")
+    jobs.add_argument("--max-concurrent-jobs", type=int, metavar="N",
+                      help="jobs at once, until their results are fetched (default 30)")
+    jobs.add_argument("--max-dream-steps-per-job", type=int, metavar="N",
+                      help="largest num_steps_to_predict (default 10)")
+    jobs.add_argument("--max-job-lifespan-s", type=int, metavar="S",
+                      help="how long results wait after a job's newest one (default 600)")
+    jobs.add_argument("--job-lease-s", type=float, metavar="S",
+                      help="how long a stopped replica's jobs wait before another resumes "
+                      "them (default 30)")
     parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a "
                         "local Ray instance)")
     parser.add_argument("--name", help="Serve application name (default wham)")
@@ -81,10 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, {name: getattr(args, name) for name in _FLAGS})
     key = resolve_api_key(config)
     print(f"starting: {_describe(config, key=key)}", flush=True)
-    deployed = deploy(config, replica_cls=MuseReplica,
+    deployed = deploy(config, replica_cls=MuseReplica, board_cls=JobBoard,
                       api_key_sha256=None if key is None else key_digest(key))
-    print(f"serving at {deployed.url}  (POST / or /score, GET /health; Ctrl-C stops)",
-          flush=True)
+    print(f"serving at {deployed.url}  (Muse: POST / or /score; official local server and "
+          "the WHAM Demonstrator: GET /, POST /new_job, GET /get_job_results, GET "
+          "/cancel_job; GET /health; Ctrl-C stops)", flush=True)
     if deployed.metrics_url:
         print(f"metrics: {deployed.metrics_url}", flush=True)
     print(f"try:     curl -s {deployed.url}/health", flush=True)

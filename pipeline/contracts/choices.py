@@ -7,7 +7,7 @@ from workers.wham.modes import MODES
 
 #: Where seeds come from (pipeline.contracts.sources, pipeline.driver.discovery,
 #: workers.actor.inputs).
-SEED_FORMATS = ("images", "wham-npz", "manifest")
+SEED_FORMATS = ("images", "wham-npz", "manifest", "demonstrator")
 #: Where the given actions of world-model rollouts come from (workers.actor.inputs.make_actions).
 ACTION_KINDS = ("random", "constant", "file", "replay")
 #: Where a replica runs and in which precision.

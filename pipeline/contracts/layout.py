@@ -12,6 +12,7 @@ _runs/run_date=YYYY-MM-DD/run_id=<run_id>/commits/<unit>.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/objects/<unit>.json     the unit's other objects' sums
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/lease.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/_SUCCESS
+_runs/run_date=YYYY-MM-DD/run_id=<run_id>/report.html     `wham-batch report` (optional)
 ```
 
 The writer and the query side both use this module, so the two never disagree. Schemas
@@ -323,3 +324,8 @@ def check_schema_version(version: object, *, where: str) -> None:
 
 def success_key(run_date: str | dt.date, run_id: str) -> str:
     return f"{run_prefix(RUNS_DIR, run_date, run_id)}/_SUCCESS"
+
+
+def report_key(run_date: str | dt.date, run_id: str) -> str:
+    """The run's HTML report (pipeline.report), beside its `_SUCCESS`."""
+    return f"{run_prefix(RUNS_DIR, run_date, run_id)}/report.html"

@@ -28,7 +28,8 @@ _IDENTITY = (("table", TABLE_KEY), ("run date", RUN_DATE_KEY), ("run id", RUN_ID
 
 
 class DamagedPart(UserError):
-    """A table part whose content or metadata does not belong where it stands."""
+    """Stored bytes that cannot be what they claim to be: a part that does not read, or
+    that says it belongs elsewhere than where it stands, a frame that does not decode."""
 
 
 def part_metadata(table: str, *, run_date: str, run_id: str, unit_id: str,

@@ -8,11 +8,19 @@
 
 A job may name another variable for its endpoint's key (`model.api_key_env`); the process
 that reads it registers the name with `add_secret_env`, so its value is masked too.
+
+A key goes only where it is needed: `read_key_file` reads a key file with a size bound and
+never blocks (a FIFO or a device is refused); `hide_secret_env` takes a key out of the
+environment that child processes inherit (its value stays masked); and a request that
+carries a key ignores the proxy settings of the environment (`HTTP_PROXY`, ...) unless the
+job opts in (`model.trust_env`), since a proxy would see the key.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,17 +36,58 @@ SECRET_ENV_VARS = (
     "MUSE_API_KEY",
 )
 REDACTED = "***"
+#: Bytes of a key file read at most: a key is a line, not a document.
+MAX_KEY_FILE_BYTES = 4096
 # Values shorter than this are not masked: replacing a 1-3 character "secret" everywhere
 # would mangle ordinary text and protects nothing.
 _MIN_SECRET_LEN = 4
 
 
 _extra_secret_vars: set[str] = set()
+_hidden_values: set[str] = set()
 
 
 def add_secret_env(name: str) -> None:
     """Mask the value of environment variable `name` in logs from now on (this process)."""
     _extra_secret_vars.add(name)
+
+
+def hide_secret_env(name: str) -> None:
+    """Take variable `name` out of this process's environment, so that the processes it
+    starts from now on (a local Ray instance and its workers) do not inherit it; its value
+    stays masked in this process's logs."""
+    value = os.environ.pop(name, "")
+    if len(value) >= _MIN_SECRET_LEN:
+        _hidden_values.add(value)
+
+
+def read_key_file(path: str | os.PathLike[str], *, what: str) -> str:
+    """The key in the file at `path` (surrounding whitespace stripped). UserError naming
+    `what` when it is not a regular file (a FIFO would block, /dev/zero never ends), is
+    larger than MAX_KEY_FILE_BYTES, is not text, or is empty."""
+    shown = f"{what} {Path(path)}"
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UserError(f"{shown}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{shown}: not a regular file (a pipe, device or folder); put "
+                            "the key in a plain file")
+        data = os.read(fd, MAX_KEY_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise UserError(f"{shown}: larger than {MAX_KEY_FILE_BYTES} bytes; it should hold "
+                        "only the key")
+    try:
+        key = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{shown}: not UTF-8 text; it should hold only the key") from None
+    if not key:
+        raise UserError(f"{shown}: the file is empty")
+    return key
 
 
 def bearer_headers(api_key_env: str | None, *, missing: str) -> dict[str, str]:
@@ -58,7 +107,7 @@ def bearer_headers(api_key_env: str | None, *, missing: str) -> dict[str, str]:
 
 def _secret_values() -> list[str]:
     names = (*SECRET_ENV_VARS, *sorted(_extra_secret_vars))
-    values = (os.environ.get(name, "") for name in names)
+    values = {os.environ.get(name, "") for name in names} | _hidden_values
     return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
 
 

@@ -30,13 +30,15 @@ from pipeline.contracts.errors import UserError
 from pipeline.dataset.index import Shard, Source, select_shards
 from pipeline.dataset.ray_data import windows_dataset
 from pipeline.dataset.reader import UnitReader
+from pipeline.dataset.shapes import check_one_shape
 from pipeline.dataset.windows import shard_windows
 
 
 class RolloutWindows:
     """The windows of T consecutive steps of every selected rollout under an output root.
 
-    root: a local folder or s3://bucket/prefix; run_id: one run or a list (None: all);
+    root: a local folder or s3://bucket/prefix; run_id: one run or a list, exact ids or
+    globs like "nightly-*" (None: all); run_date: the same for dates ("2026-12-*");
     status: rollouts of this status (None: any; failed rollouts have no steps);
     where: a filter on the rollouts table in `wham-batch query --where` syntax, e.g.
     "mean_logprob > -2.5 and frozen = false"; window / stride: steps per window and between
@@ -44,10 +46,15 @@ class RolloutWindows:
     only over generated steps; frames: read frames (False: tokens and actions only);
     decoder: the model that decodes runs stored with `frames: none` (default: each run's
     own, from its manifest); committed_only: only units with a commit marker.
+
+    The selected runs must share one model's shapes (frame size, token count): a root
+    holding runs of several models is refused here, naming the runs of each, since their
+    windows could not share a batch (`pipeline.dataset.shapes`).
     """
 
     def __init__(self, root: str, *, window: int, stride: int | None = None,
-                 run_id: str | list[str] | None = None, status: str | None = "ok",
+                 run_id: str | list[str] | None = None,
+                 run_date: str | list[str] | None = None, status: str | None = "ok",
                  where: str | None = None, generated_only: bool = False, frames: bool = True,
                  decoder: Any = None, committed_only: bool = True,
                  endpoint_url: str | None = None, region: str | None = None) -> None:
@@ -59,8 +66,10 @@ class RolloutWindows:
         self.source = Source(root, endpoint_url=endpoint_url, region=region)
         self.reader = UnitReader(self.source, frames="array" if frames else None,
                                  decoder=decoder)
-        self.shards: list[Shard] = select_shards(self.source, run_id=run_id, status=status,
-                                                 where=where, committed_only=committed_only)
+        self.shards: list[Shard] = select_shards(self.source, run_id=run_id, run_date=run_date,
+                                                 status=status, where=where,
+                                                 committed_only=committed_only)
+        check_one_shape(self.reader, self.shards, root=root)
 
     @property
     def num_rollouts(self) -> int:

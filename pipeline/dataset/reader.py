@@ -27,6 +27,7 @@ from pipeline.contracts.parts import check_part
 from pipeline.contracts.storage import Storage, open_storage
 from pipeline.dataset.index import Shard, Source
 from pipeline.driver.run_state import read_json
+from pipeline.query.tables import damaged
 from workers.actor.encode import encode_png, provenance_text, watermarked
 from workers.actor.replica import load_replica
 
@@ -46,12 +47,30 @@ class RolloutRows:
     frames: list[Any] | None = None  # per step: uint8 (3,H,W) arrays, or PNG bytes
 
 
-def png_to_array(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 (3,H,W)."""
+def png_to_array(data: bytes, *, where: str = "a frame") -> np.ndarray:
+    """PNG bytes -> uint8 (3,H,W); UserError naming `where` when the bytes are no PNG."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB")).transpose(2, 0, 1).copy()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB")).transpose(2, 0, 1).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise damaged(where, f"not a readable PNG: {exc}") from None
+
+
+def check_png(data: bytes, *, where: str) -> bytes:
+    """`data` if it is a whole PNG (every chunk's CRC checked), else a UserError naming
+    `where`: frames passed on as bytes are checked as strictly as decoded ones."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "PNG":
+                raise ValueError(f"a {img.format} image, not a PNG")
+            img.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise damaged(where, f"not a readable PNG: {exc}") from None
+    return data
 
 
 @dataclass
@@ -89,7 +108,9 @@ class UnitReader:
             self._pid = os.getpid()
         return self._storage
 
-    def _table(self, key: str) -> Any:
+    def open_part(self, key: str) -> Any:
+        """The table part at `key`, whole: the one place the readers (loader, exports,
+        decode) open a part, so every check of a part applies to all of them."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -101,8 +122,8 @@ class UnitReader:
         try:
             table = pq.read_table(io.BytesIO(data))
         except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"{self.storage.key_uri(key)} is not a readable Parquet file "
-                            f"({exc}); run `wham-batch verify`") from None
+            raise damaged(self.storage.key_uri(key), f"not a readable Parquet file: {exc}") \
+                from None
         check_part(key, table.schema.metadata, shown=self.storage.key_uri(key))
         return table
 
@@ -117,7 +138,8 @@ class UnitReader:
         """The shard's rollouts, in rollout order, each with its steps and frames."""
         import pyarrow.compute as pc
 
-        steps = self._table(layout.steps_part_key(shard.run_date, shard.run_id, shard.unit_id))
+        key = layout.steps_part_key(shard.run_date, shard.run_id, shard.unit_id)
+        steps = self.open_part(key)
         wanted = [rollout_id for rollout_id, _, _ in shard.rollouts]
         steps = steps.filter(pc.is_in(steps.column("rollout_id"), value_set=_strings(wanted)))
         steps = steps.sort_by([("rollout_id", "ascending"), ("step", "ascending")])
@@ -125,8 +147,9 @@ class UnitReader:
         for rollout_id, count, _ in shard.rollouts:
             rows = steps.filter(pc.equal(steps.column("rollout_id"), rollout_id))
             if rows.num_rows != count:
-                raise UserError(f"run {shard.run_id} unit {shard.unit_id}: rollout {rollout_id} "
-                                f"has {rows.num_rows} step rows, its rollouts row says {count}")
+                raise damaged(self.storage.key_uri(key),
+                              f"rollout {rollout_id} has {rows.num_rows} step rows there, its "
+                              f"rollouts row says {count}")
             out.append(RolloutRows(shard.run_date, shard.run_id, rollout_id, rows))
         if self.frames is not None:
             self._attach_frames(shard, out)
@@ -150,7 +173,7 @@ class UnitReader:
         parts = {k for k in keys if k is not None and k.endswith(".parquet")}
         stored = {}
         for key in parts:
-            table = self._table(key)
+            table = self.open_part(key)
             stored.update(zip(zip(table.column("rollout_id").to_pylist(),
                                   table.column("step").to_pylist(), strict=True),
                               table.column("png").to_pylist(), strict=True))
@@ -162,10 +185,14 @@ class UnitReader:
             for key, step in zip(r.steps.column("frame_key").to_pylist(),
                                  r.steps.column("step").to_pylist(), strict=True):
                 data = stored.get((r.rollout_id, step)) if key in parts else stored.get(key)
-                if data is None:
-                    raise UserError(f"run {r.run_id}: no frame for {r.rollout_id} step {step} "
-                                    f"in {key}")
-                found.append(png_to_array(data) if self.frames == "array" else data)
+                where = (f"the frame of {r.rollout_id} step {step} in "
+                         f"{self.storage.key_uri(key)}" if key in parts
+                         else f"frame {self.storage.key_uri(key)}")
+                if data is None:  # only a part can lack a frame: a PNG is fetched or missing
+                    raise damaged(self.storage.key_uri(key),
+                                  f"it holds no frame for {r.rollout_id} step {step}")
+                found.append(png_to_array(data, where=where) if self.frames == "array"
+                             else check_png(data, where=where))
             r.frames = found
 
     def _manifest(self, shard: Shard) -> dict[str, Any]:

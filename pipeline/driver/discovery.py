@@ -4,6 +4,8 @@ Discovery only lists names, so the driver stays light; actors read and decode ea
 (workers.actor.inputs). Seed ids are safe key segments (`storage.safe_segment`); ids of seeds whose
 names differ only in extension get a hash of the full name appended. Two seeds that still
 end up with one id (a name made safe or shortened can meet another) are refused, naming both.
+A `demonstrator` seed is a folder (its id is the folder's name) and its ref names the
+folder's `actions.json`, which the actor reads first.
 
 A scripted action table (`rollouts.actions: {kind: file}`) is small and read once here, then
 shipped to the actors: a CSV or Parquet table, one row per step, one column per action name
@@ -24,7 +26,7 @@ import numpy as np
 
 from pipeline.contracts.choices import SEED_FORMATS
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.sources import SeedRef, actions_from_values
+from pipeline.contracts.sources import DEMONSTRATOR_ACTIONS, SeedRef, actions_from_values
 from pipeline.contracts.storage import open_storage, read_uri, safe_segment
 from workers.wham.actions import ACTION_NAMES
 
@@ -188,6 +190,9 @@ def discover_seeds(
     if limit is not None and limit < 1:
         raise UserError(f"seeds.limit must be at least 1, got {limit}")
     source = os.fspath(source)
+    if format == "demonstrator":
+        return _check_unique_ids(_demonstrator_folders(
+            source, glob=glob, endpoint_url=endpoint_url, region=region)[:limit], source)
     if format == "manifest":
         refs = _read_manifest(source, endpoint_url=endpoint_url, region=region,
                               max_bytes=max_bytes)
@@ -207,6 +212,26 @@ def discover_seeds(
         SeedRef(seed_id=seed_id, uri=_join_uri(root, name), root=root)
         for seed_id, name in zip(ids, names, strict=True)
     ][:limit], source)
+
+
+def _demonstrator_folders(source: str, *, glob: str | None, endpoint_url: str | None,
+                          region: str | None) -> list[SeedRef]:
+    """One seed per folder under `source` that holds files (sorted by name; `glob` selects
+    folder names), or `source` itself when `actions.json` lies directly in it. A folder
+    without its `actions.json` is still a seed: its rollouts fail naming the missing file."""
+    is_s3 = source.startswith("s3://")
+    root = source.rstrip("/") if is_s3 else str(Path(source).absolute())
+    names = _list_relative(root, endpoint_url=endpoint_url, region=region)
+    if DEMONSTRATOR_ACTIONS in names:
+        folder = root.rsplit("/", 1)[-1] if is_s3 else Path(root).name
+        return [SeedRef(seed_id=safe_segment(folder),
+                        uri=_join_uri(root, DEMONSTRATOR_ACTIONS), root=root)]
+    folders = sorted({name.split("/", 1)[0] for name in names if "/" in name})
+    if glob:
+        folders = [f for f in folders if _matches(f, (glob,), case_sensitive=True)]
+    return [SeedRef(seed_id=safe_segment(folder), root=_join_uri(root, folder),
+                    uri=_join_uri(root, f"{folder}/{DEMONSTRATOR_ACTIONS}"))
+            for folder in folders]
 
 
 def _column_floats(table: Any, name: str, *, where: str) -> np.ndarray:

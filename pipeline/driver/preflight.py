@@ -7,11 +7,15 @@ UserError naming the field or resource (docs/reliability.md).
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
 import os
 import socket
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,13 +70,55 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> None:
-    """UserError unless the endpoint's key variable is set and the endpoint answers.
+def _tracked(cls: type, sockets: list[socket.socket]) -> Callable[..., Any]:
+    """A factory of `cls` connections that list their sockets once connected."""
+    def make(host: str, **kwargs: Any) -> Any:
+        conn = cls(host, **kwargs)
+        connect = conn.connect
+
+        def connect_and_list() -> None:
+            connect()
+            sockets.append(conn.sock)
+        conn.connect = connect_and_list
+        return conn
+    return make
+
+
+class _Tracked(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's HTTP and HTTPS handlers, with every socket listed so that a deadline can
+    shut it: urllib's timeout is per socket operation, and a server that drips its answer
+    a byte at a time never lets one time out."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        urllib.request.HTTPHandler.__init__(self)
+        urllib.request.HTTPSHandler.__init__(self)
+        self.sockets = sockets
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_tracked(http.client.HTTPConnection, self.sockets), req)
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_tracked(http.client.HTTPSConnection, self.sockets), req,
+                            context=self._context)
+
+
+def _shut(sockets: list[socket.socket], expired: threading.Event) -> None:
+    expired.set()
+    for sock in list(sockets):
+        with contextlib.suppress(OSError):  # closed already
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked on it
+
+
+def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float,
+                   trust_env: bool = False) -> None:
+    """UserError unless the endpoint's key variable is set and the endpoint answers, all
+    within `min(timeout_s, ENDPOINT_PROBE_TIMEOUT_S)` seconds in total.
 
     The probe is a POST with an empty context: any HTTP answer but 401/403 (the key was
     refused), 404 (nothing at that path) and a redirect (not followed, as actors do not
     follow one) means the endpoint is there; actors find out the rest (frame size, token
-    count) with their first real request.
+    count) with their first real request. It carries the key, so it goes through no proxy
+    unless `trust_env` (model.trust_env).
     """
     shown = public_url(url)
     headers = bearer_headers(api_key_env, missing=(
@@ -80,18 +126,26 @@ def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> No
         "endpoint that needs no key)"))
     probe = urllib.request.Request(url, data=b'{"input_data": {"context": []}}',
                                    headers=headers, method="POST")
-    opener = urllib.request.build_opener(_NoRedirects)
+    sockets: list[socket.socket] = []
+    opener = urllib.request.build_opener(
+        _NoRedirects, _Tracked(sockets), urllib.request.ProxyHandler(None if trust_env else {}))
+    deadline_s, expired = min(timeout_s, ENDPOINT_PROBE_TIMEOUT_S), threading.Event()
     location = None
+    timer = threading.Timer(deadline_s, _shut, args=(sockets, expired))
+    timer.start()
     try:
-        with opener.open(probe, timeout=min(timeout_s, ENDPOINT_PROBE_TIMEOUT_S)) as r:
+        with opener.open(probe, timeout=deadline_s) as r:
             status = r.status
     except urllib.error.HTTPError as exc:
         status, location = exc.code, exc.headers.get("Location")
         exc.close()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = redact(str(getattr(exc, "reason", exc)))
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        reason = (f"no answer within {deadline_s:g} s" if expired.is_set()
+                  else redact(str(getattr(exc, "reason", exc))))
         raise UserError(f"model.endpoint: cannot reach {shown} ({reason}); check the URL and "
                         "that the endpoint is running") from None
+    finally:
+        timer.cancel()
     if status in (401, 403):
         raise UserError(f"model.api_key_env: {shown} refused the key in {api_key_env} "
                         f"(HTTP {status}); check the key")
@@ -108,7 +162,8 @@ def check_endpoint(url: str, *, api_key_env: str | None, timeout_s: float) -> No
 def check_model_source(spec: JobSpec) -> None:
     m = spec.model
     if m.endpoint is not None:
-        check_endpoint(m.endpoint, api_key_env=m.api_key_env, timeout_s=m.timeout_s)
+        check_endpoint(m.endpoint, api_key_env=m.api_key_env, timeout_s=m.timeout_s,
+                       trust_env=m.trust_env)
     elif m.checkpoint is None:
         check_preset(m.preset)
     else:

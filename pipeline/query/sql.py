@@ -5,7 +5,9 @@ rollout_id) ...")` runs one query with DuckDB over the tables it names (the Arro
 or extension can be read, nothing can be written (no COPY, ATTACH, spilling), settings cannot
 be changed back, and only one SELECT runs. Its text is bounded (`MAX_SQL_CHARS`,
 `MAX_BOOLEAN_TERMS`, `MAX_NESTING`), since a filter of thousands of OR clauses makes the
-planner run for minutes. `query(...)` is the same with a WHERE clause, column list and run id
+planner run for minutes. It runs within `QueryBounds` (a deadline and a memory limit, see
+`pipeline.query.bounds`), and Ctrl-C or SIGTERM stops it. A part whose bytes do not read is
+named as damaged. `query(...)` is the same with a WHERE clause, column list and run id
 filled in for you.
 """
 
@@ -14,9 +16,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
-from pipeline.query.tables import NoTable, find_unreadable, open_table
+from pipeline.query.bounds import MAX_DEFAULT_MEMORY, QueryBounds, run_bounded, show_size
+from pipeline.query.tables import NoTable, find_damaged, open_table
 
 #: Longest SQL text (or --where filter) accepted.
 MAX_SQL_CHARS = 64 * 1024
@@ -27,6 +32,8 @@ MAX_BOOLEAN_TERMS = 1000
 MAX_NESTING = 100
 #: Largest --limit; more rows than this do not fit in memory anyway.
 MAX_LIMIT = 1_000_000_000
+#: Rows per Arrow batch of a result (its size is counted batch by batch).
+RESULT_BATCH_ROWS = 64 * 1024
 _SQL_SKIP = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/", re.DOTALL)
 _BOOLEAN = re.compile(r"\b(?:and|or|not)\b", re.IGNORECASE)
 #: Locks applied to a query connection after the tables are registered (order matters:
@@ -76,9 +83,12 @@ class _Tables:
     """The output tables of a root, registered in a locked-down DuckDB connection."""
 
     def __init__(self, root: str, *, endpoint_url: str | None, region: str | None,
-                 committed_only: bool, names: tuple[str, ...] = layout.TABLES) -> None:
-        import duckdb
+                 committed_only: bool, bounds: QueryBounds,
+                 names: tuple[str, ...] = layout.TABLES) -> None:
+        import duckdb  # a second to import: only commands that query pay it
 
+        self.root, self.endpoint_url, self.region = root, endpoint_url, region
+        self.bounds, self.memory = bounds, bounds.memory()
         self.datasets: dict[str, Any] = {}
         missing = []
         for table in names:
@@ -94,13 +104,13 @@ class _Tables:
         for table in layout.TABLES:
             empty = layout.query_schema(table).empty_table()
             self.con.register(table, self.datasets.get(table, empty))
+        self.con.execute(f"SET memory_limit = '{self.memory}B'")
         for statement in _LOCKDOWN:
             self.con.execute(statement)
 
     def run(self, text: str, *, limit: int | None, what: str) -> Any:
         """The result of one SELECT as a pyarrow Table; UserError for anything else."""
         import duckdb
-        import pyarrow as pa
 
         try:
             statements = self.con.extract_statements(text)
@@ -108,23 +118,56 @@ class _Tables:
                 kinds = ", ".join(s.type.name for s in statements) or "none"
                 raise UserError(f"{what}: exactly one SELECT query is run, read-only "
                                 f"(found: {kinds})")
-            relation = self.con.sql(text)
-            if limit is not None:
-                relation = relation.limit(limit)
-            return pa.table(relation)
+            return run_bounded(lambda: self._fetch(text, limit=limit, what=what),
+                               interrupt=self.con.interrupt,
+                               timeout_s=self.bounds.timeout_s, what=what)
+        except duckdb.OutOfMemoryException:
+            raise self._out_of_memory(what) from None
         except duckdb.Error as exc:
-            self._name_unreadable_part(exc)
+            if _reading_failed(exc):
+                self._name_damaged_part()
             raise UserError(f"{what}: {_first_lines(str(exc))}") from None
         except (pa.ArrowException, OSError) as exc:
-            self._name_unreadable_part(exc)
+            self._name_damaged_part()
+            if isinstance(exc, OSError):
+                raise  # every part reads whole: the storage or the network failed
             raise UserError(f"{what}: reading the tables failed ({exc})") from None
 
-    def _name_unreadable_part(self, exc: Exception) -> None:
-        """UserError naming the part that broke a query, if a part did."""
-        text = str(exc).lower()
-        if "parquet" in text or "magic" in text or "footer" in text:
-            for dataset in self.datasets.values():
-                find_unreadable(dataset)
+    def _fetch(self, text: str, *, limit: int | None, what: str) -> Any:
+        """The result, batch by batch, never more bytes than the memory limit."""
+        relation = self.con.sql(text)
+        if limit is not None:
+            relation = relation.limit(limit)
+        reader = relation.to_arrow_reader(RESULT_BATCH_ROWS)
+        batches, size = [], 0
+        for batch in reader:
+            size += batch.nbytes
+            if size > self.memory:
+                raise self._out_of_memory(what, result=True)
+            batches.append(batch)
+        return pa.Table.from_batches(batches, schema=reader.schema)
+
+    def _out_of_memory(self, what: str, *, result: bool = False) -> UserError:
+        part = "its result is" if result else "it needs"
+        return UserError(
+            f"{what}: stopped: {part} more than the query's memory limit of "
+            f"{show_size(self.memory)} (--memory-limit; default half the free memory, at "
+            f"most {show_size(MAX_DEFAULT_MEMORY)}); aggregate or filter more, add --limit, or "
+            "raise the limit")
+
+    def _name_damaged_part(self) -> None:
+        """UserError naming the part that broke a query as damaged, if a part did; a read
+        that failed for another reason (storage, network) is left to the caller."""
+        for dataset in self.datasets.values():
+            find_damaged(self.root, dataset, endpoint_url=self.endpoint_url,
+                         region=self.region)
+
+
+def _reading_failed(exc: Exception) -> bool:
+    """Whether DuckDB failed while reading a table (not on the query's own text)."""
+    text = str(exc).lower()
+    return any(word in text for word in ("stream registered", "parquet", "ioerror",
+                                         "magic", "footer", "thrift", "arrow"))
 
 
 def _first_lines(message: str, n: int = 3) -> str:
@@ -140,13 +183,16 @@ def sql(
     endpoint_url: str | None = None,
     region: str | None = None,
     committed_only: bool = False,
+    bounds: QueryBounds | None = None,
 ) -> Any:
     """One read-only SQL SELECT over the `steps`, `rollouts` and `frames` tables of `root`
-    (a folder or s3:// prefix), as a pyarrow Table; UserError for bad or oversized SQL."""
+    (a folder or s3:// prefix), as a pyarrow Table; UserError for bad or oversized SQL,
+    and for a query past its `bounds` (default: `QueryBounds()`)."""
     check_sql(text)
     check_limit(limit)
     tables = _Tables(root, endpoint_url=endpoint_url, region=region,
-                     committed_only=committed_only, names=_tables_named(text))
+                     committed_only=committed_only, bounds=bounds or QueryBounds(),
+                     names=_tables_named(text))
     return tables.run(text, limit=limit, what="--sql")
 
 
@@ -174,6 +220,7 @@ def query(
     endpoint_url: str | None = None,
     region: str | None = None,
     committed_only: bool = False,
+    bounds: QueryBounds | None = None,
 ) -> Any:
     """Rows of one table as a pyarrow.Table: `where` is an SQL condition (the WHERE clause
     of `sql`), `columns` a projection, `run_id` one run."""
@@ -192,5 +239,6 @@ def query(
     text = (f"SELECT {', '.join(_quote(c) for c in columns) if columns else '*'} "
             f"FROM {table}" + (f" WHERE {' AND '.join(conditions)}" if conditions else ""))
     tables = _Tables(root, endpoint_url=endpoint_url, region=region,
-                     committed_only=committed_only, names=(table,))
+                     committed_only=committed_only, bounds=bounds or QueryBounds(),
+                     names=(table,))
     return tables.run(text, limit=limit, what="--where" if where else "query")

@@ -3,7 +3,10 @@
 `deploy` checks the model source and the cluster, starts Serve's proxy on the configured
 host and port, and runs the application; `serve_until_stopped` keeps it up until SIGINT or
 SIGTERM. The replica class is given (`workers.actor.serve_replica.MuseReplica` from the entry
-point); the driver side never imports the actor side.
+point); the driver side never imports the actor side. So is the job board of the official
+local-server protocol (`workers.actor.jobboard.JobBoard`): it runs as a second deployment
+of one small replica (no model), whose handle every model replica gets, so the jobs' state
+is shared by all replicas and outlives any one of them.
 
 Backpressure has two lines: a replica answers 503 (JSON, Retry-After) once `max_batch +
 max_queue` requests wait on it, and Serve's proxy answers 503 (Retry-After) once its own
@@ -20,14 +23,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.secrets import hide_secret_env
 from pipeline.driver.preflight import check_checkpoint, check_preset, connect_ray
-from pipeline.serve.config import ONGOING_HEADROOM, ServeConfig
+from pipeline.serve.config import API_KEY_ENV, ONGOING_HEADROOM, ServeConfig
 
 log = logging.getLogger("pipeline.serve")
 #: Tries of a replica's constructor before the deployment is failed (a bad model will not
 #: load on the third try either).
 CONSTRUCTOR_TRIES = 2
 PROXY_QUEUE_FACTOR = 4
+#: Calls the job board takes at once: a claim from each replica (waiting up to a second
+#: for work) and the clients' job requests, which are quick.
+BOARD_ONGOING = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,21 @@ def replica_kwargs(config: ServeConfig, *, api_key_sha256: str | None) -> dict[s
             "max_batch": config.max_batch, "batch_wait_s": config.batch_wait_ms / 1000,
             "max_queue": config.max_queue, "retry_after_s": config.retry_after_s,
             "max_body_bytes": config.max_body_bytes, "watermark": config.watermark,
-            "api_key_sha256": api_key_sha256}
+            "api_key_sha256": api_key_sha256, "job_limits": config.job_limits()}
+
+
+def board_app(config: ServeConfig, board_cls: type) -> Any:
+    """The job board's deployment, bound (one replica, no model, no resources to speak of)."""
+    from ray import serve
+
+    options = {"name": "OfficialJobs", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+               "max_ongoing_requests": BOARD_ONGOING,
+               "max_constructor_retry_count": CONSTRUCTOR_TRIES,
+               # every replica claims work about once a second: no access log line for that
+               "logging_config": {"enable_access_log": False}}
+    return serve.deployment(**options)(board_cls).bind(
+        max_concurrent_jobs=config.max_concurrent_jobs,
+        max_job_lifespan_s=config.max_job_lifespan_s, lease_s=config.job_lease_s)
 
 
 def check_resources(config: ServeConfig) -> None:
@@ -78,8 +99,10 @@ def check_resources(config: ServeConfig) -> None:
                             f"or --{kind.lower()}s-per-replica")
 
 
-def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None) -> Deployed:
-    """Start (or join) Ray, check it can hold the replicas, and run the application."""
+def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None,
+           board_cls: type | None = None) -> Deployed:
+    """Start (or join) Ray, check it can hold the replicas, and run the application (with
+    the job board of the official protocol when `board_cls` is given)."""
     from ray import serve
 
     if config.checkpoint is not None:
@@ -87,12 +110,17 @@ def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None
                          region=config.region, field="checkpoint")
     else:
         check_preset(config.preset, field="preset")
+    # The replicas hold only the key's digest: the key leaves this process's environment
+    # before Ray starts here, or every Ray process (replicas included) would inherit it.
+    hide_secret_env(API_KEY_ENV)
     started = connect_ray(config.address).started
     try:
         check_resources(config)
         serve.start(http_options={"host": config.host, "port": config.port})
-        app = serve.deployment(**replica_options(config))(replica_cls).bind(
-            **replica_kwargs(config, api_key_sha256=api_key_sha256))
+        kwargs = replica_kwargs(config, api_key_sha256=api_key_sha256)
+        if board_cls is not None:
+            kwargs["jobs"] = board_app(config, board_cls)
+        app = serve.deployment(**replica_options(config))(replica_cls).bind(**kwargs)
         serve.run(app, name=config.name, route_prefix="/", blocking=False)
     except RuntimeError as exc:  # Serve reports a replica that would not start this way
         stop(config, started_ray=started)

@@ -151,7 +151,7 @@ def _official_ckpt(path, model) -> None:
         state[f"context_encoders.images.{key}"] = value
     taming = {
         "taming_n_embed": tok.n_embed, "taming_embed_dim": tok.embed_dim,
-        "taming_num_indices_per_axis": tok.latent_size[0],
+        "taming_num_indices_per_axis": tok.grid[0],
         "taming_ddconfig": {
             "double_z": tok.double_z, "z_channels": tok.z_channels, "resolution": tok.resolution,
             "in_channels": 3, "out_ch": 3, "ch": tok.ch, "ch_mult": list(tok.ch_mult),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,6 @@ import pytest
 from jobs.nightly import main as nightly_main
 from jobs.nightly import nightly_overrides, resolve_date
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.logs import set_log_context
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = ROOT / "configs" / "seeds" / "demo"
@@ -23,17 +20,8 @@ SMALL_NIGHT = ["rollouts.per_seed=1", "rollouts.steps=2", "seeds.limit=2",
                f"seeds.source={SEEDS}", "run.run_id=nightly-{date}"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_logging_config() -> Iterator[None]:
-    """jobs.nightly sets up structured logging in-process; undo it for later tests."""
-    loggers = [logging.getLogger(name) for name in ("pipeline", "workers", "jobs")]
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-    yield
-    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
-    set_log_context(run_id=None)
+# jobs.nightly sets up structured logging in-process: undone after each test.
+pytestmark = pytest.mark.usefixtures("keep_logging_config")
 
 
 def test_date_defaults_to_utc_today_and_is_validated() -> None:

@@ -53,6 +53,45 @@ def test_put_get_exists_list(storage):
     assert list(storage.list_keys()) == ["ab.txt"]
 
 
+def test_conditional_writes_compare_the_version_read(storage):
+    first = storage.put_if("lease/l.json", b"one", match=None)
+    assert first is not None
+    assert storage.put_if("lease/l.json", b"two", match=None) is None  # one is there
+    assert storage.get_tagged("lease/l.json") == (b"one", first)
+    second = storage.put_if("lease/l.json", b"two", match=first)
+    assert second is not None and second != first
+    assert storage.put_if("lease/l.json", b"three", match=first) is None  # read before "two"
+    assert storage.delete_if("lease/l.json", match=first) is False
+    assert storage.get_bytes("lease/l.json") == b"two"
+    assert list(storage.list_keys()) == ["lease/l.json"]  # nothing else to see
+    assert storage.delete_if("lease/l.json", match=second) is True
+    assert not storage.exists("lease/l.json")
+    assert storage.put_if("lease/l.json", b"four", match=second) is None  # nothing to replace
+    assert storage.delete_if("lease/l.json", match=second) is False
+    assert storage.delete_if("nowhere/l.json", match=second) is False
+    with pytest.raises(FileNotFoundError):
+        storage.get_tagged("lease/l.json")
+
+
+def test_of_writers_holding_one_version_exactly_one_replaces_it(storage):
+    tag = storage.put_if("l.json", b"stale", match=None)
+    barrier = threading.Barrier(6)
+    won: list[bytes] = []
+
+    def replace(i: int) -> None:
+        barrier.wait(timeout=30)
+        if storage.put_if("l.json", b"mine %d" % i, match=tag) is not None:
+            won.append(b"mine %d" % i)
+
+    threads = [threading.Thread(target=replace, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(won) == 1
+    assert storage.get_bytes("l.json") == won[0]
+
+
 def test_unicode_and_space_keys(storage):
     key = "frames/ünï cödé/000001.png"
     storage.put_bytes(key, b"x")

@@ -17,7 +17,7 @@ from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
 from pipeline.dataset import RolloutWindows
 from pipeline.export.decode import decode_run
-from pipeline.export.lerobot import model_actions
+from pipeline.export.episodes import float_actions
 from pipeline.query import open_table
 from workers.wham import random_model
 
@@ -65,10 +65,10 @@ def test_lerobot_export_follows_the_v3_layout(mode_roots, tmp_path):
     assert data.num_rows == 36 and data["index"] == list(range(36))
     episodes = pd.read_parquet(out / "meta/episodes/chunk-000/file-000.parquet")
     tasks = pd.read_parquet(out / "meta/tasks.parquet")
-    assert tasks.loc["WHAM rollouts of run modes", "task_index"] == 0
+    assert tasks.loc["WHAM rollouts of run modes (2026-02-03)", "task_index"] == 0
     assert list(episodes["length"]) == [6] * 6
     stats = json.loads((out / "meta/stats.json").read_text())
-    assert len(stats["action"]["mean"]) == 16 and stats["observation.image"]["count"] == [36 * 256]
+    assert len(stats["action"]["mean"]) == 16 and stats["observation.image"]["count"] == [36]
     frames = _loader_frames(root)
     video = out / info["video_path"].format(video_key="observation.image", chunk_index=0,
                                             file_index=0)
@@ -87,7 +87,7 @@ def test_lerobot_export_follows_the_v3_layout(mode_roots, tmp_path):
     first = min((s for s in steps if s["rollout_id"] == episodes["rollout_id"][0]),
                 key=lambda s: s["step"])
     np.testing.assert_allclose(data[0]["action"],
-                               model_actions(np.array([first["action_bins"]]))[0])
+                               float_actions(np.array([first["action_bins"]]))[0])
 
 
 def test_decode_a_tokens_only_run(mode_roots, tmp_path):
@@ -123,7 +123,7 @@ def test_mistakes_are_messages(mode_roots, tmp_path, capsys):
         decode_run(mode_roots["png"], run_id=RUN_ID)
     assert cli_main(["export", mode_roots["png"], "--run-id", "nope", "--format", "hf",
                      str(tmp_path / "x")]) == 2
-    assert "no committed rollouts of run 'nope'" in capsys.readouterr().err
+    assert "no committed ok rollouts of run 'nope'" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "a").write_text("x")
     assert cli_main(["export", mode_roots["png"], "--run-id", RUN_ID, "--format", "lerobot",

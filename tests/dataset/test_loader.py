@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import DATE, MODES, RUN_ID
+from conftest import DATE, MODES, RUN_ID, RUNS
 from PIL import Image
 
 from pipeline.contracts import layout
@@ -143,3 +143,22 @@ def test_a_wrong_decoder_is_refused(mode_roots):
     with pytest.raises(UserError, match="sha256"):
         next(windows.iter_windows())
     assert DATE in windows.shards[0].run_date
+
+
+def test_a_root_of_two_models_is_refused_naming_its_runs(two_models):
+    """Windows of two models (16x16 frames with 16 tokens, 10x18 with 15) cannot share a
+    batch: the loader says so when it is built, not the collate function mid-epoch."""
+    with pytest.raises(UserError) as refused:
+        RolloutWindows(str(two_models), window=2)
+    message = str(refused.value)
+    for expected in ("run-tiny (2026-02-03)", "run-vit (2026-02-03)",
+                     "model preset:tiny-vit (sha256 ", "frames 3x16x16, 16 image tokens",
+                     "frames 3x10x18, 15 image tokens", "run_id=['run-"):
+        assert expected in message, message
+    for run_id, (_, tokens) in RUNS.items():  # one model's runs load, as the message says
+        windows = RolloutWindows(str(two_models), window=2, run_id=run_id)
+        batches = list(torch.utils.data.DataLoader(windows.torch(), batch_size=3))
+        assert sum(len(b["run_id"]) for b in batches) == len(windows) == 4 * 2
+        assert {b["image_tokens"].shape[-1] for b in batches} == {tokens}
+    globbed = RolloutWindows(str(two_models), window=2, run_id="run-t*", frames=False)
+    assert {s.run_id for s in globbed.shards} == {"run-tiny"}

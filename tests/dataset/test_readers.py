@@ -3,41 +3,12 @@ token counts (16 and 15), read with plain pyarrow, pandas, polars, DuckDB and Ra
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
-from conftest import REPO
-
-from pipeline.contracts.plan import make_plan
-from pipeline.contracts.spec import spec_from_data
-from pipeline.driver.discovery import discover_seeds
-from workers.actor.actor import RolloutActor
-
-RUNS = {"run-tiny": ("tiny", 16), "run-vit": ("tiny-vit", 15)}
-
-
-@pytest.fixture(scope="module")
-def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("two-models")
-    seeds, root = base / "seeds", base / "out"
-    seeds.mkdir()
-    for p in sorted((REPO / "configs" / "seeds" / "demo").glob("*.png"))[:2]:
-        shutil.copy(p, seeds / p.name)
-    for run_id, (preset, _) in RUNS.items():
-        spec = spec_from_data({
-            "run": {"name": "t", "run_id": run_id, "run_date": "2026-02-03"},
-            "model": {"preset": preset, "device": "cpu"}, "seeds": {"source": str(seeds)},
-            "rollouts": {"steps": 3, "per_seed": 2}, "resources": {"batch_size": 4},
-            "output": {"root": str(root)}})
-        actor = RolloutActor(spec)
-        for unit in make_plan(discover_seeds(str(seeds), format="images"), run_seed=0,
-                              per_seed=2, unit_size=4):
-            actor.run_unit(unit)
-        actor.close()
-    return root
+from conftest import RUNS
 
 
 def _lengths(run_ids, tokens) -> dict[str, set[int]]:

@@ -309,7 +309,7 @@ def test_parts_of_a_newer_schema_or_unreadable_parts_are_named(tmp_path):
     with pytest.raises(UserError, match=r"newer than the \d+ this wham-batch reads"):
         query(str(tmp_path / "out"))
     storage.put_bytes(key, sink.getvalue()[: len(sink.getvalue()) // 2])  # truncated
-    with pytest.raises(UserError, match="part-u000000.parquet cannot be read"):
+    with pytest.raises(UserError, match="part-u000000.parquet is damaged"):
         query(str(tmp_path / "out"))
 
 

@@ -158,7 +158,7 @@ def test_stray_files_are_ignored_with_a_warning_and_a_truncated_part_is_named(
     data = storage.get_bytes(key)
     storage.put_bytes(key, data[: len(data) // 2])
     for run in (lambda: query(str(root)), lambda: sql(str(root), "SELECT * FROM steps")):
-        with pytest.raises(UserError, match="part-u000001.parquet cannot be read"):
+        with pytest.raises(UserError, match="part-u000001.parquet is damaged"):
             run()
 
 

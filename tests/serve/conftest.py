@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.muse import SERVER_KEY, ServeProcess
+from support.muse import SERVER_KEY, ServeProcess, running_server
 
 #: Small limits the protocol tests reach on purpose: the body limit (413) and the queue (503).
 SERVER_ARGS = ["--checkpoint", "models/demo", "--device", "cpu", "--max-batch", "16",
@@ -18,10 +18,6 @@ SERVER_ARGS = ["--checkpoint", "models/demo", "--device", "cpu", "--max-batch", 
 
 @pytest.fixture(scope="session")
 def muse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    server = ServeProcess(SERVER_ARGS, key=SERVER_KEY,
-                          log_path=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        server.wait_ready()
+    with running_server(SERVER_ARGS, key=SERVER_KEY,
+                        log_dir=tmp_path_factory.mktemp("serve")) as server:
         yield server
-    finally:
-        server.stop()

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from starlette.requests import Request
+from support.asgi import make_request
 
 from workers import wham
 from workers.actor.muse import (
@@ -33,19 +34,7 @@ def replica() -> MuseReplica:
 
 def _request(body: bytes = b"", *, path: str = "/score", method: str = "POST",
              headers: dict[str, str] | None = None) -> Request:
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    raw = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    scope = {"type": "http", "method": method, "path": path, "headers": raw,
-             "query_string": b""}
-    return Request(scope, receive)
+    return make_request(path, method=method, body=body, headers=headers)
 
 
 def _handle(replica: MuseReplica, request: Request):

@@ -38,6 +38,8 @@ def test_flags_override_the_yaml(tmp_path: Path) -> None:
     ({"checkpoint": "m", "max_batch": 0}, "max_batch:"),
     ({}, "exactly one of checkpoint and preset"),
     ({"checkpoint": "m", "api_key": "secret"}, "api_key: unknown key"),
+    ({"checkpoint": "m", "max_concurrent_jobs": 0}, "max_concurrent_jobs:"),
+    ({"checkpoint": "m", "max_job_lifespan_s": 0}, "max_job_lifespan_s:"),
 ])
 def test_bad_settings_name_their_field(tmp_path: Path, data: dict, message: str) -> None:
     path = tmp_path / "serve.yaml"

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -92,6 +93,17 @@ class ServeProcess:
             self.proc.wait(timeout=10)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
         return code
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], *, key: str | None, log_dir: Path) -> Iterator[ServeProcess]:
+    """`wham-batch serve ARGS`, ready, for the duration of the block."""
+    server = ServeProcess(args, key=key, log_path=log_dir / "serve.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 class MuseStub:

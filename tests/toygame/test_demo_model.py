@@ -50,7 +50,7 @@ def test_shipped_seeds_are_held_out_game_clips() -> None:
 
 def test_model_shape(model) -> None:
     assert model.image_size == (SIZE, SIZE)
-    assert model.tokens_per_image == 16 and model.config.seq_len == 10
+    assert model.token_grid == (4, 4) and model.config.seq_len == 10
     assert sum(f.stat().st_size for f in MODEL.iterdir()) < 20 * 2**20
 
 

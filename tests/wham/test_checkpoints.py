@@ -193,7 +193,7 @@ def _hparams(fake, model, *, gpt_spec=True, tok_spec=True):
     if tok.kind == "taming":
         spec = {
             "taming_n_embed": tok.n_embed, "taming_embed_dim": tok.embed_dim,
-            "taming_num_indices_per_axis": tok.latent_size[0],
+            "taming_num_indices_per_axis": tok.grid[0],
             "taming_ddconfig": {
                 "double_z": tok.double_z, "z_channels": tok.z_channels,
                 "resolution": tok.resolution, "in_channels": 3, "out_ch": 3, "ch": tok.ch,

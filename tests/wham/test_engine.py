@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,24 @@ def test_engine_equals_naive_full_recompute(model, mode: str, sampling) -> None:
     assert fast[0].action_source == ("given" if mode == "world_model" else "model")
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_engines_prepacked_model_matches_an_unpacked_copy(model, batch: int) -> None:
+    plain = copy.deepcopy(model)
+    engine = RolloutEngine(model, max_batch=4, prepack=True)
+    assert not any(getattr(m, "prepacked", False) for m in model.modules())  # left as given
+    if not any(getattr(m, "prepacked", False) for m in engine.gpt.modules()):
+        pytest.skip("this torch build has no oneDNN linear")
+    idx = torch.randint(0, 64, (batch, 150), generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        torch.testing.assert_close(engine.gpt(idx), plain.gpt(idx), rtol=1e-4, atol=1e-4)
+        cached = engine.decoder(batch).prefill(idx, start=0)
+        torch.testing.assert_close(cached, plain.gpt(idx)[:, -1], rtol=1e-4, atol=1e-4)
+    kw = _inputs(model, batch=batch, context=3, steps=2, mode="full", seed=batch)
+    packed = list(engine.rollout(**kw, sampling=GREEDY))
+    unpacked = naive_rollout(plain, **kw, sampling=GREEDY)
+    assert _same(packed, unpacked)
+
+
 def test_context_tokens_replace_images_and_pixel_decoding_is_optional(model) -> None:
     kw = _inputs(model, batch=2, context=3, steps=2, mode="full")
     engine = RolloutEngine(model, max_batch=2)
@@ -102,13 +122,13 @@ def test_world_model_uses_the_given_actions(model) -> None:
 def test_prefill_once_per_step_when_full_and_extend_while_filling(model) -> None:
     engine = RolloutEngine(model, max_batch=2)
     list(engine.rollout(**_inputs(model, batch=1, context=10, steps=3, mode="full")))
-    assert (engine.prefills, engine.extends) == (3, 0)
+    assert (engine.window.prefills, engine.window.extends) == (3, 0)
     engine = RolloutEngine(model, max_batch=2)
     list(engine.rollout(**_inputs(model, batch=1, context=1, steps=4, mode="full")))
-    assert (engine.prefills, engine.extends) == (1, 3)
+    assert (engine.window.prefills, engine.window.extends) == (1, 3)
     engine = RolloutEngine(model, max_batch=2)  # fills (context 7, 8, 9) then slides (10)
     list(engine.rollout(**_inputs(model, batch=1, context=7, steps=4, mode="world_model")))
-    assert (engine.prefills, engine.extends) == (2, 2)
+    assert (engine.window.prefills, engine.window.extends) == (2, 2)
 
 
 def test_short_history_cap_matches_naive(model) -> None:
@@ -116,7 +136,7 @@ def test_short_history_cap_matches_naive(model) -> None:
     engine = RolloutEngine(model, max_batch=1)
     fast = list(engine.rollout(**kw, sampling=GREEDY, max_context=2))
     assert _same(fast, naive_rollout(model, **kw, sampling=GREEDY, max_context=2))
-    assert engine.prefills == 3  # the 2-step history drops its oldest step every step
+    assert engine.window.prefills == 3  # the 2-step history drops its oldest step every step
 
 
 def test_batched_equals_one_by_one(model) -> None:

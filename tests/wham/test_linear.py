@@ -1,5 +1,6 @@
 """`Linear` with prepacked oneDNN weights: the same product as nn.Linear, the same state dict,
-a row's result independent of its batch, and never stale after an in-place weight change."""
+a row's result independent of its batch, never stale after an in-place weight change; and
+`packed_view` leaves the module it is given unchanged, sharing its weights."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from workers.wham.linear import Linear, prepack_linears
+from workers.wham.linear import Linear, packed_view
 
 
 def _layer(seed: int = 0) -> Linear:
@@ -22,8 +23,8 @@ def _layer(seed: int = 0) -> Linear:
 
 @pytest.fixture
 def packed() -> Linear:
-    layer = _layer()
-    if not prepack_linears(layer):
+    layer = packed_view(_layer())
+    if layer is None:
         pytest.skip("this torch build has no oneDNN linear")
     return layer
 
@@ -62,3 +63,20 @@ def test_copies_drop_the_packed_cache(packed) -> None:
     assert "_packed" not in vars(clone) and clone.prepacked
     with torch.no_grad():
         torch.testing.assert_close(clone(torch.ones(1, 64)), packed(torch.ones(1, 64)))
+
+
+def test_packed_view_shares_the_weights_and_leaves_the_module_plain() -> None:
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(_layer(0), torch.nn.GELU(), Linear(48, 32))
+    view = packed_view(plain)
+    if view is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    assert not any(getattr(m, "prepacked", False) for m in plain.modules())
+    assert all(m.prepacked for m in view.modules() if isinstance(m, Linear))
+    for a, b in zip(plain.parameters(), view.parameters(), strict=True):
+        assert a is b  # the same tensors: no second copy of the plain weights
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), plain(x))
+        plain[0].weight.mul_(-1)  # an in-place change shows in the view
+        torch.testing.assert_close(view(x), plain(x))

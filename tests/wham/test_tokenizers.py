@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from workers.wham import InputError
 from workers.wham.config import PRESETS
+from workers.wham.model import random_model
 from workers.wham.tokenizers.taming import AttnBlock, TamingConfig, TamingVQGAN
 from workers.wham.tokenizers.vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, ViTVQGAN
 
@@ -276,6 +277,17 @@ def test_vit_tokens_are_row_major_over_the_patch_grid():
     # paste the pixels of patch (row 1, col 0) from the other image
     images[..., 4:8, 0:4] = changed[..., 4:8, 0:4]
     assert tok.encode(images).flatten().tolist() == [0, 0, 0, 3, 0, 0]
+
+
+@pytest.mark.parametrize(("preset", "grid"), [("tiny", (4, 4)), ("tiny-vit", (3, 5)),
+                                              ("wham-1.6b", (18, 30)), ("wham-200m", (8, 8))])
+def test_tokenizer_and_model_know_their_token_grid(preset, grid):
+    config = PRESETS[preset]
+    tok = (TamingVQGAN if config.tokenizer.kind == "taming" else ViTVQGAN)(config.tokenizer)
+    assert config.tokenizer.grid == tok.grid == grid
+    assert tok.tokens_per_image == grid[0] * grid[1]
+    if preset.startswith("tiny"):
+        assert random_model(preset).token_grid == grid
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-vit"])

@@ -16,7 +16,12 @@ Step k of a rollout sends the seed `step_seed(rng_seed, k)`: an endpoint that ho
 (`wham-batch serve`) then answers reruns identically, and no two steps share noise.
 
 The key is read from the environment variable the job names, in this process only; it goes
-into the Authorization header and nowhere else (its value is masked in log lines).
+into the Authorization header and nowhere else (its value is masked in log lines). So the
+requests go through no proxy the environment names (HTTP_PROXY, ...) unless the job says
+`model.trust_env: true`.
+
+The frame size learned from the endpoint is held to the model library's bound on image
+sides, so seeds are never resized to a size an endpoint makes up.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from workers.actor.muse import (
     request_body,
 )
 from workers.wham.actions import ACTION_DIM
+from workers.wham.config import check_image_size
+from workers.wham.errors import CheckpointError
 
 log = logging.getLogger("workers.actor.endpoint")
 #: Context steps a Muse client sends (the model's window).
@@ -115,7 +122,7 @@ class EndpointBackend:
 
     def __init__(self, *, url: str, api_key_env: str | None, max_concurrency: int,
                  timeout_s: float, max_attempts: int, backoff_s: float,
-                 sampling: dict[str, Any]) -> None:
+                 sampling: dict[str, Any], trust_env: bool = False) -> None:
         self.url = url
         self.model_id = public_url(url)
         self.timeout_s, self.max_attempts, self.backoff_s = timeout_s, max_attempts, backoff_s
@@ -126,7 +133,7 @@ class EndpointBackend:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="endpoint-client")
         self._thread.start()
-        self._session = self._submit(self._open(max_concurrency)).result()
+        self._session = self._submit(self._open(max_concurrency, trust_env=trust_env)).result()
         self._slots = asyncio.Semaphore(max_concurrency)
         self.image_size: tuple[int, int] = PROBE_SIZE
         self.tokens_per_image: int | None = None
@@ -151,7 +158,12 @@ class EndpointBackend:
         except EndpointError as exc:
             raise UserError(f"model.endpoint: {self.model_id} did not answer a probe request: "
                             f"{exc}") from None
-        self.image_size = tuple(int(v) for v in result.image.shape[1:])
+        size = tuple(int(v) for v in result.image.shape[1:])
+        try:
+            check_image_size(size, what="frame size")
+        except CheckpointError as exc:
+            raise UserError(f"model.endpoint: {self.model_id} answered a {exc}") from None
+        self.image_size = size
         self.tokens_per_image = None if result.tokens is None else len(result.tokens)
         log.info("endpoint %s: frames %dx%d, %s image tokens", self.model_id,
                  *self.image_size[::-1], self.tokens_per_image or "no")
@@ -236,11 +248,11 @@ class EndpointBackend:
     def _submit(self, coro: Any) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    async def _open(self, max_concurrency: int) -> Any:
+    async def _open(self, max_concurrency: int, *, trust_env: bool) -> Any:
         import aiohttp
 
         connector = aiohttp.TCPConnector(limit=max_concurrency)
-        return aiohttp.ClientSession(connector=connector, trust_env=True)
+        return aiohttp.ClientSession(connector=connector, trust_env=trust_env)
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -5,7 +5,9 @@ Seeds are untrusted input:
 - images larger than Pillow's `Image.MAX_IMAGE_PIXELS` are an error (Pillow only warns
   between 1x and 2x that limit), as are truncated or unreadable files; only raster formats
   are decoded (Pillow would hand EPS/PS to Ghostscript);
-- a symlink that leads out of the seed folder is refused.
+- a symlink that leads out of the seed folder is refused;
+- a Demonstrator folder's `actions.json` may only name files in that folder, and only the
+  frames a rollout uses are read (every named one must exist).
 
 Frames whose size differs from the model's are resized with Lanczos to exactly (H, W) (the
 aspect ratio is not kept: seeds are expected to be game frames of the model's shape).
@@ -33,8 +35,15 @@ from PIL import Image, ImageOps
 
 from pipeline.contracts.choices import ACTION_KINDS
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.sources import SeedData, SeedError, SeedRef, constant_action
-from pipeline.contracts.storage import StorageFatalError, read_uri
+from pipeline.contracts.sources import (
+    DEMONSTRATOR_ACTIONS,
+    SeedData,
+    SeedError,
+    SeedRef,
+    constant_action,
+    demonstrator_actions,
+)
+from pipeline.contracts.storage import StorageFatalError, open_storage, read_uri
 from workers.wham.actions import ACTION_DIM, NUM_BUTTONS, NUM_STICK_BINS, validate_actions
 from workers.wham.errors import InputError
 
@@ -138,6 +147,49 @@ def _npz_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     return images, actions
 
 
+def _read(ref: SeedRef, uri: str, *, endpoint_url: str | None, region: str | None,
+          max_bytes: int | None) -> bytes:
+    """One file of a seed; SeedError naming it (SeedReadError when reading it failed)."""
+    try:
+        return read_uri(uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
+    except FileNotFoundError:
+        raise SeedError(f"seed {ref.seed_id}: {uri} does not exist") from None
+    except (OSError, StorageFatalError) as exc:  # I/O: a later attempt may read it
+        raise SeedReadError(f"seed {ref.seed_id}: cannot read {uri} ({exc})") from None
+    except UserError as exc:  # too large, a malformed location: the same next time
+        raise SeedError(f"seed {ref.seed_id}: cannot read {uri} ({exc})") from None
+
+
+def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int, endpoint_url: str | None,
+                         region: str | None, max_bytes: int | None,
+                         ) -> tuple[list[np.ndarray], np.ndarray]:
+    """A Demonstrator folder: its first `count` frames (uint8 (H,W,3) each, numeric name
+    order) and the actions of all of them. Every image actions.json names must exist."""
+    names, actions = demonstrator_actions(data, where=f"seed {ref.seed_id}: {ref.uri}")
+    folder = ref.uri[:-len(DEMONSTRATOR_ACTIONS)].rstrip("/")
+    try:
+        present = set(open_storage(folder, endpoint_url=endpoint_url, region=region).list_keys())
+    except (OSError, StorageFatalError) as exc:
+        raise SeedReadError(f"seed {ref.seed_id}: cannot list {folder} ({exc})") from None
+    missing = [name for name in names if name not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SeedError(f"seed {ref.seed_id}: {folder}/{missing[0]}{more} is named in "
+                        f"{ref.uri} but does not exist")
+    frames = []
+    for name in names[:count]:
+        image = SeedRef(seed_id=ref.seed_id, uri=f"{folder}/{name}", root=ref.root)
+        _check_inside_root(image)
+        raw = _read(image, image.uri, endpoint_url=endpoint_url, region=region,
+                    max_bytes=max_bytes)
+        try:
+            frames.append(decode_image(raw))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise SeedError(f"seed {ref.seed_id} ({image.uri}): not a readable image: "
+                            f"{exc}") from None
+    return frames, actions
+
+
 def load_seed(
     ref: SeedRef,
     *,
@@ -150,36 +202,36 @@ def load_seed(
 ) -> SeedData:
     """Read and decode one seed at the model's (H, W).
 
-    Pictures give one context frame. Clips give their first `context_steps` frames and
-    actions as context (fewer if the clip is shorter) and up to `future_steps` recorded
-    frames and actions after them (for replayed actions and policy mode). A file larger
-    than `max_bytes` is not read. Every problem raises SeedError naming the seed
-    (SeedReadError when reading it failed).
+    Pictures give one context frame. Clips and Demonstrator folders give their first
+    `context_steps` frames and actions as context (fewer if the clip is shorter) and up to
+    `future_steps` recorded frames and actions after them (for replayed actions and policy
+    mode). A file larger than `max_bytes` is not read. Every problem raises SeedError
+    naming the seed and the file (SeedReadError when reading it failed).
     """
     if context_steps < 1:
         raise ValueError(f"context_steps must be >= 1, got {context_steps}")
     _check_inside_root(ref)
-    try:
-        data = read_uri(ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
-    except FileNotFoundError:
-        raise SeedError(f"seed {ref.seed_id}: {ref.uri} does not exist") from None
-    except (OSError, StorageFatalError) as exc:  # I/O: a later attempt may read it
-        raise SeedReadError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
-    except UserError as exc:  # too large, a malformed location: the same next time
-        raise SeedError(f"seed {ref.seed_id}: cannot read {ref.uri} ({exc})") from None
+    data = _read(ref, ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
+    n_wanted = context_steps + max(future_steps, 0)
+    is_folder = ref.uri.rsplit("/", 1)[-1] == DEMONSTRATOR_ACTIONS
     is_clip = ref.uri.lower().endswith(".npz")
     try:
-        frames, actions = _npz_arrays(data) if is_clip else (decode_image(data)[None], None)
+        if is_folder:
+            frames, actions = _demonstrator_frames(
+                ref, data, count=n_wanted, endpoint_url=endpoint_url, region=region,
+                max_bytes=max_bytes)
+        else:
+            frames, actions = _npz_arrays(data) if is_clip else (decode_image(data)[None], None)
     except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
         # Pillow reports non-images and truncated files as OSError (UnidentifiedImageError).
         kind = "bad clip" if is_clip else "not a readable image"
         raise SeedError(f"seed {ref.seed_id} ({ref.uri}): {kind}: {exc}") from None
-    source_size = (int(frames.shape[1]), int(frames.shape[2]))
+    source_size = (int(frames[0].shape[0]), int(frames[0].shape[1]))
     n_ctx = min(context_steps, len(frames))
     end = n_ctx + max(future_steps, 0)
     chw = np.stack([resize_frame(f, image_size) for f in frames[:end]]).transpose(0, 3, 1, 2)
     chw = np.ascontiguousarray(chw)  # (T,3,H,W)
-    with_future = is_clip and future_steps > 0
+    with_future = (is_clip or is_folder) and future_steps > 0
     return SeedData(
         seed_id=ref.seed_id,
         uri=ref.uri,

@@ -182,6 +182,13 @@ def decode_frame(data: Any, *, field: str, size: tuple[int, int] | None) -> np.n
         raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError(field, "not valid base64") from None
+    return frame_from_bytes(raw, field=field, size=size)
+
+
+def frame_from_bytes(raw: bytes, *, field: str, size: tuple[int, int] | None) -> np.ndarray:
+    """PNG or JPEG file bytes -> uint8 (3,H,W), resized to `size` (None: as sent)."""
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise ProtocolError(field, f"image is larger than {MAX_IMAGE_BYTES} bytes")
     try:
         frame = decode_image(raw, formats=IMAGE_FORMATS, max_pixels=MAX_IMAGE_PIXELS)
     except Exception as exc:  # Pillow raises assorted types (struct.error, ...) on bad files

@@ -217,7 +217,7 @@ def open_model(spec: JobSpec) -> RolloutModel:
             url=m.endpoint, api_key_env=m.api_key_env, max_concurrency=m.max_concurrency,
             timeout_s=m.timeout_s, max_attempts=m.max_attempts, backoff_s=m.backoff_s,
             sampling={"temperature": s.temperature, "top_k": 1 if s.greedy else s.top_k,
-                      "top_p": s.top_p})
+                      "top_p": s.top_p}, trust_env=m.trust_env)
         # As many rollouts per batch as requests may be in flight.
         return EndpointModel(backend, batch_size=m.max_concurrency, steps=r.steps, mode=r.mode)
     replica = load_replica(checkpoint=m.checkpoint, preset=m.preset, device=m.device,

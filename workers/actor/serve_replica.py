@@ -9,6 +9,10 @@ worker thread, one at a time, as one `RolloutEngine` call per group of requests 
 share one: the same context length and the same sampling settings (a shared window and
 sampler need both). Every step is a full-generation step (frame and action).
 
+The official local-server protocol (`GET /`, `POST /new_job`, `GET /get_job_results`,
+`GET /cancel_job`) is answered beside it by `workers.actor.official_serve`, whose job
+steps join the same batches.
+
 Statuses: 200 with a result; 400 / 413 with `{"error", "field"}` for bad input (also for a
 request the parser fails on in a way it did not foresee); 401 for a missing or wrong key;
 503 with Retry-After when `max_batch + max_queue` requests are already waiting; 404 / 405
@@ -21,9 +25,11 @@ the presented key with `hmac.compare_digest` (constant time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import threading
 import time
@@ -43,6 +49,8 @@ from workers.actor.muse import (
     build_response,
     parse_request,
 )
+from workers.actor.official import JobLimits, JobStep, step_result
+from workers.actor.official_serve import OfficialProtocol, is_official
 from workers.actor.ray_hooks import install_ray_hooks
 from workers.actor.replica import load_replica
 
@@ -102,7 +110,8 @@ class MuseReplica:
                  device: str = "auto", dtype: str | None = None, threads: int | None = None,
                  max_batch: int = 16, batch_wait_s: float = 0.01, max_queue: int = 64,
                  retry_after_s: int = 1, max_body_bytes: int = MAX_BODY_BYTES,
-                 watermark: bool = True, api_key_sha256: str | None = None) -> None:
+                 watermark: bool = True, api_key_sha256: str | None = None,
+                 jobs: Any | None = None, job_limits: dict[str, Any] | None = None) -> None:
         from ray import serve
 
         install_ray_hooks()  # the replica's metrics go to Ray
@@ -126,6 +135,15 @@ class MuseReplica:
         # Per instance, so the batch size is a setting and every replica has its own queue.
         self._batched = serve.batch(max_batch_size=max_batch,
                                     batch_wait_timeout_s=batch_wait_s)(self._run_batch)
+        # `jobs`: the app's job board (a Serve handle); None keeps one in this replica.
+        self.official = OfficialProtocol(
+            board=jobs, shape=self.shape, limits=JobLimits(**(job_limits or {})),
+            model_file=os.path.basename((checkpoint or "").rstrip("/")) or str(preset),
+            model_id=self.model.model_id, capacity=max_batch, batched=self._batched,
+            authorised=self._authorised,
+            read_body=lambda request: _read_body(request, limit=self.max_body_bytes))
+        with contextlib.suppress(RuntimeError):  # no event loop here: on the first job route
+            self.official.start()
 
     # ------------------------------------------------------------------ HTTP edge
 
@@ -139,6 +157,8 @@ class MuseReplica:
         if path == HEALTH_PATH:
             return _Reply(200, {"status": "ok", "model_id": self.model.model_id,
                                 "pending": self._pending})
+        if is_official(path, method):
+            return await self.official.handle(request, path)
         if path not in SCORE_PATHS:
             return _Reply(404, {"error": f"no route {path}; POST to / or /score",
                                 "field": "path"})
@@ -198,9 +218,7 @@ class MuseReplica:
             group = [requests[i] for i in rows]
             try:
                 results = self._step(group)
-                answers = [_Reply(200, build_response(res, text=self._text,
-                                                      watermark=self.watermark))
-                           for res in results]
+                answers = [self._answer(r, res) for r, res in zip(group, results, strict=True)]
             except Exception as exc:
                 log.exception("engine call for %d requests failed", len(group))
                 answers = [_Reply(500, {"error": f"the model failed: {type(exc).__name__}",
@@ -208,6 +226,11 @@ class MuseReplica:
             for i, answer in zip(rows, answers, strict=True):
                 replies[i] = answer
         return replies
+
+    def _answer(self, request: ScoreRequest, result: ScoreResult) -> Any:
+        if isinstance(request, JobStep):
+            return step_result(request, result, text=self._text, watermark=self.watermark)
+        return _Reply(200, build_response(result, text=self._text, watermark=self.watermark))
 
     def _step(self, group: list[ScoreRequest]) -> list[ScoreResult]:
         """One engine call: the next frame and action of every request in `group`."""
@@ -239,6 +262,7 @@ class MuseReplica:
             codes = self.model.encode_images(images)[0].cpu()  # [k, n]
             encoded = dict(zip(missing, codes, strict=True))
             for i in missing:
+                request.tokens[i] = encoded[i].numpy()  # a job step goes on with the tokens
                 if request.image_keys and request.image_keys[i] is not None:
                     self._tokens.put(request.image_keys[i], encoded[i].numpy())
         return torch.stack([encoded[i] if t is None else torch.as_tensor(t)

@@ -3,11 +3,16 @@
 The head count cannot be recovered from weight shapes, so loaders resolve a size name (or
 explicit numbers) through `GPT_SIZES` rather than guessing from the state dict. Every GPT
 config built from a size name goes through `gpt_config_for`.
+
+Every config is checked against the limits below when it is built, so a damaged or hostile
+checkpoint (`n_layer: 1000000`, a 100000x100000 image) is refused before any tensor is
+allocated. The limits are generous multiples of the largest published WHAM (1.6B: 24 layers,
+n_embd 2304, 16K image codes, 300x180 frames, 5560 positions).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from workers.wham.actions import ACTION_DIM, ACTION_VOCAB_SIZE
 from workers.wham.errors import CheckpointError
@@ -26,6 +31,59 @@ GPT_SIZES: dict[str, tuple[int, int, int]] = {
 
 # Steps of context the reference models were trained with (block_size = this * tokens/step).
 DEFAULT_SEQ_LEN = 10
+
+#: Transformer blocks (and tokenizer layers or blocks per level).
+MAX_LAYERS = 256
+#: Widths: n_embd, tokenizer channels and code sizes.
+MAX_WIDTH = 16384
+#: Attention heads.
+MAX_HEADS = 512
+#: Image codes: tables store image tokens as uint16.
+MAX_IMAGE_CODES = 2**16
+#: Positions in the transformer's window (block_size), and image tokens per frame.
+MAX_POSITIONS = 2**15
+#: Pixels per side of the model's frames; seeds are resized to the model's size, never more.
+MAX_IMAGE_SIDE = 4096
+#: Entries of a tokenizer's per-level tuples (ch_mult, attn_resolutions).
+MAX_LEVELS = 16
+#: Parameters of the whole model (the largest size in GPT_SIZES has about 3.5 billion).
+MAX_PARAMS = 20 * 10**9
+
+
+def _beyond(what: str, value: int, limit: int) -> CheckpointError:
+    return CheckpointError(f"{what}={value} is beyond the limit of {limit} this program builds "
+                           "(a damaged or foreign model config?)")
+
+
+def check_image_size(image_size: tuple[int, ...], *, what: str = "image_size") -> None:
+    """CheckpointError unless (H, W) are positive and at most MAX_IMAGE_SIDE."""
+    if len(image_size) != 2 or not all(0 < side <= MAX_IMAGE_SIDE for side in image_size):
+        raise CheckpointError(f"{what}={tuple(image_size)}: expected (H, W) of at most "
+                              f"{MAX_IMAGE_SIDE} pixels per side")
+
+
+def check_tokenizer(tok: TokenizerConfig) -> None:
+    """CheckpointError when a tokenizer config asks for more than the limits."""
+    check_image_size(tok.image_size, what="tokenizer.image_size")
+    for field in fields(tok):
+        value = getattr(tok, field.name)
+        if field.name == "image_size" or value is None or isinstance(value, bool | str):
+            continue
+        limit = MAX_LAYERS if field.name in ("num_layers", "num_res_blocks") else MAX_WIDTH
+        if field.name in ("vocab_size", "n_embed"):
+            limit = MAX_IMAGE_CODES
+        values = value if isinstance(value, tuple) else (value,)
+        if len(values) > MAX_LEVELS:
+            raise _beyond(f"len(tokenizer.{field.name})", len(values), MAX_LEVELS)
+        least = 0 if field.name == "num_res_blocks" else 1  # 0: a level without res blocks
+        for item in values:
+            if not isinstance(item, int) or isinstance(item, bool) or item < least:
+                kind = "positive integers" if least else "integers >= 0"
+                raise CheckpointError(f"tokenizer.{field.name}={value!r}: expected {kind}")
+            if item > limit:
+                raise _beyond(f"tokenizer.{field.name}", item, limit)
+    if tok.tokens_per_image > MAX_POSITIONS:
+        raise _beyond("tokenizer tokens per image", tok.tokens_per_image, MAX_POSITIONS)
 
 
 @dataclass(frozen=True)
@@ -46,10 +104,14 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        limits = {"n_layer": MAX_LAYERS, "n_head": MAX_HEADS, "n_embd": MAX_WIDTH,
+                  "vocab_size": MAX_IMAGE_CODES + ACTION_VOCAB_SIZE, "block_size": MAX_POSITIONS}
+        for name, limit in limits.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CheckpointError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise _beyond(f"gpt.{name}", value, limit)
         if self.n_embd % self.n_head:
             raise CheckpointError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -105,6 +167,9 @@ class WHAMConfig:
     seq_len: int = DEFAULT_SEQ_LEN
     gpt_size: str | None = None  # the size name when it is one of GPT_SIZES
 
+    def __post_init__(self) -> None:
+        check_tokenizer(self.tokenizer)
+
     @property
     def tokens_per_step(self) -> int:
         return self.tokenizer.tokens_per_image + ACTION_DIM
@@ -149,7 +214,9 @@ class WHAMConfig:
                 seq_len=int(data["seq_len"]),
                 gpt_size=data.get("gpt_size"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise CheckpointError(
                 f"{source}: bad model config ({type(exc).__name__}: {exc})"
             ) from exc

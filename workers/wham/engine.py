@@ -21,7 +21,7 @@ from torch import nn
 
 from workers.wham.errors import InputError
 from workers.wham.gpt import GPT, KVCache, flash_available, flash_installed
-from workers.wham.linear import prepack_linears
+from workers.wham.linear import packed_view
 from workers.wham.model import WHAMModel
 from workers.wham.resources import kv_cache_bytes
 from workers.wham.rollout import (
@@ -57,16 +57,21 @@ class StaticDecode(nn.Module):
 @dataclass
 class CacheWindow:
     """What the KV cache holds: the window starting at absolute history step `first`, laid out
-    from position 0, and its first `filled` tokens."""
+    from position 0, and its first `filled` tokens; how often it was fed from position 0 (a
+    new window) and appended to (the tokens the cache had not seen)."""
 
     first: int = -1
     filled: int = 0
+    prefills: int = 0
+    extends: int = 0
 
     def start(self, first: int) -> int:
         """Position from which to feed a window that starts at history step `first` (0 when
         the window slid: every cached position is stale)."""
         if first != self.first:
             self.first, self.filled = first, 0
+        self.prefills += self.filled == 0
+        self.extends += self.filled > 0
         return self.filled
 
 
@@ -82,8 +87,6 @@ class Decoder:
     def prefill(self, tokens: torch.Tensor, *, start: int) -> torch.Tensor:
         """Feed tokens [B, L] at positions start.. (a whole window or an unseen tail) -> the
         last token's logits [B, V]."""
-        self._engine.prefills += start == 0
-        self._engine.extends += start > 0
         return self.gpt.forward_cached(tokens, k_cache=self.k, v_cache=self.v, start=start)
 
     def decode_one_token(self, token: torch.Tensor, *, pos: int) -> torch.Tensor:
@@ -95,7 +98,6 @@ class Decoder:
         engine.pos.fill_(pos)  # a device-side write, not a host sync
         return engine.static_decode(token[:, None], engine.pos,
                                     use_flash=engine.decode_path == "flash")
-
 
 def decode_n_tokens(
     decoder: Decoder,
@@ -136,8 +138,12 @@ class RolloutEngine:
     else the static path when compiling on CUDA, else eager), or "eager" (attention over the
     filled part of the cache), "static" (fixed shapes: the whole cache, masked) or "flash".
     compile: on CUDA, compile the static decode step into a CUDA graph. prepack (default: on
-    the CPU) keeps oneDNN-packed copies of the transformer's weights for faster CPU matmuls,
-    at the cost of a second copy of those weights in memory.
+    the CPU) runs the transformer through `packed_view`: the engine's own copy of the module
+    structure over the same weight tensors, whose matmuls use oneDNN-packed weights (memory
+    the size of the weights); the model passed in is left unchanged.
+
+    `window` describes what the cache holds and belongs to the rollout that stepped last: a
+    rollout whose window is no longer the engine's refuses to go on.
     """
 
     def __init__(self, model: WHAMModel, *, max_batch: int, compile: bool = False,
@@ -145,9 +151,12 @@ class RolloutEngine:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise InputError(f"max_batch: expected an integer >= 1, got {max_batch!r}")
         self.model = model
-        self.gpt: GPT = model.gpt
         self.max_batch = max_batch
         self.device = torch.device(model.device)
+        if prepack is None:
+            prepack = self.device.type == "cpu"
+        packed = packed_view(model.gpt) if prepack else None
+        self.gpt: GPT = model.gpt if packed is None else packed
         cfg = self.gpt.config
         self.cache = KVCache(cfg, batch=max_batch, max_seq=cfg.block_size, device=self.device,
                              dtype=model.dtype)
@@ -160,11 +169,7 @@ class RolloutEngine:
         self.static_decode = StaticDecode(self.gpt, self.cache)
         if compile and self.device.type == "cuda" and self.decode_path == "static":
             self.static_decode = torch.compile(self.static_decode, mode="reduce-overhead")
-        if prepack if prepack is not None else self.device.type == "cpu":
-            prepack_linears(self.gpt)
-        self._owner: object | None = None
-        self.prefills = 0  # chunk forwards from position 0 (a new window)
-        self.extends = 0  # chunk forwards appended to a cached window
+        self.window = CacheWindow()
 
     kv_cache_bytes = staticmethod(kv_cache_bytes)
 
@@ -185,16 +190,17 @@ class RolloutEngine:
         """Yield one StepOutput per generated step of a prepared rollout."""
         if r.batch > self.max_batch:
             raise InputError(f"rollout batch {r.batch} > max_batch={self.max_batch}")
-        self._owner = owner = object()  # the cache belongs to the rollout that ran last
+        self.window = window = CacheWindow()  # the cache is this rollout's from now on
         decoder, sampler = self.decoder(r.batch), self.sampler(r)
-        history, window = History(r.history), CacheWindow()
+        history = History(r.history)
         n, seq_len = self.model.tokens_per_image, self.model.seq_len
         positions = generated_positions(r.mode, n, self.model.tokens_per_step)
         for index in range(r.steps):
-            if self._owner is not owner:
+            if self.window is not window:
                 raise RuntimeError("another rollout ran on this engine's cache meanwhile; "
                                    "finish one rollout before advancing the next")
             with torch.no_grad():
+                previous = history.tokens[:, -1, :n]  # [B, n] the frame before this step
                 first, tokens = history.window(seq_len)  # [B, W * tps]
                 start = window.start(first)
                 feed = tokens[:, start:]
@@ -205,9 +211,11 @@ class RolloutEngine:
                 generated = decode_n_tokens(
                     decoder, logits, positions=positions, start_pos=start_pos,
                     sample=lambda lg, j, i=index: sampler.sample(lg, step=i, position=j))
+                # Every generated token but the last was fed; the last one goes in with the
+                # next step's tail (or window), so the cache holds one position fewer.
                 window.filled = start_pos + len(positions) - 1
                 step = complete_step(r, index=index, generated=generated, n=n)
-                out = step_output(self.model, r, index=index, step=step,
-                                  previous=history.tokens[:, -1, :n], stats=sampler.take_stats())
+                out = step_output(self.model, r, index=index, step=step, previous=previous,
+                                  stats=sampler.take_stats())
                 history.append(step, max_context=r.max_context)
             yield out

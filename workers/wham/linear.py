@@ -3,22 +3,31 @@
 On the CPU, torch's default float32 matmul goes through a BLAS whose small-batch products
 (one decoded token per rollout) run far below the memory bandwidth on some machines; oneDNN
 with the weight reordered once into its blocked layout reads the weights at close to the
-bandwidth and costs about the same for 1 and 4 rows. `prepack_linears(module)` turns this on
-for every `Linear` in a module. The maths is the same matrix product (results may differ from
-the BLAS path in the last bits). A row's result does not depend on the other rows in the
-batch: a single row is computed as two, because oneDNN's one-row kernel sums in a different
-order than its many-row one (the BLAS path gives no such guarantee, which is why even small
-layers, where oneDNN's per-call cost makes it slower than the BLAS by ~10 us, are packed:
-a rollout's samples must not depend on its batch). The packed copy is extra memory the size
-of the weights; it is rebuilt when the weight changes in place (its version counter moves)
-and is used only without autograd.
+bandwidth and costs about the same for 1 and 4 rows. `packed_view(module)` gives a copy of a
+module's structure that shares every parameter with it and runs its `Linear` layers on
+prepacked weights; the module itself is left as it was (its layers keep the plain path, so
+the model a caller holds stays the slow, obviously correct reference).
+
+The maths is the same matrix product (results may differ from the BLAS path in the last
+bits). A row's result does not depend on the other rows in the batch: a single row is
+computed as two, because oneDNN's one-row kernel sums in a different order than its
+many-row one (the BLAS path gives no such guarantee, which is why even small layers, where
+oneDNN's per-call cost makes it slower than the BLAS by ~10 us, are packed: a rollout's
+samples must not depend on its batch). The packed weight is extra memory the size of the
+plain one; it is rebuilt when the weight changes in place (its version counter moves) and
+is used only without autograd.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def _packing_works(dtype: torch.dtype) -> bool:
@@ -38,7 +47,7 @@ def _packing_works(dtype: torch.dtype) -> bool:
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state dict) with an optional prepacked CPU weight."""
 
-    prepacked: bool = False  # set by prepack_linears
+    prepacked: bool = False  # set on the copies `packed_view` makes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.prepacked and x.device.type == "cpu" and not torch.is_grad_enabled():
@@ -69,16 +78,21 @@ class Linear(nn.Linear):
         return {k: v for k, v in state.items() if k not in ("_packed", "_packed_key")}
 
 
-def prepack_linears(module: nn.Module) -> int:
-    """Use prepacked oneDNN weights for every `Linear` in ``module`` on the CPU.
+def packed_view(module: M) -> M | None:
+    """A copy of ``module`` whose `Linear` layers use prepacked oneDNN weights on the CPU.
 
-    Returns how many layers were switched (0 when the module is not on the CPU, or this torch
-    build cannot do it)."""
+    The copy shares every parameter and buffer with ``module`` (the same tensors, tied ones
+    included: no second copy of the plain weights), so a weight changed in place shows in
+    both; only the module objects are new. None when there is no `Linear` on the CPU to pack
+    or this torch build cannot pack."""
     layers = [m for m in module.modules() if isinstance(m, Linear)]
     if not layers or layers[0].weight.device.type != "cpu":
-        return 0
+        return None
     if not _packing_works(layers[0].weight.dtype):
-        return 0
-    for layer in layers:
-        layer.prepacked = True
-    return len(layers)
+        return None
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    view = copy.deepcopy(module, shared)
+    for layer in view.modules():
+        if isinstance(layer, Linear):
+            layer.prepacked = True
+    return view

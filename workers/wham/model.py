@@ -66,6 +66,11 @@ class WHAMModel(nn.Module):
         return self.config.tokenizer.tokens_per_image
 
     @property
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, cols) of an image's tokens, in raster order (18 x 30 on WHAM 1.6B)."""
+        return self.config.tokenizer.grid
+
+    @property
     def tokens_per_step(self) -> int:
         return self.config.tokens_per_step
 

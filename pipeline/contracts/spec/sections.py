@@ -156,6 +156,11 @@ class ModelSection(_Section):
         description="First retry delay; it doubles per try (at most 60 s) with full jitter, "
         "or follows the endpoint's Retry-After.",
     )
+    trust_env: bool = Field(
+        default=False,
+        description="Send endpoint requests through the proxy the environment names "
+        "(HTTP_PROXY, HTTPS_PROXY, NO_PROXY). Off by default: the proxy would see the key.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSection:
@@ -173,10 +178,12 @@ class SeedsSection(_Section):
     format: Literal[SEED_FORMATS] = Field(
         default="images",
         description="images: one picture per seed; wham-npz: recorded clips (frames + actions); "
-        "manifest: a CSV/Parquet listing seed files.",
+        "manifest: a CSV/Parquet listing seed files; demonstrator: folders of the WHAM "
+        "Demonstrator (frames + actions.json), one seed per folder.",
     )
     glob: str | None = Field(
-        default=None, description="Pattern that selects seed files (default depends on format)."
+        default=None, description="Pattern that selects seed files (default depends on "
+        "format; for demonstrator it selects folder names)."
     )
     limit: int | None = Field(default=None, gt=0, description="Use at most this many seeds.")
     context_steps: int = Field(
@@ -378,7 +385,7 @@ class JobSpec(_Section):
         needs_recording = self.rollouts.mode == "policy" or self.rollouts.actions.kind == "replay"
         if needs_recording and self.seeds.format == "images":
             raise ValueError("rollouts.mode policy and rollouts.actions replay need recorded "
-                             "clips: set seeds.format to wham-npz or manifest")
+                             "clips: set seeds.format to wham-npz, demonstrator or manifest")
         if self.model.endpoint is not None and self.output.frames == "none":
             raise ValueError("output.frames none keeps only image tokens, which an endpoint "
                              "need not send and nothing here could decode: store frames "

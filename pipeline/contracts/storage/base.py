@@ -150,6 +150,21 @@ class Storage(ABC):
         """Create `key` only if no object is there; True if this call created it."""
 
     @abstractmethod
+    def get_tagged(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """The object at `key` and its version tag (S3's ETag; locally a digest of the
+        bytes), for a later `put_if`/`delete_if`; FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def put_if(self, key: str, data: bytes, *, match: str | None) -> str | None:
+        """Write `data` at `key` only if the object there still has the version tag `match`
+        (with `match=None`: only if there is no object). The new object's tag, or None when
+        the condition did not hold: of several writers holding the same tag, one wins."""
+
+    @abstractmethod
+    def delete_if(self, key: str, *, match: str) -> bool:
+        """Delete the object at `key` only if it still has the version tag `match`."""
+
+    @abstractmethod
     def check_writable(self) -> None:
         """Raise UserError naming the root if objects cannot be written there."""
 

@@ -11,8 +11,11 @@ naming the root, never a traceback.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import stat
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -46,6 +49,19 @@ _FATAL_ERRNOS = {
 #: `create_if_absent` then creates the name exclusively instead.
 _NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
                   errno.ENOSYS}
+#: Seconds a conditional write waits for another one of the same key to finish (each holds
+#: the lock for one read and one rename).
+LOCK_WAIT_S = 10.0
+
+
+def _tag(data: bytes) -> str:
+    """A local object's version tag: a digest of its bytes (as S3's ETag of a simple put)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hidden(name: str) -> bool:
+    """An in-flight atomic write (`.x.tmp`) or a conditional write's lock (`.x.lock`)."""
+    return name.startswith(".") and name.endswith((".tmp", ".lock"))
 
 
 def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
@@ -125,19 +141,23 @@ class LocalStorage(Storage):
             raise
         os.close(fd)
 
+    @classmethod
+    def _replace_at(cls, dir_fd: int, name: str, data: bytes) -> None:
+        tmp = f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+        cls._write_new(dir_fd, tmp, data)
+        try:
+            # rename replaces a link at `name` itself; it never writes through it.
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(tmp, dir_fd=dir_fd)
+            raise
+
     # ------------------------------------------------------------------ the interface
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
         try:
             with self._parent(key, create=True, action="write") as (dir_fd, name):
-                tmp = f".{name}.{uuid.uuid4().hex[:12]}.tmp"
-                self._write_new(dir_fd, tmp, data)
-                try:
-                    # rename replaces a link at `name` itself; it never writes through it.
-                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                except BaseException:
-                    os.unlink(tmp, dir_fd=dir_fd)
-                    raise
+                self._replace_at(dir_fd, name, data)
         except OSError as exc:
             raise self._fatal(exc, key) from None
 
@@ -175,8 +195,8 @@ class LocalStorage(Storage):
         for dirpath, _dirnames, filenames in os.walk(start):  # never descends into links
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    continue  # an in-flight atomic write
+                if _hidden(name):
+                    continue
                 key = name if rel_dir == "." else f"{rel_dir}/{name}"
                 if key.startswith(prefix) and key > start_after:
                     keys.append(key)
@@ -211,6 +231,73 @@ class LocalStorage(Storage):
             return True
         finally:
             os.unlink(tmp, dir_fd=dir_fd)
+
+    def get_tagged(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        data = self.get_bytes(key, max_bytes=max_bytes)
+        return data, _tag(data)
+
+    @contextmanager
+    def _locked(self, key: str, *, create: bool) -> Iterator[tuple[int, str]]:
+        """The folder and name of `key` (as `_parent`), with the key's lock file held: the
+        conditional writes of one key run one at a time, across processes and PID
+        namespaces. The lock file is never deleted (one deleted while another process
+        waits on it would let two in), and a crashed holder's lock is released by the
+        kernel."""
+        with self._parent(key, create=create, action="write") as (dir_fd, name):
+            fd = os.open(f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=dir_fd)
+            try:
+                deadline = time.monotonic() + LOCK_WAIT_S
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise TransientStorageError(
+                                f"{self.root / key} stayed locked by another writer for "
+                                f"{LOCK_WAIT_S:g}s") from None
+                        time.sleep(0.01)
+                yield dir_fd, name
+            finally:
+                os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _tag_at(dir_fd: int, name: str) -> str | None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            return _tag(fh.read())
+
+    def put_if(self, key: str, data: bytes, *, match: str | None) -> str | None:
+        if match is None:
+            return _tag(data) if self.create_if_absent(key, data) else None
+        try:
+            with self._locked(key, create=True) as (dir_fd, name):
+                if self._tag_at(dir_fd, name) != match:
+                    return None
+                self._replace_at(dir_fd, name, data)
+                return _tag(data)
+        except TransientStorageError:
+            raise
+        except OSError as exc:
+            raise self._fatal(exc, key) from None
+
+    def delete_if(self, key: str, *, match: str) -> bool:
+        try:
+            with self._locked(key, create=False) as (dir_fd, name):
+                if self._tag_at(dir_fd, name) != match:
+                    return False
+                os.unlink(name, dir_fd=dir_fd)
+                return True
+        except FileNotFoundError:
+            return False  # its folder is gone
+        except TransientStorageError:
+            raise
+        except OSError as exc:
+            raise self._fatal(exc, key) from None
 
     def _delete(self, key: str) -> None:
         try:

@@ -254,6 +254,9 @@ class S3Storage(Storage):
         return None
 
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return self.get_tagged(key, max_bytes=max_bytes)[0]
+
+    def get_tagged(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
         # boto3 retries a request, but not a body cut off after the headers arrived.
         last: Exception | None = None
         for attempt in range(max(1, self.max_attempts)):
@@ -267,7 +270,7 @@ class S3Storage(Storage):
                 response["Body"].close()
                 raise too_large(self.key_uri(key), size, max_bytes)
             try:
-                return response["Body"].read()
+                return response["Body"].read(), str(response.get("ETag", ""))
             except (ResponseStreamingError, IncompleteReadError) as exc:
                 last = exc
         raise self._fail(last, f"read {key!r}", key) from None
@@ -308,12 +311,13 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, f"list {prefix!r}") from None
 
-    def _conditional(self, action: str, fn: Any, **kwargs: Any) -> Any | None:
+    def _conditional(self, action: str, fn: Any, key: str | None = None,
+                     **kwargs: Any) -> Any | None:
         """The answer to a conditional request, or None when its condition does not hold."""
         attempt = 0
         while True:
             try:
-                return self._call(action, fn, **kwargs)
+                return self._call(action, fn, key, **kwargs)
             except _ConditionFailed:
                 return None
             except _WriteConflict:
@@ -325,8 +329,26 @@ class S3Storage(Storage):
             time.sleep(backoff_delay(attempt - 1))
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
-        answer = self._conditional(f"create {key!r}", self._s3.put_object, Bucket=self.bucket,
-                                   Key=self._key(key), Body=data, IfNoneMatch="*")
+        return self.put_if(key, data, match=None) is not None
+
+    def put_if(self, key: str, data: bytes, *, match: str | None) -> str | None:
+        if match is None:
+            action, condition, missing = f"create {key!r}", {"IfNoneMatch": "*"}, None
+        else:
+            action, condition, missing = f"replace {key!r}", {"IfMatch": match}, key
+        try:
+            answer = self._conditional(action, self._s3.put_object, missing, Bucket=self.bucket,
+                                       Key=self._key(key), Body=data, **condition)
+        except FileNotFoundError:
+            return None  # If-Match where there is no object: 404 NoSuchKey
+        return None if answer is None else str(answer.get("ETag", ""))
+
+    def delete_if(self, key: str, *, match: str) -> bool:
+        try:
+            answer = self._conditional(f"delete {key!r}", self._s3.delete_object, key=key,
+                                       Bucket=self.bucket, Key=self._key(key), IfMatch=match)
+        except FileNotFoundError:
+            return False
         return answer is not None
 
     def _delete(self, key: str) -> None:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from workers.wham.actions import ACTION_DIM, ACTION_VOCAB_SIZE
-from workers.wham.checkpoints.native import load_weights
+from workers.wham.checkpoints.native import model_for_weights, parameter_shapes
 from workers.wham.checkpoints.safe_pickle import Inert, LazyTensor, TorchZipReader
-from workers.wham.config import GPT_SIZES, WHAMConfig, gpt_config_for
+from workers.wham.config import GPT_SIZES, WHAMConfig, check_tokenizer, gpt_config_for
 from workers.wham.errors import CheckpointError
-from workers.wham.model import WHAMModel, empty_model
+from workers.wham.model import WHAMModel
 from workers.wham.tokenizers import TamingConfig, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,38 @@ def _gpt_config(gpt: dict, hparams: Any, *, tokens_per_step: int, source: str):
     return config, size, seq_len
 
 
+def _config(gpt: dict, tok: dict, hparams: Any, source: str) -> WHAMConfig:
+    """The model's config from the weights' shapes and the hyperparameters, within the
+    limits (checked before anything is built); CheckpointError naming the file."""
+    try:
+        if "vq_model.quantize.embedding.weight" in tok:
+            tok_config = _taming_config(tok, hparams, source)
+        elif "vq_vae._embedding.weight" in tok:
+            tok_config = _vit_config(tok, hparams, source)
+        else:
+            raise CheckpointError(
+                f"{source}: no image tokenizer weights under '{TOKENIZER_PREFIX}' (expected "
+                "vq_model.quantize.embedding.weight or vq_vae._embedding.weight)"
+            )
+        check_tokenizer(tok_config)
+        tokens_per_step = tok_config.tokens_per_image + ACTION_DIM
+        gpt_config, size, seq_len = _gpt_config(gpt, hparams, tokens_per_step=tokens_per_step,
+                                                source=source)
+        if gpt_config.vocab_size != tok_config.vocab_size + ACTION_VOCAB_SIZE:
+            raise CheckpointError(
+                f"{source}: transformer vocabulary {gpt_config.vocab_size} != image codes "
+                f"{tok_config.vocab_size} + {ACTION_VOCAB_SIZE} action tokens"
+            )
+        return WHAMConfig(gpt=gpt_config, tokenizer=tok_config, seq_len=seq_len, gpt_size=size)
+    except CheckpointError as exc:
+        if str(exc).startswith(source):
+            raise
+        raise CheckpointError(f"{source}: {exc}") from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise CheckpointError(
+            f"{source}: bad hyperparameters ({type(exc).__name__}: {exc})") from None
+
+
 def load_official(path: str | os.PathLike) -> WHAMModel:
     """Load an official WHAM Lightning checkpoint as a float32 CPU WHAMModel."""
     path = Path(path)
@@ -208,30 +240,12 @@ def load_official(path: str | os.PathLike) -> WHAMModel:
     gpt, tok = _split_state(top["state_dict"], source)
     for value in (*gpt.values(), *tok.values()):
         value.reader = reader
-    if "vq_model.quantize.embedding.weight" in tok:
-        tok_config = _taming_config(tok, hparams, source)
-    elif "vq_vae._embedding.weight" in tok:
-        tok_config = _vit_config(tok, hparams, source)
-    else:
-        raise CheckpointError(
-            f"{source}: no image tokenizer weights under '{TOKENIZER_PREFIX}' (expected "
-            "vq_model.quantize.embedding.weight or vq_vae._embedding.weight)"
-        )
-    tokens_per_step = tok_config.tokens_per_image + ACTION_DIM
-    gpt_config, size, seq_len = _gpt_config(gpt, hparams, tokens_per_step=tokens_per_step,
-                                            source=source)
-    if gpt_config.vocab_size != tok_config.vocab_size + ACTION_VOCAB_SIZE:
-        raise CheckpointError(
-            f"{source}: transformer vocabulary {gpt_config.vocab_size} != image codes "
-            f"{tok_config.vocab_size} + {ACTION_VOCAB_SIZE} action tokens"
-        )
-    config = WHAMConfig(gpt=gpt_config, tokenizer=tok_config, seq_len=seq_len, gpt_size=size)
-    model = empty_model(config, model_id=path.stem)
+    config = _config(gpt, tok, hparams, source)
     state = {f"gpt.{k}": v for k, v in gpt.items()}
     state.update({f"tokenizer.{k}": v for k, v in tok.items()})
-    expected = set(model.native_state_dict()) | {"gpt.lm_head.weight"}
+    expected = set(parameter_shapes(config, source=source)) | {"gpt.lm_head.weight"}
     ignored = sorted(set(state) - expected)
     if ignored:
         log.warning("%s: ignoring %d unused weights, e.g. %s", source, len(ignored), ignored[:3])
-    load_weights(model, {k: v for k, v in state.items() if k in expected}, source=source)
-    return model
+    return model_for_weights(config, {k: v for k, v in state.items() if k in expected},
+                             source=source, model_id=path.stem)

@@ -1,11 +1,53 @@
-"""Checks and reshapes shared by the two image tokenizers (taming VQ-GAN and ViT-VQGAN)."""
+"""What the two image tokenizers (taming VQ-GAN and ViT-VQGAN) share: the token grid of their
+configs, the sizes every tokenizer answers for, and the input checks.
+
+An image becomes `rows x cols` tokens in raster order: token `r * cols + c` covers grid cell
+(r, c), row by row from the top left, as the official tokenizers lay them out.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from workers.wham.errors import InputError
+
+
+class TokenGrid:
+    """Mixin of the tokenizer configs, which define `grid` (rows, cols): the image's tokens."""
+
+    grid: tuple[int, int]
+
+    @property
+    def tokens_per_image(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+
+class ImageTokenizer(nn.Module):
+    """uint8 images (B, T, 3, H, W) <-> tokens (B, T, rows * cols); the sizes come from the
+    config (`image_size`, `grid`, `vocab_size`)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.config.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.config.grid
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
 
 def as_image_batch(

@@ -3,7 +3,8 @@
 Module names mirror the official state dict under ``context_encoders.images.``:
 ``vq_model.encoder.*``, ``vq_model.quant_conv.*``, ``vq_model.quantize.embedding.weight``,
 ``vq_model.post_quant_conv.*`` and ``vq_model.decoder.*``. The encoder halves the resolution
-``len(ch_mult) - 1`` times; every latent cell becomes one token, row-major.
+``len(ch_mult) - 1`` times; every latent cell becomes one token, so the token grid is the
+latent grid, in raster order.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.wham.errors import InputError
-from workers.wham.tokenizers.base import as_image_batch, as_token_batch
+from workers.wham.tokenizers.base import ImageTokenizer, TokenGrid, as_image_batch, as_token_batch
 
 
 @dataclass(frozen=True)
-class TamingConfig:
+class TamingConfig(TokenGrid):
     """Hyperparameters of the taming VQ-GAN (the official ``taming_ddconfig`` plus codebook)."""
 
     image_size: tuple[int, int] = (128, 128)  # (H, W)
@@ -59,13 +60,10 @@ class TamingConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     @property
-    def latent_size(self) -> tuple[int, int]:
+    def grid(self) -> tuple[int, int]:
+        """Latent cells per column and per row: (rows, cols)."""
         return (self.image_size[0] // self.downsample_factor,
                 self.image_size[1] // self.downsample_factor)
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.latent_size[0] * self.latent_size[1]
 
     @property
     def vocab_size(self) -> int:
@@ -245,10 +243,10 @@ class VectorQuantizer(nn.Module):
         dist = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
         return dist.argmin(dim=1).reshape(b, -1)
 
-    def lookup(self, indices: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    def lookup(self, indices: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Codes for indices [B, h*w] -> [B, D, h, w]."""
         b = indices.shape[0]
-        z = self.embedding(indices).reshape(b, *latent_size, -1)
+        z = self.embedding(indices).reshape(b, *grid, -1)
         return z.permute(0, 3, 1, 2).contiguous()
 
 
@@ -262,25 +260,12 @@ class _VQModel(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
 
-class TamingVQGAN(nn.Module):
+class TamingVQGAN(ImageTokenizer):
     """uint8 images (B, T, 3, H, W) <-> tokens (B, T, h*w) with a taming VQ-GAN."""
 
     def __init__(self, config: TamingConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.vq_model = _VQModel(config)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.config.image_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.config.tokens_per_image
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.n_embed
 
     def _device(self) -> torch.device:
         return self.vq_model.quant_conv.weight.device
@@ -300,7 +285,7 @@ class TamingVQGAN(nn.Module):
         idx = as_token_batch(tokens, tokens_per_image=self.tokens_per_image,
                              vocab_size=self.vocab_size, device=self._device())
         b, t = idx.shape[:2]
-        z = self.vq_model.quantize.lookup(idx.reshape(b * t, -1), self.config.latent_size)
+        z = self.vq_model.quantize.lookup(idx.reshape(b * t, -1), self.grid)
         x = self.vq_model.decoder(self.vq_model.post_quant_conv(z))
         # The reference truncates (no rounding) after mapping [-1, 1] to [0, 255].
         pixels = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.wham.errors import InputError
-from workers.wham.tokenizers.base import as_image_batch, as_token_batch
+from workers.wham.tokenizers.base import ImageTokenizer, TokenGrid, as_image_batch, as_token_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(TokenGrid):
     """Hyperparameters of the ViT-VQGAN (names follow the official ``model_spec``)."""
 
     image_size: tuple[int, int] = (180, 300)  # (H, W)
@@ -51,10 +51,6 @@ class ViTConfig:
         """Patches per column and per row after padding: (rows, cols)."""
         p = self.patch_size
         return (math.ceil(self.image_size[0] / p), math.ceil(self.image_size[1] / p))
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     @property
     def n_head(self) -> int:
@@ -142,28 +138,15 @@ class _Quantizer(nn.Module):
         return F.normalize(self._embedding.weight, dim=1)  # [V, D], unit length
 
 
-class ViTVQGAN(nn.Module):
+class ViTVQGAN(ImageTokenizer):
     """uint8 images (B, T, 3, H, W) <-> tokens (B, T, rows*cols) with a ViT-VQGAN."""
 
     def __init__(self, config: ViTConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         patch_dim = 3 * config.patch_size**2
         self.encoder = _ViT(config, in_dim=patch_dim, out_dim=config.embedding_dim)
         self.vq_vae = _Quantizer(config.vocab_size, config.embedding_dim)
         self.decoder = _ViT(config, in_dim=config.embedding_dim, out_dim=patch_dim)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.config.image_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.config.tokens_per_image
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
 
     def _device(self) -> torch.device:
         return self.vq_vae._embedding.weight.device
@@ -177,7 +160,7 @@ class ViTVQGAN(nn.Module):
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] normalised -> [N, rows*cols, 3*p*p] (zero pad right/bottom first)."""
         p = self.config.patch_size
-        rows, cols = self.config.grid
+        rows, cols = self.grid
         h, w = self.image_size
         x = F.pad(x, (0, cols * p - w, 0, rows * p - h))
         x = x.reshape(x.shape[0], 3, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
@@ -186,7 +169,7 @@ class ViTVQGAN(nn.Module):
     def _unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """[N, rows*cols, 3*p*p] -> [N, 3, H, W] (fold back, crop the padding)."""
         p = self.config.patch_size
-        rows, cols = self.config.grid
+        rows, cols = self.grid
         h, w = self.image_size
         x = patches.reshape(patches.shape[0], rows, cols, 3, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(patches.shape[0], 3, rows * p, cols * p)[:, :, :h, :w]
