@@ -227,30 +227,14 @@ class S3Storage(Storage):
 
     def _write(self, key: str, data: bytes, extra: dict[str, str]) -> dict[str, Any] | None:
         """PutObject's answer, or None after a multipart upload (large objects)."""
-        full = self._key(key)
+        full, action = self._key(key), f"write {key!r}"
         if len(data) < MULTIPART_THRESHOLD:
-            return self._call(
-                f"write {key!r}",
-                self._s3.put_object,
-                Bucket=self.bucket,
-                Key=full,
-                Body=data,
-                **extra,
-            )
-        config = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD,
-            multipart_chunksize=MULTIPART_THRESHOLD // 2,
-            max_concurrency=4,
-        )
-        self._call(
-            f"write {key!r}",
-            self._s3.upload_fileobj,
-            Fileobj=io.BytesIO(data),
-            Bucket=self.bucket,
-            Key=full,
-            ExtraArgs=extra or None,
-            Config=config,
-        )
+            return self._call(action, self._s3.put_object, Bucket=self.bucket, Key=full,
+                              Body=data, **extra)
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                                multipart_chunksize=MULTIPART_THRESHOLD // 2, max_concurrency=4)
+        self._call(action, self._s3.upload_fileobj, Fileobj=io.BytesIO(data),
+                   Bucket=self.bucket, Key=full, ExtraArgs=extra or None, Config=config)
         return None
 
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
