@@ -109,7 +109,11 @@ class Moto:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=10)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a busy machine: do not wait for a clean exit
+            self.proc.kill()
+            self.proc.wait(timeout=60)
 
 
 def measure(storage: Storage, *, deep: bool, moto: Moto | None) -> dict:
