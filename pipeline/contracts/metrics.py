@@ -191,6 +191,13 @@ class _TimedStorage:
         self._storage.put_bytes(key, data, content_type=content_type)
         self._metrics.record_upload_latency(time.perf_counter() - start)
 
+    def put_with_checksum(self, key: str, data: bytes, *,
+                          content_type: str | None = None) -> str | None:
+        start = time.perf_counter()
+        checksum = self._storage.put_with_checksum(key, data, content_type=content_type)
+        self._metrics.record_upload_latency(time.perf_counter() - start)
+        return checksum
+
     def create_if_absent(self, key: str, data: bytes) -> bool:
         start = time.perf_counter()
         created = self._storage.create_if_absent(key, data)

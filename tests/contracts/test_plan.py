@@ -97,11 +97,11 @@ def test_bad_sizes_rejected() -> None:
 def test_resume_skips_committed_units(tmp_path: Path) -> None:
     storage = open_storage(str(tmp_path))
     units = make_plan(SEEDS, run_seed=0, per_seed=2, unit_size=3)
-    counts = dict.fromkeys(("rollouts", "ok", "failed", "steps", "frames", "previews"), 1)
+    counts = dict.fromkeys(("rollouts", "ok", "failed", "steps", "stored_frames", "previews"), 1)
     for run_id, uid in (("r1", "u000001"), ("r1", "u000003"), ("other", "u000000")):
         storage.put_bytes(commit_key("2026-01-02", run_id, uid), marker_bytes(
             run_date="2026-01-02", run_id=run_id, unit_id=uid, plan_fingerprint="p",
-            counts=counts))
+            counts=counts, objects={}))
     storage.put_bytes(commit_key("2026-01-02", "r1", "u000002"), b'{"schema_vers')  # cut short
     markers = read_markers(storage, run_date="2026-01-02", run_id="r1")
     assert set(markers.good) == {"u000001", "u000003"}

@@ -131,7 +131,7 @@ class RolloutActor:
             generated_frames=tally.ok * steps,
             tokens=tally.ok * steps * self.model.tokens_per_step, generate_seconds=generate_s,
             write_seconds=result.write_seconds, worker=self.worker, errors=tally.errors,
-            stored_frames=result.frames, adaptations=dict(tally.adapted))
+            stored_frames=result.stored_frames, adaptations=dict(tally.adapted))
 
     def _generate(self, unit: WorkUnit) -> _Tally:
         tally = _Tally()

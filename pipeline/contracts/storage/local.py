@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.storage.base import (
     PROBE_PREFIX,
+    ObjectHead,
     Storage,
     StorageFatalError,
     TransientStorageError,
@@ -181,6 +182,12 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def head(self, key: str) -> ObjectHead:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no object {key!r} under {self.uri}")
+        return ObjectHead(size=path.stat().st_size)  # a folder keeps no checksums
 
     def _inside_without_links(self, folder: Path) -> bool:
         """Whether every folder from the root down to `folder` is a real folder."""
