@@ -68,7 +68,7 @@ class StubActor:
                    if first and (root / "adapt").exists() else {})
         return UnitReceipt(unit_id=unit.unit_id, ok=n, failed=0, generated_frames=n * 2, tokens=0,
                            generate_seconds=delay, write_seconds=0.0, worker=self.worker,
-                           stored_frames=written.frames, adaptations=adapted)
+                           stored_frames=written.stored_frames, adaptations=adapted)
 
 
 def make_spec(tmp_path: Path, *, seeds: int = 10, **resources: object) -> JobSpec:

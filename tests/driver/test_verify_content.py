@@ -256,7 +256,7 @@ class CommittingActor:
         commit_unit(self.storage, self.spec, unit, frames=self.spec.output.frames)
         self.storage.put_bytes(f"ran/{unit.unit_id}", b"")
         return UnitReceipt(unit_id=unit.unit_id, ok=unit.num_rollouts, failed=0,
-                           frames=2 * unit.num_rollouts, tokens=0, generate_seconds=0.0,
+                           generated_frames=2 * unit.num_rollouts, tokens=0, generate_seconds=0.0,
                            write_seconds=0.0, worker=self.worker)
 
 
