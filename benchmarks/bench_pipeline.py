@@ -77,7 +77,7 @@ class StubActor:
                 writer.finish_rollout(unit.unit_id, _row(item))
             writer.finish_unit(unit.unit_id, plan_fingerprint=unit.plan_fingerprint)
         return UnitReceipt(unit_id=unit.unit_id, ok=unit.num_rollouts, failed=0,
-                           frames=unit.num_rollouts, tokens=0, generate_seconds=0.0,
+                           generated_frames=unit.num_rollouts, tokens=0, generate_seconds=0.0,
                            write_seconds=0.0, worker=self.worker)
 
 
@@ -220,7 +220,8 @@ def pipeline_fps(spec: JobSpec, n_rollouts: int) -> tuple[float, float, float]:
             cpu.setdefault(name, [_cpu_seconds(pids[name])] * 2)
         elif event.kind == "unit_committed":
             worker = event.receipt.worker
-            done.setdefault(worker, []).append((time.perf_counter(), event.receipt.frames))
+            done.setdefault(worker, []).append((time.perf_counter(),
+                                                event.receipt.generated_frames))
             cpu[worker][1] = _cpu_seconds(pids[worker])
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -235,8 +236,8 @@ def pipeline_fps(spec: JobSpec, n_rollouts: int) -> tuple[float, float, float]:
     # commit (the engine-only side likewise excludes start-up and model construction).
     warm = sum(sum(f for _, f in commits) / (commits[-1][0] - ready[worker])
                for worker, commits in done.items())
-    per_cpu = summary.frames / sum(end - start for start, end in cpu.values())
-    return warm, summary.frames / wall, per_cpu
+    per_cpu = summary.generated_frames / sum(end - start for start, end in cpu.values())
+    return warm, summary.generated_frames / wall, per_cpu
 
 
 def part_a(tmp: Path, *, preset: str, checkpoint: str | None, rollouts: int, steps: int,

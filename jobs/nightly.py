@@ -89,8 +89,8 @@ def _night(args: argparse.Namespace) -> int:
     check = already_complete(spec)
     if check is not None and check.ok:
         print(f"run {spec.run.run_id} (run_date={run_date}) is complete and verified "
-              f"({check.units_checked} units, {check.rows} rows, {check.frames} frames): "
-              "nothing left to do")
+              f"({check.units_checked} units, {check.rows} rows, {check.stored_frames} "
+              "stored frames): nothing left to do")
         return 0
     if check is not None:
         for line in check.lines():

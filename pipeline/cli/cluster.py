@@ -13,6 +13,7 @@ from typing import Any
 from pipeline import submit as sub
 from pipeline.cli.command import Command
 from pipeline.cli.run import add_spec_arguments
+from pipeline.cli.verbosity import add_verbose_argument, quiet_libraries
 from pipeline.contracts.secrets import redact
 from pipeline.driver.run_state import list_runs
 
@@ -51,12 +52,15 @@ def _submit_arguments(submit: argparse.ArgumentParser) -> None:
                         help="stream the job's logs until it finishes (implies --wait)")
     submit.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help="give up waiting after S seconds (exit 124; the job keeps running)")
+    add_verbose_argument(submit, what="Ray's INFO lines (packaging and uploading the code; "
+                         "with --follow, the cluster's job set-up)")
 
 
 def _status_arguments(status: argparse.ArgumentParser) -> None:
     status.add_argument("job_id", nargs="?", help="submission id (omit to list jobs)")
     _add_address(status)
-    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON Lines (one JSON object per job, one per line)")
 
 
 def _logs_arguments(logs: argparse.ArgumentParser) -> None:
@@ -80,7 +84,8 @@ def _runs_arguments(runs: argparse.ArgumentParser) -> None:
     runs.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS or env)")
     runs.add_argument("--region", default=None, help="S3 region")
     runs.add_argument("--run-date", default=None, help="only runs of this date (YYYY-MM-DD)")
-    runs.add_argument("--json", action="store_true", help="print JSON lines")
+    runs.add_argument("--json", action="store_true",
+                      help="print JSON Lines (one JSON object per run, one per line)")
 
 
 # ---------------------------------------------------------------- jobs
@@ -125,6 +130,7 @@ def _finish(client: Any, job_id: str, status: str | None, timeout_s: float, *,
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    quiet_libraries(verbose=args.verbose)
     # Validation and packaging happen before any connection: a bad spec never reaches
     # the cluster.
     submission = sub.build_submission(
@@ -144,7 +150,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not (args.wait or args.follow):
         return 0
     started = time.monotonic()
-    if args.follow and not sub.follow_logs(client, job_id, timeout_s=args.timeout):
+    if args.follow and not sub.follow_logs(client, job_id, timeout_s=args.timeout,
+                                           ray_info=args.verbose):
         return _finish(client, job_id, None, args.timeout, submission=submission)
     remaining = max(args.timeout - (time.monotonic() - started), 1.0)
     status = sub.wait_for_job(
@@ -231,13 +238,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"no runs under {args.root}", file=sys.stderr)
         return 0
     header = (f"{'RUN_DATE':<10}  {'RUN_ID':<28} {'STATUS':<8} {'UNITS':>9} {'OK':>7} "
-              f"{'FAILED':>6} {'FRAMES':>8} {'FRAMES/S':>9}")
+              f"{'FAILED':>6} {'GENERATED':>9} {'STORED':>8} {'FRAMES/S':>9}")
     print(header)
     for r in runs:
         units = f"{r.units_committed}/{r.units_planned if r.units_planned is not None else '?'}"
         fps = f"{r.frames_per_second:.1f}" if r.frames_per_second is not None else "-"
+        generated = r.generated_frames if r.generated_frames is not None else "?"
         print(f"{r.run_date:<10}  {r.run_id:<28} {r.status:<8} {units:>9} {r.rollouts_ok:>7} "
-              f"{r.rollouts_failed:>6} {r.frames:>8} {fps:>9}")
+              f"{r.rollouts_failed:>6} {generated:>9} {r.stored_frames:>8} {fps:>9}")
     return 0
 
 
@@ -256,7 +264,9 @@ STOP = Command("stop", "stop a running job", _stop_arguments, cmd_stop,
                description="Ask the cluster to stop a job.")
 RUNS = Command(
     "runs", "list the runs under an output root with their status", _runs_arguments, cmd_runs,
-    description="List runs under ROOT/_runs: complete (has _SUCCESS: every unit committed and "
-    "failed rollouts within run.max_failed_fraction, the runs that exited 0), failed (every "
-    "unit committed, too many failed rollouts) or partial, with committed/planned units, "
-    "rollout and frame counts and throughput.")
+    description="List runs under ROOT/_runs: running (a driver holds its lease), complete (has "
+    "_SUCCESS: every unit committed and failed rollouts within run.max_failed_fraction, the "
+    "runs that exited 0), failed (every unit committed, too many failed rollouts) or partial, "
+    "with committed/planned units, rollouts, generated frames (ok rollouts x rollouts.steps), "
+    "stored frames (context included) and the frames per second of the run's own attempts. "
+    "--json prints JSON Lines: one object per run.")

@@ -12,7 +12,6 @@ from typing import Any
 from pipeline.cli.command import Command
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.storage import open_storage
 from pipeline.query.bounds import (
     DEFAULT_TIMEOUT_S,
     MAX_DEFAULT_MEMORY,
@@ -21,6 +20,7 @@ from pipeline.query.bounds import (
     show_size,
 )
 from pipeline.query.sql import MAX_LIMIT, query, sql
+from pipeline.query.tables import check_runs_exist
 
 FORMATS = ("table", "csv", "json", "parquet")
 #: Rows the text table shows when no --limit is given.
@@ -71,7 +71,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "\"status <> 'ok'\"")
     p.add_argument("--columns", metavar="A,B", help="comma-separated columns to keep")
     p.add_argument("--limit", type=_limit, metavar="N", help="at most N rows")
-    p.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="output format; json is JSON Lines (one JSON object per row, one per "
+                   "line)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of standard output")
     p.add_argument(
         "--committed-only",
@@ -144,18 +146,6 @@ def _encode(table: Any, fmt: str) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _check_run_exists(args: argparse.Namespace) -> None:
-    """UserError when --run-id names no run under the root (an empty answer would hide a
-    typo); listed only after a query came back empty."""
-    storage = open_storage(args.root, endpoint_url=args.endpoint_url, region=args.region)
-    runs = sorted({parsed[1] for key in storage.list_keys(f"{layout.RUNS_DIR}/")
-                   if (parsed := layout.parse_run_key(key)) is not None})
-    if args.run_id not in runs:
-        listed = ", ".join(runs[-10:]) if runs else "none"
-        raise UserError(f"--run-id {args.run_id}: no such run under {args.root} (runs there: "
-                        f"{listed}; `wham-batch runs {args.root}` lists them)")
-
-
 def _read(args: argparse.Namespace, limit: int | None) -> Any:
     common = dict(endpoint_url=args.endpoint_url, region=args.region,
                   committed_only=args.committed_only,
@@ -181,7 +171,8 @@ def run_query(args: argparse.Namespace) -> int:
         limit = TABLE_DEFAULT_ROWS + 1  # one extra row tells whether more exist
     table = _read(args, limit)
     if table.num_rows == 0 and args.run_id:
-        _check_run_exists(args)
+        check_runs_exist(args.root, [args.run_id], option="--run-id ",
+                         endpoint_url=args.endpoint_url, region=args.region)
     if args.format == "table":
         more = args.limit is None and table.num_rows > TABLE_DEFAULT_ROWS
         data = format_table(

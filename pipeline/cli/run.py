@@ -15,8 +15,15 @@ from pipeline.contracts.spec import JobSpec, dump_spec, load_spec
 from pipeline.contracts.spec.load import spec_schema
 from pipeline.contracts.spec.paths import is_uri, missing_local_paths, remote_paths
 from pipeline.driver import RunSummary, run_job
-from pipeline.driver.preflight import CONNECT_TIMEOUT_S
+from pipeline.driver.preflight import (
+    CONNECT_TIMEOUT_S,
+    check_model_source,
+    check_seed_sample,
+    find_seeds,
+    load_script,
+)
 from workers.actor.actor import RolloutActor
+from workers.actor.inputs import check_seed
 from workers.actor.ray_hooks import install_ray_hooks
 
 EXIT_RUN_NOT_OK = 1
@@ -58,7 +65,8 @@ def _validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schema", action="store_true",
                         help="print the JSON Schema of a job YAML instead (no CONFIG needed)")
     parser.add_argument("--no-path-check", action="store_true",
-                        help="do not check that local paths exist (e.g. paths that only the "
+                        help="only validate the fields: do not check local paths, the model "
+                        "endpoint, the action script or the seeds (e.g. paths that only the "
                         "cluster's nodes have)")
 
 
@@ -76,11 +84,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if missing:
         raise UserError(f"{args.config}: the spec is valid but its paths are not:\n  "
                         + "\n  ".join(missing))
+    check_inputs(spec)
     remote = remote_paths(spec)
     if remote:
         print(f"note: {', '.join(remote)} not checked (s3://); `wham-batch run` checks them "
               "before any actor starts", file=sys.stderr)
     return 0
+
+
+def check_inputs(spec: JobSpec) -> None:
+    """What `run` checks before any actor starts, on what validate reaches without the
+    cluster: the model endpoint answers, a local action script covers rollouts.steps, and a
+    sample of local seeds reads and decodes."""
+    if spec.model.endpoint is not None:
+        check_model_source(spec)
+    if spec.rollouts.actions.kind == "file" and not is_uri(spec.rollouts.actions.path):
+        load_script(spec)
+    if not is_uri(spec.seeds.source):  # a local manifest may still list s3:// seeds
+        local = [ref for ref in find_seeds(spec) if not is_uri(ref.uri)]
+        if local:
+            check_seed_sample(spec, local, check_seed=check_seed)
 
 
 def shown_location(root: str) -> str:
@@ -130,7 +153,7 @@ def run_and_report(spec: JobSpec, *, fresh: bool = False, quiet: bool = False,
     install_ray_hooks()  # the driver's own metrics (units in flight, committed) go to Ray
     summary = run_job(spec, actor_cls=RolloutActor, fresh=fresh, progress=not quiet,
                       ray_address=address, connect_timeout_s=connect_timeout_s,
-                      actor_log_level=level)
+                      actor_log_level=level, check_seed=check_seed)
     return print_summary(spec, summary, hints=not quiet)
 
 
@@ -150,5 +173,7 @@ RUN = Command(
 VALIDATE = Command(
     "validate", "check a job YAML and print it resolved", _validate_arguments, cmd_validate,
     description="Validate a job YAML (with overrides) and print the resolved spec, or every "
-    "error with its field path; then check that its local paths exist (exit 2 if not). "
-    "--schema prints the JSON Schema of a job YAML.")
+    "error with its field path; then check what `run` checks before any actor starts, on "
+    "what is reachable from here: local paths exist, the model endpoint answers, a local "
+    "action script covers rollouts.steps, a sample of local seeds decodes (exit 2 if not; "
+    "--no-path-check skips these). --schema prints the JSON Schema of a job YAML.")

@@ -10,7 +10,8 @@ Demonstrator's "Local Server" mode: GET /, POST /new_job, GET /get_job_results, 
 /cancel_job) is served beside it: enter the server's address in the Demonstrator. The key
 comes from $WHAM_API_KEY or --api-key-file (never from a flag value or a YAML field);
 anything but loopback needs one.
-Runs on a local Ray instance, or on a cluster with --address / $RAY_ADDRESS.
+Runs on a local Ray instance, or on a cluster with --address / $RAY_ADDRESS. Ray Serve's own
+INFO lines (and a line per request) show with --verbose; its warnings and errors always do.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 
 from pipeline.cli.command import Command
+from pipeline.cli.verbosity import add_verbose_argument, quiet_libraries
 from pipeline.contracts.choices import DECODINGS, DEVICES, DTYPES
 from pipeline.contracts.logs import setup_logging
 from pipeline.serve import (
@@ -84,6 +86,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a "
                         "local Ray instance)")
     parser.add_argument("--name", help="Serve application name (default wham)")
+    add_verbose_argument(parser, what="Ray Serve's INFO lines and a line per request")
 
 
 def _describe(config: ServeConfig, *, key: str | None) -> str:
@@ -96,11 +99,13 @@ def _describe(config: ServeConfig, *, key: str | None) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging()
+    quiet_libraries(verbose=args.verbose)
     config = load_config(args.config, {name: getattr(args, name) for name in _FLAGS})
     key = resolve_api_key(config)
     print(f"starting: {_describe(config, key=key)}", flush=True)
     deployed = deploy(config, replica_cls=MuseReplica, board_cls=JobBoard,
-                      api_key_sha256=None if key is None else key_digest(key))
+                      api_key_sha256=None if key is None else key_digest(key),
+                      verbose=args.verbose)
     print(f"serving at {deployed.url}  (Muse: POST / or /score; official local server and "
           "the WHAM Demonstrator: GET /, POST /new_job, GET /get_job_results, GET "
           "/cancel_job; GET /health; Ctrl-C stops)", flush=True)

@@ -16,6 +16,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: How generated frames are stored (workers.actor.writer): a Parquet part of PNGs per work unit,
 #: one PNG object per frame, or not at all (only the image tokens; decoded on read).
 FRAME_MODES = ("parquet", "png", "none")
+#: What every rollout's RNG seed mixes with `run.seed` (pipeline.contracts.plan): the run id
+#: as well (new data per run, reproducible per run id), or only the config.
+SEED_SCOPES = ("run", "config")
 
 __all__ = ["ACTION_KINDS", "DECODINGS", "DEVICES", "DTYPES", "FRAME_MODES", "MODES",
-           "SEED_FORMATS"]
+           "SEED_FORMATS", "SEED_SCOPES"]

@@ -9,6 +9,7 @@ videos/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>.mp4       output.video (
 previews/run_date=YYYY-MM-DD/run_id=<run_id>/<rollout_id>.gif
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/manifest.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/commits/<unit>.json
+_runs/run_date=YYYY-MM-DD/run_id=<run_id>/objects/<unit>.json     the unit's other objects' sums
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/lease.json
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/_SUCCESS
 _runs/run_date=YYYY-MM-DD/run_id=<run_id>/report.html     `wham-batch report` (optional)
@@ -31,6 +32,10 @@ import pyarrow as pa
 from pipeline.contracts.errors import UserError
 from workers.wham.actions import ACTION_DIM, BUTTON_NAMES, STICK_NAMES
 
+#: 3: commit markers record every object's size and SHA-256 (pipeline.contracts.checksums)
+#: and name frame counts `generated_frames` / `stored_frames`; parts carry their run, unit
+#: and plan in their metadata (pipeline.contracts.parts); the rollouts table records each
+#: rollout's `decoding`.
 SCHEMA_VERSION = 3
 STEPS_TABLE = "steps"
 ROLLOUTS_TABLE = "rollouts"
@@ -53,6 +58,8 @@ SCHEMA_VERSION_KEY = b"wham_batch.schema_version"
 _RUN_KEY = re.compile(
     rf"^{RUNS_DIR}/run_date=(?P<run_date>[^/]+)/run_id=(?P<run_id>[^/]+)/(?P<rest>.+)$"
 )
+_PART_KEY = re.compile(r"^(?P<table>[^/]+)/run_date=(?P<run_date>[^/]+)/run_id=(?P<run_id>[^/]+)/"
+                       r"part-(?P<unit>u\d+)\.parquet$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _UNIT_ID = re.compile(r"^u\d{6,}$")
 _ROLLOUT_ID = re.compile(r"^[\w.-]{1,200}$")
@@ -267,6 +274,13 @@ def commits_prefix(run_date: str | dt.date, run_id: str) -> str:
     return f"{run_prefix(RUNS_DIR, run_date, run_id)}/commits/"
 
 
+def unit_objects_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
+    """The list of a unit's objects other than its table parts (PNG frames, previews,
+    videos) with their sizes and checksums; its commit marker records the list's own."""
+    unit = _check(unit_id, _UNIT_ID, "unit id")
+    return f"{run_prefix(RUNS_DIR, run_date, run_id)}/objects/{unit}.json"
+
+
 def lease_key(run_date: str | dt.date, run_id: str) -> str:
     """The run lease: which driver holds the run (pipeline.driver.lease)."""
     return f"{run_prefix(RUNS_DIR, run_date, run_id)}/lease.json"
@@ -275,6 +289,13 @@ def lease_key(run_date: str | dt.date, run_id: str) -> str:
 def commit_key(run_date: str | dt.date, run_id: str, unit_id: str) -> str:
     unit = _check(unit_id, _UNIT_ID, "unit id")
     return f"{commits_prefix(run_date, run_id)}{unit}.json"
+
+
+def parse_part_key(key: str) -> tuple[str, str, str, str] | None:
+    """(table, run_date, run_id, unit_id) of a table part's key, e.g.
+    'steps/run_date=2026-11-30/run_id=nightly/part-u000003.parquet'; None for any other key."""
+    match = _PART_KEY.match(key)
+    return (match["table"], match["run_date"], match["run_id"], match["unit"]) if match else None
 
 
 def parse_run_key(key: str) -> tuple[str, str, str] | None:

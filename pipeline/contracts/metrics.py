@@ -163,12 +163,12 @@ class Metrics:
     def record_receipt(self, receipt: Any) -> None:
         """Record a finished unit's receipt (`pipeline.contracts.plan.UnitReceipt` or alike).
 
-        Uses its `frames`, `ok`, `failed`, `tokens`, `generate_seconds` and `worker`
+        Uses its `generated_frames`, `ok`, `failed`, `tokens`, `generate_seconds` and `worker`
         fields; the worker that produced the unit tags the per-worker series.
         """
         worker = getattr(receipt, "worker", None) or self.worker
         scoped = Metrics(self.run_id, worker=worker)
-        scoped.record_frames(int(receipt.frames))
+        scoped.record_frames(int(receipt.generated_frames))
         scoped.record_rollouts(ok=int(receipt.ok), failed=int(receipt.failed))
         scoped.record_tokens_per_second(
             tokens=int(receipt.tokens), seconds=float(receipt.generate_seconds)
@@ -190,6 +190,13 @@ class _TimedStorage:
         start = time.perf_counter()
         self._storage.put_bytes(key, data, content_type=content_type)
         self._metrics.record_upload_latency(time.perf_counter() - start)
+
+    def put_with_checksum(self, key: str, data: bytes, *,
+                          content_type: str | None = None) -> str | None:
+        start = time.perf_counter()
+        checksum = self._storage.put_with_checksum(key, data, content_type=content_type)
+        self._metrics.record_upload_latency(time.perf_counter() - start)
+        return checksum
 
     def create_if_absent(self, key: str, data: bytes) -> bool:
         start = time.perf_counter()

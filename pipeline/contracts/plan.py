@@ -2,6 +2,11 @@
 
 The same seeds and the same spec always give the same units with the same ids, so a rerun
 of a run id can skip what is already committed and a retried unit overwrites its own files.
+
+A rollout's rng seed mixes `run.seed`, the seed id, the rollout index and, by default
+(`run.seed_scope: run`), the run id: two run ids of one config (two nightly dates) generate
+different rollouts, and a run id reproduces its own wherever it runs. `seed_scope: config`
+leaves the run id out, as every run did before seed scopes existed.
 """
 
 from __future__ import annotations
@@ -51,26 +56,36 @@ class UnitReceipt:
     unit_id: str
     ok: int
     failed: int
-    frames: int
+    generated_frames: int  # ok rollouts x rollouts.steps
     tokens: int
     generate_seconds: float
     write_seconds: float
     worker: str
     errors: list[str] = field(default_factory=list)
+    #: Frames physically stored (PNG objects or rows of the frames part, context included).
+    stored_frames: int = 0
+    #: How this unit's seeds were made to fit the model, e.g. {"resized 96x64 -> 32x32": 2}
+    #: (each seed counted by the unit that holds its first rollout).
+    adaptations: dict[str, int] = field(default_factory=dict)
 
 
-def rng_seed_for(run_seed: int, seed_id: str, rollout_index: int) -> int:
-    """A 63-bit seed that depends only on the run seed, the seed id and the rollout index."""
-    digest = hashlib.blake2b(
-        f"{run_seed}\0{seed_id}\0{rollout_index}".encode(), digest_size=8
-    ).digest()
+def rng_seed_for(run_seed: int, seed_id: str, rollout_index: int, *,
+                 run_id: str | None = None) -> int:
+    """A 63-bit seed that depends only on the run seed, the seed id, the rollout index and,
+    when given, the run id (None: the config-scoped seed of `run.seed_scope: config`)."""
+    text = f"{run_seed}\0{seed_id}\0{rollout_index}"
+    if run_id is not None:  # a distinct prefix: never the text of a config-scoped seed
+        text = f"run\0{run_id}\0{text}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
 
 
 def make_plan(
-    seeds: Iterable[SeedRef], *, run_seed: int, per_seed: int, unit_size: int
+    seeds: Iterable[SeedRef], *, run_seed: int, per_seed: int, unit_size: int,
+    run_id: str | None = None,
 ) -> list[WorkUnit]:
-    """Units of up to `unit_size` rollouts over the seeds, seed-major.
+    """Units of up to `unit_size` rollouts over the seeds, seed-major; their rng seeds mix in
+    `run_id` when given (`rng_seed_for`).
 
     Seeds are sorted first so discovery order (S3 listing, filesystem) cannot change the
     plan; a seed's rollouts stay next to each other so a unit loads each seed once.
@@ -94,7 +109,8 @@ def make_plan(
             items.append(RolloutItem(
                 seed_id=seed.seed_id, seed_uri=seed.uri, rollout_index=r,
                 rollout_id=rollout_id,
-                rng_seed=rng_seed_for(run_seed, seed.seed_id, r), seed_root=seed.root,
+                rng_seed=rng_seed_for(run_seed, seed.seed_id, r, run_id=run_id),
+                seed_root=seed.root,
             ))
     return [
         WorkUnit(unit_id=unit_id_for(i), index=i, items=tuple(items[start:start + unit_size]))
@@ -119,10 +135,15 @@ def check_plan_size(spec: JobSpec, num_seeds: int) -> None:
                 " if you mean it")
 
 
-def plan_for_spec(spec: JobSpec, seeds: Iterable[SeedRef]) -> list[WorkUnit]:
+def plan_for_spec(spec: JobSpec, seeds: Iterable[SeedRef], *,
+                  seed_scope: str | None = None) -> list[WorkUnit]:
+    """The spec's units; `seed_scope` (default `run.seed_scope`) says whether their rng seeds
+    mix in the run id."""
+    scope = seed_scope or spec.run.seed_scope
     return make_plan(
         seeds, run_seed=spec.run.seed, per_seed=spec.rollouts.per_seed,
         unit_size=spec.resources.unit_size(),
+        run_id=spec.run.run_id if scope == "run" else None,
     )
 
 

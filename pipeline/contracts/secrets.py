@@ -10,7 +10,9 @@ A job may name another variable for its endpoint's key (`model.api_key_env`); th
 that reads it registers the name with `add_secret_env`, so its value is masked too.
 
 A key goes only where it is needed: `read_key_file` reads a key file with a size bound and
-never blocks (a FIFO or a device is refused); `hide_secret_env` takes a key out of the
+never blocks (a FIFO or a device is refused); `check_key` refuses a key with a space, line
+break or other non-printing character inside (no header can carry it, and an error that
+quoted the header would show it), never repeating it; `hide_secret_env` takes a key out of the
 environment that child processes inherit (its value stays masked); and a request that
 carries a key ignores the proxy settings of the environment (`HTTP_PROXY`, ...) unless the
 job opts in (`model.trust_env`), since a proxy would see the key.
@@ -56,7 +58,7 @@ def hide_secret_env(name: str) -> None:
     """Take variable `name` out of this process's environment, so that the processes it
     starts from now on (a local Ray instance and its workers) do not inherit it; its value
     stays masked in this process's logs."""
-    value = os.environ.pop(name, "")
+    value = os.environ.pop(name, "").strip()
     if len(value) >= _MIN_SECRET_LEN:
         _hidden_values.add(value)
 
@@ -87,6 +89,16 @@ def read_key_file(path: str | os.PathLike[str], *, what: str) -> str:
         raise UserError(f"{shown}: not UTF-8 text; it should hold only the key") from None
     if not key:
         raise UserError(f"{shown}: the file is empty")
+    return check_key(key, what=shown)
+
+
+def check_key(key: str, *, what: str) -> str:
+    """`key` if it is printable ASCII without spaces, as an Authorization header carries it;
+    else a UserError naming `what` (and never the key)."""
+    if not all(33 <= ord(ch) < 127 for ch in key):
+        raise UserError(f"{what}: the key has spaces, line breaks or characters other than "
+                        "printable ASCII inside it (two keys, or a key and a comment?); it "
+                        "should hold only the key")
     return key
 
 
@@ -101,13 +113,15 @@ def bearer_headers(api_key_env: str | None, *, missing: str) -> dict[str, str]:
         key = os.environ.get(api_key_env, "").strip()
         if not key:
             raise UserError(f"model.api_key_env: {api_key_env} is not set; {missing}")
+        check_key(key, what=f"model.api_key_env: {api_key_env}")
         headers["Authorization"] = f"Bearer {key}"
     return headers
 
 
 def _secret_values() -> list[str]:
     names = (*SECRET_ENV_VARS, *sorted(_extra_secret_vars))
-    values = {os.environ.get(name, "") for name in names} | _hidden_values
+    # Stripped, as keys are used: a value set with a line break is sent without it.
+    values = {os.environ.get(name, "").strip() for name in names} | _hidden_values
     return sorted({v for v in values if len(v) >= _MIN_SECRET_LEN}, key=len, reverse=True)
 
 

@@ -69,6 +69,9 @@ class SeedData:
     future_images: np.ndarray | None  # uint8 (R,3,H,W): recorded frames after the context
     future_actions: np.ndarray | None  # int64 (R,16): recorded actions after the context
     source_size: tuple[int, int]  # (H, W) before resizing
+    #: How it was made to fit the model, in words (resized from which size, converted from
+    #: which mode); empty when it was used as it is.
+    adapted: tuple[str, ...] = ()
 
 
 def constant_action(value: Sequence[float] | Mapping[str, Any]) -> np.ndarray:

@@ -63,7 +63,8 @@ def _quoted(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _values(value: str | Sequence[str] | None) -> list[str] | None:
+def as_list(value: str | Sequence[str] | None) -> list[str] | None:
+    """A run id or date, or several, as a list (None stays None)."""
     return None if value is None else [value] if isinstance(value, str) else list(value)
 
 
@@ -99,7 +100,7 @@ def select_shards(source: Source, *, run_id: str | Sequence[str] | None = None,
     `where` is an SQL condition on the rollouts columns, as `wham-batch query --where`."""
     conditions = [f"({where})"] if where else []
     for name, value in (("run_id", run_id), ("run_date", run_date)):
-        values = _values(value)
+        values = as_list(value)
         if values is not None:
             conditions.append(run_condition(name, values))
     if status is not None:

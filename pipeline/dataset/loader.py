@@ -27,19 +27,22 @@ from typing import Any
 import numpy as np
 
 from pipeline.contracts.errors import UserError
-from pipeline.dataset.index import Shard, Source, select_shards
+from pipeline.dataset.index import Shard, Source, as_list, is_glob, select_shards
 from pipeline.dataset.ray_data import windows_dataset
 from pipeline.dataset.reader import UnitReader
 from pipeline.dataset.shapes import check_one_shape
 from pipeline.dataset.windows import shard_windows
+from pipeline.query import check_runs_exist
 
 
 class RolloutWindows:
     """The windows of T consecutive steps of every selected rollout under an output root.
 
     root: a local folder or s3://bucket/prefix; run_id: one run or a list, exact ids or
-    globs like "nightly-*" (None: all); run_date: the same for dates ("2026-12-*");
-    status: rollouts of this status (None: any; failed rollouts have no steps);
+    globs like "nightly-*" (None: all; an exact id that names no run under the root is a
+    UserError, where a filter that selects none of a run's rollouts is not); run_date: the
+    same for dates ("2026-12-*"); status: rollouts of this status (None: any; failed
+    rollouts have no steps);
     where: a filter on the rollouts table in `wham-batch query --where` syntax, e.g.
     "mean_logprob > -2.5 and frozen = false"; window / stride: steps per window and between
     window starts (stride defaults to window: every step once); generated_only: windows
@@ -69,6 +72,11 @@ class RolloutWindows:
         self.shards: list[Shard] = select_shards(self.source, run_id=run_id, run_date=run_date,
                                                  status=status, where=where,
                                                  committed_only=committed_only)
+        found = {s.run_id for s in self.shards}
+        unseen = [r for r in as_list(run_id) or [] if not is_glob(r) and r not in found]
+        if unseen:  # selected nothing: filtered out, or a typo
+            check_runs_exist(root, unseen, option="run_id=", endpoint_url=endpoint_url,
+                             region=region)
         check_one_shape(self.reader, self.shards, root=root)
 
     @property

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.parts import check_part
 from pipeline.contracts.storage import Storage, open_storage
 from pipeline.dataset.index import Shard, Source
 from pipeline.driver.run_state import read_json
@@ -119,10 +120,12 @@ class UnitReader:
             raise UserError(f"{self.storage.key_uri(key)} is missing (was the unit committed? "
                             "run `wham-batch verify`)") from None
         try:
-            return pq.read_table(io.BytesIO(data))
+            table = pq.read_table(io.BytesIO(data))
         except (pa.ArrowException, OSError) as exc:
             raise damaged(self.storage.key_uri(key), f"not a readable Parquet file: {exc}") \
                 from None
+        check_part(key, table.schema.metadata, shown=self.storage.key_uri(key))
+        return table
 
     def _png(self, key: str) -> bytes:
         try:
@@ -230,7 +233,12 @@ class UnitReader:
                             "image tokens for every step (schema version 1 runs keep no "
                             "context tokens)")
         model = self._model(shard)
-        images = model.decode_tokens(np.asarray(tokens, dtype=np.int64)[None])[0]  # (T,3,H,W)
+        try:
+            images = model.decode_tokens(np.asarray(tokens, dtype=np.int64)[None])[0]  # (T,3,H,W)
+        except ValueError as exc:  # the model's InputError too: tokens its writer never made
+            key = layout.steps_part_key(shard.run_date, shard.run_id, shard.unit_id)
+            raise damaged(self.storage.key_uri(key), f"the image tokens of {r.rollout_id} do "
+                          f"not decode with the model that wrote them: {exc}") from None
         spec = self._manifest(shard).get("spec") or {}
         mark = bool((spec.get("output") or {}).get("watermark", True))
         generated = r.steps.column("generated").to_pylist()

@@ -87,7 +87,7 @@ def _pid_namespace() -> str:
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # none, or a pid no process can have
         return False
     except PermissionError:
         return True  # someone else's process
@@ -111,7 +111,8 @@ class Holder:
                          token=str(body["token"]), heartbeat=float(body["heartbeat"]),
                          boot_id=str(body.get("boot_id", "")),
                          pid_ns=str(body.get("pid_ns", "")))
-        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError,
+                RecursionError):  # JSON nested deeper than Python parses: not a lease
             return None
         return holder if math.isfinite(holder.heartbeat) else None
 

@@ -1,8 +1,10 @@
 """Everything a run checks before any actor starts, and the Ray connection.
 
-Bad job settings, a missing checkpoint, an unreadable action script, an unwritable output
-root, an empty seed folder and a cluster too small for the actors all fail here with a
-UserError naming the field or resource (docs/reliability.md).
+Bad job settings, a missing checkpoint, an unreachable model endpoint, an unreadable action
+script or one shorter than the rollouts, an unwritable output root, an empty seed folder or
+one whose sampled seeds cannot be read, and a cluster too small for the actors all fail here
+with a UserError naming the field or resource (docs/reliability.md). `wham-batch validate`
+runs the same checks on what it can reach.
 """
 
 from __future__ import annotations
@@ -27,12 +29,19 @@ from pipeline.contracts.storage import Storage, open_storage
 from pipeline.driver.discovery import discover_seeds, load_action_script
 from workers import wham
 
+log = logging.getLogger("pipeline.driver")
+
 #: Seconds to wait for a named cluster's address to answer (`wham-batch run --connect-timeout`).
 CONNECT_TIMEOUT_S = 30.0
 GCS_PORT = 6379
 RAY_CLIENT_PORT = 10001
 _RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 ENDPOINT_PROBE_TIMEOUT_S = 10.0
+#: Seeds read and decoded before any actor starts (the first, a middle and the last).
+SEED_SAMPLE = 3
+#: Reads and decodes one seed, raising what `workers.actor.inputs.check_seed` raises; the
+#: entry point hands it in (the driver side never imports the actor side).
+SeedCheck = Callable[..., None]
 
 
 @dataclass(slots=True)
@@ -170,16 +179,39 @@ def check_model_source(spec: JobSpec) -> None:
         check_checkpoint(m.checkpoint, endpoint_url=m.endpoint_url, region=m.region)
 
 
-def preflight(spec: JobSpec) -> Prepared:
-    """Everything that can fail before an actor starts: model, actions, output, seeds."""
+def preflight(spec: JobSpec, *, check_seed: SeedCheck | None = None) -> Prepared:
+    """Everything that can fail before an actor starts: model, actions, output, seeds (a
+    sample of them read and decoded with `check_seed`, when given)."""
     check_model_source(spec)
-    script = None
-    if spec.rollouts.actions.kind == "file":
-        script = load_action_script(spec.rollouts.actions.path,
-                                    endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region)
+    script = load_script(spec)
     storage = open_storage(spec.output.root, endpoint_url=spec.output.endpoint_url,
                            region=spec.output.region)
     storage.check_writable()
+    seeds = find_seeds(spec)
+    if check_seed is not None:
+        check_seed_sample(spec, seeds, check_seed=check_seed)
+    return Prepared(storage=storage, seeds=seeds, script=script)
+
+
+def load_script(spec: JobSpec) -> Any:
+    """The action script of `rollouts.actions.kind: file` (None for other kinds), its
+    columns checked and, for world-model rollouts, its length against `rollouts.steps`: a
+    shorter script would fail every rollout once the actors run."""
+    actions = spec.rollouts.actions
+    if actions.kind != "file":
+        return None
+    script = load_action_script(actions.path, endpoint_url=spec.seeds.endpoint_url,
+                                region=spec.seeds.region)
+    steps = spec.rollouts.steps
+    if spec.rollouts.mode == "world_model" and len(script) < steps:
+        raise UserError(f"rollouts.actions.path: the action script {actions.path} has "
+                        f"{len(script)} rows, fewer than rollouts.steps={steps}: every rollout "
+                        f"would fail; give it at least {steps} rows or lower rollouts.steps")
+    return script
+
+
+def find_seeds(spec: JobSpec) -> list[SeedRef]:
+    """The seeds of `seeds.source`; UserError when there are none."""
     s = spec.seeds
     seeds = discover_seeds(s.source, format=s.format, glob=s.glob, limit=s.limit,
                            endpoint_url=s.endpoint_url, region=s.region,
@@ -187,7 +219,28 @@ def preflight(spec: JobSpec) -> Prepared:
     if not seeds:
         raise UserError(f"seeds.source: no seeds found under {s.source} "
                         f"(format {s.format}, glob {s.glob or 'default'})")
-    return Prepared(storage=storage, seeds=seeds, script=script)
+    return seeds
+
+
+def check_seed_sample(spec: JobSpec, seeds: list[SeedRef], *, check_seed: SeedCheck) -> None:
+    """Read and decode up to SEED_SAMPLE seeds (the first, a middle and the last): UserError
+    when none of them can be used (a wrong folder or format fails here, not in every
+    rollout); a warning when some cannot (their rollouts fail alone, as always)."""
+    s = spec.seeds
+    sample = [seeds[i] for i in sorted({0, len(seeds) // 2, len(seeds) - 1})][:SEED_SAMPLE]
+    errors = []
+    for ref in sample:
+        try:
+            check_seed(ref, endpoint_url=s.endpoint_url, region=s.region,
+                       max_bytes=int(s.max_file_mb * 2**20))
+        except UserError as exc:
+            errors.append(str(exc))
+    if errors and len(errors) == len(sample):
+        raise UserError(f"seeds.source: none of the {len(sample)} seeds read as a sample can "
+                        f"be used (format {s.format}): {errors[0]}")
+    if errors:
+        log.warning("%d of %d seeds read as a sample cannot be used (their rollouts will "
+                    "fail): %s", len(errors), len(sample), "; ".join(errors))
 
 
 def check_cluster(spec: JobSpec) -> None:

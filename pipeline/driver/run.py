@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from pipeline.driver.lease import RunLease
 from pipeline.driver.preflight import (
     CONNECT_TIMEOUT_S,
     Prepared,
+    SeedCheck,
     check_cluster,
     cluster_address,
     connect_ray,
@@ -28,6 +30,7 @@ from pipeline.driver.preflight import (
 )
 from pipeline.driver.progress import EventHook, Progress, StatusLine, Totals
 from pipeline.driver.run_state import (
+    Throughput,
     delete_run,
     manifest_bytes,
     read_json,
@@ -38,7 +41,7 @@ from pipeline.driver.run_state import (
     totals_of,
 )
 from pipeline.driver.scheduler import MODEL_FACTS, Scheduler
-from pipeline.driver.summary import RunSummary
+from pipeline.driver.summary import RunSummary, counted
 from pipeline.driver.verify import check_units
 
 log = logging.getLogger("pipeline.driver")
@@ -55,6 +58,7 @@ class RunPlan:
 
     units: list[WorkUnit]
     fingerprint: str
+    seed_scope: str  # what the units' rng seeds mix in (run.seed_scope, or an old run's)
     previous: dict[str, Any]  # the earlier attempt's manifest ({} when none)
     committed: dict[str, dict[str, Any]]  # unit id -> trusted marker
     untrusted: dict[str, str]  # unit id -> why its marker cannot be trusted
@@ -77,44 +81,52 @@ class _Run:
 
     spec: JobSpec
     prep: Prepared
-    units: list[WorkUnit]
-    fingerprint: str
+    plan: RunPlan
     totals: Totals
     model_info: dict[str, Any]
     started_at: float  # wall clock (time.time) when the attempt began
     t0: float  # time.monotonic at the same moment
     lease: RunLease
     before: Totals = field(init=False)  # the counts earlier attempts left
+    throughput: Throughput = field(init=False)  # what earlier attempts generated, and when
     units_redone: int = 0
     problems: list[str] = field(default_factory=list)
     verified: dict[str, dict[str, Any]] = field(default_factory=dict)  # unit id -> marker
 
     def __post_init__(self) -> None:
         self.before = replace(self.totals)
+        self.throughput = Throughput.of_manifest(self.plan.previous)
+
+    @property
+    def units(self) -> list[WorkUnit]:
+        return self.plan.units
+
+    @property
+    def fingerprint(self) -> str:
+        return self.plan.fingerprint
 
     @classmethod
     def begin(cls, spec: JobSpec, prep: Prepared, plan: RunPlan, *, clock: tuple[float, float],
               lease: RunLease, problems: list[str]) -> _Run:
         """The attempt, its counts starting from what earlier attempts committed."""
-        units = plan.units
         kept = plan.kept
-        totals = Totals(rollouts_total=sum(u.num_rollouts for u in units),
-                        units_total=len(units), units_skipped=len(kept))
-        done = totals_of(kept.values())
-        totals.rollouts_ok, totals.rollouts_failed = done.ok, done.failed
-        totals.frames = done.ok * spec.rollouts.steps  # generated frames, as in receipts
+        totals = Totals(rollouts_total=sum(u.num_rollouts for u in plan.units),
+                        units_total=len(plan.units), units_skipped=len(kept))
+        _count_markers(totals, kept.values(), steps=spec.rollouts.steps)
         # Only the model's facts: older drivers also kept an actor's error there.
         model = {k: v for k, v in (plan.previous.get("model") or {}).items() if k in MODEL_FACTS}
-        return cls(spec=spec, prep=prep, units=units, fingerprint=plan.fingerprint,
-                   totals=totals, model_info=model, started_at=clock[0], t0=clock[1],
-                   lease=lease, units_redone=len(plan.untrusted), problems=problems)
+        return cls(spec=spec, prep=prep, plan=plan, totals=totals, model_info=model,
+                   started_at=clock[0], t0=clock[1], lease=lease,
+                   units_redone=len(plan.untrusted), problems=problems)
 
     def attempt(self) -> dict[str, int]:
-        """What this attempt added to the run's counts."""
+        """What this attempt added to the run's counts (from its receipts)."""
         now, before = self.totals, self.before
         return {"rollouts": (now.rollouts_ok + now.rollouts_failed)
                 - (before.rollouts_ok + before.rollouts_failed),
-                "frames": now.frames - before.frames, "units": now.units_done}
+                "generated_frames": now.generated_frames - before.generated_frames,
+                "stored_frames": now.stored_frames - before.stored_frames,
+                "units": now.units_done}
 
     @property
     def run_date(self) -> str:
@@ -124,11 +136,14 @@ class _Run:
     def run_id(self) -> str:
         return self.spec.run.run_id
 
-    def write_manifest(self, status: str) -> None:
+    def write_manifest(self, status: str, *, counts: Totals | None = None) -> None:
+        """The manifest with `counts` (default: the running totals, receipts included)."""
+        wall, attempt = time.monotonic() - self.t0, self.attempt()
         body = manifest_bytes(self.spec, status=status, fingerprint=self.fingerprint,
-                              totals=self.totals, model=self.model_info,
-                              started_at=self.started_at, wall=time.monotonic() - self.t0,
-                              attempt=self.attempt())
+                              totals=counts or self.totals, model=self.model_info,
+                              started_at=self.started_at, wall=wall, attempt=attempt,
+                              throughput=self.throughput.plus(attempt["generated_frames"], wall),
+                              seed_scope=self.plan.seed_scope)
         self.prep.storage.put_bytes(layout.manifest_key(self.run_date, self.run_id), body,
                                     content_type="application/json")
 
@@ -146,7 +161,8 @@ class _Launch:
 def run_job(spec: JobSpec, *, actor_cls: type, fresh: bool = False, progress: bool = True,
             on_event: EventHook | None = None, ray_address: str | None = None,
             connect_timeout_s: float = CONNECT_TIMEOUT_S,
-            actor_log_level: str | None = None) -> RunSummary:
+            actor_log_level: str | None = None,
+            check_seed: SeedCheck | None = None) -> RunSummary:
     """Run a job to completion (or resume it) with actors of `actor_cls`; its summary.
 
     Ray: the cluster at `ray_address` (else RAY_ADDRESS), else a private local instance
@@ -159,12 +175,13 @@ def run_job(spec: JobSpec, *, actor_cls: type, fresh: bool = False, progress: bo
     not enough cluster resources) and for a store that stops taking writes
     (StorageFatalError). Lost units are retried up to `resources.max_unit_attempts`; a run
     that still misses units returns complete=False. `actor_log_level` (e.g. "WARNING")
-    overrides the actors' WHAM_LOG_LEVEL.
+    overrides the actors' WHAM_LOG_LEVEL; `check_seed` (the actor side's seed reader) lets
+    preflight read a sample of the seeds.
     """
     clock = (time.time(), time.monotonic())
     launch = _Launch(actor_cls=actor_cls, ray_address=ray_address,
                      connect_timeout_s=connect_timeout_s, actor_log_level=actor_log_level)
-    prep = preflight(spec)
+    prep = preflight(spec, check_seed=check_seed)
     set_log_context(run_id=spec.run.run_id)
     with RunLease(prep.storage, run_date=spec.run.run_date.isoformat(),
                   run_id=spec.run.run_id) as lease:
@@ -197,13 +214,12 @@ def _plan(spec: JobSpec, prep: Prepared) -> RunPlan:
     """
     run_date, run_id = spec.run.run_date.isoformat(), spec.run.run_id
     check_plan_size(spec, len(prep.seeds))
-    units = plan_for_spec(spec, prep.seeds)
-    fingerprint = run_fingerprint(spec, units)
     previous = _previous_manifest(prep, run_date, run_id)
     markers = read_markers(prep.storage, run_date=run_date, run_id=run_id)
     earlier = {m.get("plan_fingerprint") for m in markers.good.values()} - {None, ""}
     if previous and previous.get("plan_fingerprint"):
         earlier.add(previous["plan_fingerprint"])
+    units, fingerprint, scope = _units(spec, prep, earlier=earlier)
     if earlier - {fingerprint}:
         raise UserError(f"run {run_id} already has outputs from a different plan (other "
                         "seeds, model, rollout or output.frames/image_tokens/watermark "
@@ -211,9 +227,29 @@ def _plan(spec: JobSpec, prep: Prepared) -> RunPlan:
                         "use a new run.run_id")
     planned = {u.unit_id for u in units}
     committed = {uid: m for uid, m in markers.good.items() if uid in planned}
-    return RunPlan(units=units, fingerprint=fingerprint, previous=previous or {},
-                   committed=committed, untrusted=dict(markers.bad),
+    return RunPlan(units=units, fingerprint=fingerprint, seed_scope=scope,
+                   previous=previous or {}, committed=committed, untrusted=dict(markers.bad),
                    reopen=retryable_units(committed))
+
+
+def _units(spec: JobSpec, prep: Prepared, *,
+           earlier: set[str]) -> tuple[list[WorkUnit], str, str]:
+    """The run's units, their fingerprint and the seed scope they use: `run.seed_scope`,
+    except for a run started before rng seeds mixed in the run id, which its earlier
+    fingerprints give away (they match the config-scoped plan): it keeps its seeds, so a
+    resume completes it with the rollouts it started with."""
+    scope = spec.run.seed_scope
+    units = plan_for_spec(spec, prep.seeds, seed_scope=scope)
+    fingerprint = run_fingerprint(spec, units)
+    if scope == "run" and earlier and fingerprint not in earlier:
+        legacy = plan_for_spec(spec, prep.seeds, seed_scope="config")
+        legacy_fingerprint = run_fingerprint(spec, legacy)
+        if earlier == {legacy_fingerprint}:
+            log.info("run %s was started with rng seeds that do not mix in the run id "
+                     "(run.seed_scope: config, the only scope before seed scopes); it keeps "
+                     "them", spec.run.run_id)
+            return legacy, legacy_fingerprint, "config"
+    return units, fingerprint, scope
 
 
 def _reopen_units(spec: JobSpec, prep: Prepared, plan: RunPlan) -> list[str]:
@@ -262,7 +298,10 @@ def _generate_and_verify(run: _Run, todo: list[WorkUnit], *, launch: _Launch,
             _generate(run, todo, launch=launch, prog=prog)
         todo = _verify(run)
         if not todo:
-            return
+            break
+    if prog.adaptations:  # one line for the run, not one per seed
+        log.info("run %s: seeds made to fit the model: %s", run.run_id, ", ".join(
+            f"{counted(n, 'seed')} {how}" for how, n in sorted(prog.adaptations.items())))
 
 
 def _generate(run: _Run, todo: list[WorkUnit], *, launch: _Launch, prog: Progress) -> None:
@@ -320,28 +359,38 @@ def _commit(run: _Run) -> RunSummary:
     """Write the final manifest, and _SUCCESS when the run is complete (every planned unit
     committed and verified, failed rollouts within the budget). Counts come from the
     verified markers, not from the attempt's receipts."""
-    totals = run.totals
     wall = time.monotonic() - run.t0
-    verified = totals_of(run.verified.values())
-    totals.rollouts_ok, totals.rollouts_failed = verified.ok, verified.failed
-    totals.frames = verified.ok * run.spec.rollouts.steps
-    totals.units_lost = len(run.units) - verified.units
-    attempt = run.attempt()
+    attempt = run.attempt()  # what this attempt generated, redone units included
+    totals = replace(run.totals)  # the run's counts: those of its verified markers
+    totals.units_lost = len(run.units) - _count_markers(totals, run.verified.values(),
+                                                        steps=run.spec.rollouts.steps)
     summary = RunSummary(
         run_id=run.run_id, run_date=run.run_date, output_uri=run.prep.storage.uri,
         complete=totals.units_lost == 0, units_total=len(run.units),
         units_skipped=totals.units_skipped, units_lost=totals.units_lost,
         rollouts_ok=totals.rollouts_ok, rollouts_failed=totals.rollouts_failed,
-        frames=totals.frames, wall_seconds=wall,
-        frames_per_second=attempt["frames"] / wall if wall > 0 else 0.0,
+        generated_frames=totals.generated_frames, stored_frames=totals.stored_frames,
+        wall_seconds=wall,
+        frames_per_second=attempt["generated_frames"] / wall if wall > 0 else 0.0,
         max_failed_fraction=run.spec.run.max_failed_fraction, model=run.model_info,
-        attempt_rollouts=attempt["rollouts"], attempt_frames=attempt["frames"],
+        attempt_rollouts=attempt["rollouts"],
+        attempt_generated_frames=attempt["generated_frames"],
         units_redone=run.units_redone, problems=list(run.problems))
     run.lease.check()  # a driver that lost its lease must not claim the run
-    run.write_manifest(summary.status)
+    run.write_manifest(summary.status, counts=totals)
+    for name in Totals.__slots__:  # progress hooks see the run's final counts from here on
+        setattr(run.totals, name, getattr(totals, name))
     success = layout.success_key(run.run_date, run.run_id)
     if summary.status == "complete":  # _SUCCESS: what exit 0 and `runs` call complete
         run.prep.storage.put_bytes(success, b"", content_type="text/plain")
     elif run.prep.storage.exists(success):  # an earlier attempt's; this one says otherwise
         run.prep.storage.delete(success)
     return summary
+
+
+def _count_markers(totals: Totals, markers: Iterable[dict[str, Any]], *, steps: int) -> int:
+    """Set `totals`' rollout and frame counts to those of `markers`; how many there are."""
+    done = totals_of(markers, steps=steps)
+    totals.rollouts_ok, totals.rollouts_failed = done.ok, done.failed
+    totals.generated_frames, totals.stored_frames = done.generated_frames or 0, done.stored_frames
+    return done.units

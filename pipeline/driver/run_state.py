@@ -25,6 +25,7 @@ from pipeline.contracts.spec import JobSpec
 from pipeline.contracts.storage import Storage, open_storage
 from pipeline.contracts.storage.base import ObjectTooLarge
 from pipeline.contracts.versions import software_versions
+from pipeline.driver.lease import live_holder
 from pipeline.driver.progress import Totals
 
 MARKER_READERS = 16  # parallel reads of commit markers
@@ -38,7 +39,7 @@ def read_json(storage: Storage, key: str) -> dict[str, Any] | None:
         data = json.loads(storage.get_bytes(key))
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -57,28 +58,69 @@ def run_fingerprint(spec: JobSpec, units: Sequence[WorkUnit]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """Generated frames and the wall seconds of the attempts that generated them, summed
+    over a run's attempts: its frames per second, which a resume that finds nothing to do
+    does not dilute."""
+
+    generated_frames: int = 0
+    seconds: float = 0.0
+
+    @property
+    def frames_per_second(self) -> float | None:
+        return self.generated_frames / self.seconds if self.seconds > 0 else None
+
+    def plus(self, generated_frames: int, seconds: float) -> Throughput:
+        """With one more attempt (counted only when it generated frames)."""
+        if generated_frames <= 0:
+            return self
+        return Throughput(self.generated_frames + generated_frames, self.seconds + seconds)
+
+    @classmethod
+    def of_manifest(cls, manifest: dict[str, Any]) -> Throughput:
+        """What a manifest records; one written before `throughput` gives its last attempt."""
+        try:
+            if isinstance(manifest.get("throughput"), dict):
+                t = manifest["throughput"]
+                return cls(int(t["generated_frames"]), float(t["seconds"]))
+            frames = int((manifest.get("attempt") or {}).get("frames", 0))
+            return cls().plus(frames, float(manifest.get("wall_seconds") or 0.0))
+        except (KeyError, TypeError, ValueError):
+            return cls()
+
+
 def manifest_bytes(spec: JobSpec, *, status: str, fingerprint: str, totals: Totals,
                    model: dict[str, Any], started_at: float, wall: float,
-                   attempt: dict[str, int] | None = None) -> bytes:
+                   attempt: dict[str, int], throughput: Throughput, seed_scope: str) -> bytes:
     """The run manifest: `counts` over every attempt, `attempt` what this one added (its
-    wall time and frames per second are this attempt's), and the software that ran it."""
-    attempt = attempt or {"frames": totals.frames}
+    wall time and frames per second are this attempt's), `throughput` over the attempts
+    that generated frames, the seed scope its plan used, and the software that ran it."""
     body = {
         "schema_version": layout.SCHEMA_VERSION,
         "status": status,
         "run_id": spec.run.run_id,
         "run_date": spec.run.run_date.isoformat(),
         "plan_fingerprint": fingerprint,
+        "seed_scope": seed_scope,
         "model": model,
         "counts": asdict(totals),
         "attempt": attempt,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "wall_seconds": round(wall, 3),
-        "frames_per_second": round(attempt["frames"] / wall, 3) if wall > 0 else 0.0,
+        "frames_per_second": (round(attempt["generated_frames"] / wall, 3) if wall > 0
+                              else 0.0),
+        "throughput": {"generated_frames": throughput.generated_frames,
+                       "seconds": round(throughput.seconds, 3),
+                       "frames_per_second": _rounded(throughput.frames_per_second)},
         "software": software_versions(),
         "spec": spec.public_dict(),
     }
     return json.dumps(body, indent=2).encode()
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def delete_run(storage: Storage, *, run_date: str, run_id: str) -> int:
@@ -162,30 +204,42 @@ def read_markers(storage: Storage, *, run_date: str, run_id: str,
 
 @dataclass(slots=True)
 class MarkerTotals:
-    """Sums over commit markers: rollouts ok and failed, step rows, frame objects written."""
+    """Sums over commit markers: rollouts ok and failed, step rows, frames generated (ok
+    rollouts x steps; None when unknown) and frames stored (context included)."""
 
     units: int = 0
     ok: int = 0
     failed: int = 0
     steps: int = 0
-    frames: int = 0
+    generated_frames: int | None = 0
+    stored_frames: int = 0
 
 
 def marker_totals(storage: Storage, *, run_date: str, run_id: str,
-                  unit_ids: Iterable[str] | None = None) -> MarkerTotals:
+                  unit_ids: Iterable[str] | None = None,
+                  steps: int | None = None) -> MarkerTotals:
     """Totals of the given units' trusted commit markers (all of the run's by default)."""
     markers = read_markers(storage, run_date=run_date, run_id=run_id, unit_ids=unit_ids)
-    return totals_of(markers.good.values())
+    return totals_of(markers.good.values(), steps=steps)
 
 
-def totals_of(markers: Iterable[dict[str, Any]]) -> MarkerTotals:
+def totals_of(markers: Iterable[dict[str, Any]], *, steps: int | None = None) -> MarkerTotals:
+    """Sums over `markers`. A marker's generated frames are its own count, else its ok
+    rollouts x `steps` (rollouts.steps; None: unknown); its stored frames are
+    `stored_frames`, called `frames` in markers written before the two were named apart."""
     out = MarkerTotals()
     for marker in markers:
+        ok = int(marker.get("ok", 0))
         out.units += 1
-        out.ok += int(marker.get("ok", 0))
+        out.ok += ok
         out.failed += int(marker.get("failed", 0))
         out.steps += int(marker.get("steps", 0))
-        out.frames += int(marker.get("frames", 0))
+        out.stored_frames += int(marker.get("stored_frames", marker.get("frames", 0)))
+        generated = marker.get("generated_frames")
+        if generated is None and steps is not None:
+            generated = ok * steps
+        out.generated_frames = (None if generated is None or out.generated_frames is None
+                                else out.generated_frames + int(generated))
     return out
 
 
@@ -230,9 +284,12 @@ def read_runs(storage: Storage) -> list[dict[str, Any]]:
     return [runs[k] for k in sorted(runs)]
 
 
-def _run_status(success: bool, manifest: dict[str, Any]) -> str:
-    """complete (_SUCCESS), failed (every unit committed, failure budget exceeded: the
-    manifest says so) or partial; the same rule as the driver's exit status."""
+def _run_status(*, running: bool, success: bool, manifest: dict[str, Any]) -> str:
+    """running (a driver holds the run's lease), complete (_SUCCESS), failed (every unit
+    committed, failure budget exceeded: the manifest says so) or partial; the same rule as
+    the driver's exit status."""
+    if running:
+        return "running"
     if success:
         return "complete"
     return "failed" if manifest.get("status") == "failed" else "partial"
@@ -242,24 +299,42 @@ def _run_status(success: bool, manifest: dict[str, Any]) -> str:
 class RunInfo:
     run_date: str
     run_id: str
-    status: str  # complete | failed (too many failed rollouts) | partial
+    status: str  # running | complete | failed (too many failed rollouts) | partial
     units_committed: int
     units_planned: int | None
     rollouts_ok: int
     rollouts_failed: int
-    frames: int
+    generated_frames: int | None  # ok rollouts x rollouts.steps (None: unknown)
+    stored_frames: int  # frames physically stored, context included
+    #: Wall seconds of the run's attempts that generated frames, and their frames/s.
     wall_seconds: float | None
     frames_per_second: float | None
     started_at: str | None
+
+
+def _counts(storage: Storage, run: dict[str, Any], manifest: dict[str, Any]) -> MarkerTotals:
+    """A run's counts: a complete run's manifest has them (when it names both kinds of
+    frames); any other run's come from its commit markers."""
+    counts = manifest.get("counts") or {}
+    if run["success"] and "stored_frames" in counts:
+        return MarkerTotals(ok=int(counts.get("rollouts_ok", 0)),
+                            failed=int(counts.get("rollouts_failed", 0)),
+                            generated_frames=int(counts.get("generated_frames", 0)),
+                            stored_frames=int(counts["stored_frames"]))
+    steps = ((manifest.get("spec") or {}).get("rollouts") or {}).get("steps")
+    return marker_totals(storage, run_date=run["run_date"], run_id=run["run_id"],
+                         steps=int(steps) if isinstance(steps, int) else None)
 
 
 def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None = None,
               run_date: str | None = None) -> list[RunInfo]:
     """Every run under `root`'s `_runs/` (optionally of one date), oldest first.
 
-    A run is complete when `_SUCCESS` exists; its counts come from the manifest. One whose
-    units are all committed but whose failed rollouts exceed its budget is failed; any other
-    is partial. Their counts are summed from the commit markers (a manifest may predate them).
+    A run is running while a driver holds its lease (`lease.live_holder`), complete when
+    `_SUCCESS` exists, failed when its units are all committed but its failed rollouts
+    exceed its budget, partial otherwise. A complete run's counts come from its manifest,
+    any other's from its commit markers; frames per second are those of the run's own
+    attempts that generated frames (a resume with nothing to do does not count).
     """
     wanted = layout.run_date_str(run_date) if run_date is not None else None
     storage = open_storage(root, endpoint_url=endpoint_url, region=region)
@@ -269,22 +344,20 @@ def list_runs(root: str, *, endpoint_url: str | None = None, region: str | None 
         if wanted is not None and date != wanted:
             continue
         manifest = run["manifest"] or {}
-        counts = manifest.get("counts") or {}
-        complete = bool(run["success"])
-        if complete:
-            ok, failed, frames = (int(counts.get(k, 0)) for k in
-                                  ("rollouts_ok", "rollouts_failed", "frames"))
-        else:
-            sums = marker_totals(storage, run_date=date, run_id=run_id)
-            ok, failed, frames = sums.ok, sums.failed, sums.frames
-        planned = counts.get("units_total")
+        sums = _counts(storage, run, manifest)
+        throughput = Throughput.of_manifest(manifest)
+        running = live_holder(storage, run_date=date, run_id=run_id) is not None
+        planned = (manifest.get("counts") or {}).get("units_total")
         out.append(RunInfo(
-            run_date=date, run_id=run_id, status=_run_status(complete, manifest),
+            run_date=date, run_id=run_id,
+            status=_run_status(running=running, success=bool(run["success"]),
+                               manifest=manifest),
             units_committed=int(run["units_committed"]),
             units_planned=int(planned) if planned is not None else None,
-            rollouts_ok=ok, rollouts_failed=failed, frames=frames,
-            wall_seconds=manifest.get("wall_seconds") if complete else None,
-            frames_per_second=manifest.get("frames_per_second") if complete else None,
+            rollouts_ok=sums.ok, rollouts_failed=sums.failed,
+            generated_frames=sums.generated_frames, stored_frames=sums.stored_frames,
+            wall_seconds=round(throughput.seconds, 3) if throughput.seconds else None,
+            frames_per_second=_rounded(throughput.frames_per_second),
             started_at=manifest.get("started_at"),
         ))
     return out

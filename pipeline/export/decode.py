@@ -10,14 +10,17 @@ reads it instead of decoding again. Names are deterministic, so rerunning overwr
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.parts import part_metadata
 from pipeline.contracts.storage import open_storage
 from pipeline.dataset.index import Source, select_shards
 from pipeline.dataset.reader import UnitReader
+from pipeline.driver.run_state import read_json
 
 DECODE_FORMATS = ("parquet", "png")
 
@@ -45,6 +48,12 @@ def decode_run(root: str, *, run_id: str, out: str | None = None, fmt: str = "pa
     if not shards:
         raise UserError(f"no committed rollouts of run {run_id!r} under {root}")
     reader = UnitReader(source, frames=None, decoder=decoder)
+
+    @functools.cache
+    def plan(run_date: str, run_id: str) -> str:  # the parts say which plan they belong to
+        manifest = read_json(reader.storage, layout.manifest_key(run_date, run_id)) or {}
+        return str(manifest.get("plan_fingerprint") or "")
+
     target = open_storage(out or root, endpoint_url=endpoint_url, region=region)
     frames = objects = 0
     for shard in shards:
@@ -65,7 +74,9 @@ def decode_run(root: str, *, run_id: str, out: str | None = None, fmt: str = "pa
         table = pa.Table.from_arrays(
             [pa.array([r[0] for r in rows], pa.string()), pa.array([r[1] for r in rows],
              pa.int32()), pa.array([r[2] for r in rows], pa.binary())],
-            schema=layout.FRAMES_SCHEMA)
+            schema=layout.FRAMES_SCHEMA.with_metadata(part_metadata(
+                layout.FRAMES_TABLE, run_date=shard.run_date, run_id=shard.run_id,
+                unit_id=shard.unit_id, plan_fingerprint=plan(shard.run_date, shard.run_id))))
         sink = io.BytesIO()
         pq.write_table(table, sink, compression={"rollout_id": "zstd", "step": "zstd",
                                                  "png": "none"})
@@ -73,3 +84,4 @@ def decode_run(root: str, *, run_id: str, out: str | None = None, fmt: str = "pa
                          sink.getvalue(), content_type="application/vnd.apache.parquet")
         objects += 1
     return DecodeReport(units=len(shards), frames=frames, objects=objects, out=target.uri)
+

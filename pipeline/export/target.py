@@ -4,13 +4,15 @@ An export is written into a hidden folder beside OUT and moved into place once c
 a failed export leaves no half dataset, and an export it replaces stays until the new one
 is whole. Refused: OUT on object storage, OUT that is a file, OUT inside an output root or
 holding the one exported from (an export never writes among a run's outputs), and a
-non-empty OUT unless `overwrite`, which replaces only a folder holding an earlier export
-(LeRobot's `meta/info.json`, or the `state.json` of `datasets.save_to_disk`), never any
-other folder.
+non-empty OUT unless `overwrite`, which replaces only a folder holding an earlier export and
+nothing else (LeRobot's `meta/info.json` beside its `data/` and `videos/`, or the
+`state.json` of `datasets.save_to_disk` beside its Arrow files), never any other folder: a
+home folder that happens to hold a `state.json` is not an export.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,12 +22,24 @@ from pathlib import Path
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
 
-#: Files that show a folder holds an export (LeRobot, Hugging Face `datasets`).
-EXPORT_FILES = ("meta/info.json", "state.json")
+#: An earlier export, as (the file that marks it, every name its top level may hold): LeRobot
+#: v3.0 and Hugging Face `datasets.save_to_disk`.
+EXPORT_LAYOUTS = (
+    ("meta/info.json", re.compile(r"^(?:meta|data|videos|images)$")),
+    ("state.json", re.compile(r"^(?:state\.json|dataset_info\.json|"
+                              r"data-\d{5}-of-\d{5}\.arrow)$")),
+)
 
 
 def _is_output_root(folder: Path) -> bool:
     return (folder / layout.RUNS_DIR).is_dir()
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether `folder` holds one earlier export and nothing else."""
+    names = [p.name for p in folder.iterdir()]
+    return any((folder / marker).is_file() and all(allowed.match(n) for n in names)
+               for marker, allowed in EXPORT_LAYOUTS)
 
 
 def check_target(out: str, *, root: str, overwrite: bool = False) -> Path:
@@ -47,7 +61,7 @@ def check_target(out: str, *, root: str, overwrite: bool = False) -> Path:
         if not overwrite:
             raise UserError(f"{out} is not empty; export into a new folder, or pass "
                             "--overwrite to replace the export there")
-        if not any((target / name).is_file() for name in EXPORT_FILES):
+        if not _is_export(target):
             raise UserError(f"{out} holds files that are not a dataset export; --overwrite "
                             "replaces only an earlier export: choose a new folder")
     return target

@@ -3,7 +3,13 @@
 
 from pipeline.query.bounds import QueryBounds
 from pipeline.query.sql import check_limit, check_sql, query, sql
-from pipeline.query.tables import DamagedPart, NoTable, open_table, part_keys
+from pipeline.query.tables import (
+    DamagedPart,
+    NoTable,
+    check_runs_exist,
+    open_table,
+    part_keys,
+)
 
-__all__ = ["DamagedPart", "NoTable", "QueryBounds", "check_limit", "check_sql", "open_table",
-           "part_keys", "query", "sql"]
+__all__ = ["DamagedPart", "NoTable", "QueryBounds", "check_limit", "check_runs_exist",
+           "check_sql", "open_table", "part_keys", "query", "sql"]

@@ -20,8 +20,10 @@ from typing import Any
 
 from pipeline.contracts.errors import UserError
 
-#: Seconds a query may run (`--timeout`).
+#: Seconds a query may run (`--timeout`), and the most it may be given: a week (a wait
+#: much longer overflows the platform's clock).
 DEFAULT_TIMEOUT_S = 300.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 #: The default memory limit: this share of the memory available when the query starts...
 MEMORY_SHARE = 0.5
 #: ...but never more than this, nor less than MIN_MEMORY.
@@ -46,6 +48,11 @@ def available_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def total_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_memory_limit() -> int:
@@ -76,9 +83,15 @@ class QueryBounds:
         if not 0 < self.timeout_s < float("inf"):
             raise UserError(f"--timeout must be a positive number of seconds, got "
                             f"{self.timeout_s}")
+        if self.timeout_s > MAX_TIMEOUT_S:
+            raise UserError(f"--timeout must be at most {MAX_TIMEOUT_S:g} s (a week), got "
+                            f"{self.timeout_s:g}")
         if self.memory_bytes is not None and self.memory_bytes < MIN_MEMORY:
             raise UserError(f"--memory-limit must be at least {show_size(MIN_MEMORY)}, got "
                             f"{self.memory_bytes} bytes")
+        if self.memory_bytes is not None and self.memory_bytes > total_memory():
+            raise UserError(f"--memory-limit {show_size(self.memory_bytes)} is more than this "
+                            f"machine's memory ({show_size(total_memory())})")
 
     def memory(self) -> int:
         return self.memory_bytes if self.memory_bytes is not None else default_memory_limit()

@@ -124,7 +124,11 @@ class _Tables:
         except duckdb.OutOfMemoryException:
             raise self._out_of_memory(what) from None
         except duckdb.Error as exc:
-            if _reading_failed(exc):
+            # An error about the text itself read nothing: looking for a damaged part would
+            # read every part whole, for a typo.
+            about_text = (duckdb.ParserException, duckdb.SyntaxException,
+                          duckdb.BinderException, duckdb.CatalogException)
+            if not isinstance(exc, about_text) and _reading_failed(exc):
                 self._name_damaged_part()
             raise UserError(f"{what}: {_first_lines(str(exc))}") from None
         except (pa.ArrowException, OSError) as exc:

@@ -19,7 +19,7 @@ never holds half a unit or duplicates. Commit markers guard resume, not reads; p
 from __future__ import annotations
 
 import logging
-import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.parts import DamagedPart, check_part
 from pipeline.contracts.storage import Storage, open_storage
 
 log = logging.getLogger("pipeline.query")
@@ -37,16 +38,10 @@ FOOTER_READERS = 16  # parallel reads of part footers when checking schema versi
 PART_READERS = 4
 #: Files in a warning about non-part files before the rest are only counted.
 _SHOWN_FILES = 5
-_PART = re.compile(r"^(?P<table>[^/]+)/run_date=(?P<run_date>[^/]+)/run_id=(?P<run_id>[^/]+)/"
-                   r"part-(?P<unit>u\d+)\.parquet$")
 
 
 class NoTable(UserError):
     """The root has no such table (nothing written there yet)."""
-
-
-class DamagedPart(UserError):
-    """Stored bytes that cannot be what they claim to be (a part, a frame)."""
 
 
 #: What a damaged part or frame is told to do: the run's check finds it, a rerun redoes it.
@@ -70,38 +65,48 @@ def _committed_units(storage: Any) -> set[tuple[str, str, str]]:
     return found
 
 
+def check_runs_exist(root: str, run_ids: Sequence[str], *, option: str,
+                     endpoint_url: str | None = None, region: str | None = None) -> None:
+    """UserError naming the ids in `run_ids` that name no run under `root`: a selection that
+    came back without them would hide a typo. It lists all of `_runs/`, so ask only about
+    ids a selection came back without."""
+    storage = open_storage(root, endpoint_url=endpoint_url, region=region)
+    runs = sorted({parsed[1] for key in storage.list_keys(f"{layout.RUNS_DIR}/")
+                   if (parsed := layout.parse_run_key(key)) is not None})
+    missing = [r for r in run_ids if r not in runs]
+    if missing:
+        listed = ", ".join(runs[-10:]) if runs else "none"
+        raise UserError(f"{option}{', '.join(missing)}: no such run under {root} (runs there: "
+                        f"{listed}; `wham-batch runs {root}` lists them)")
+
+
 def part_keys(storage: Any, table: str) -> tuple[list[str], list[str]]:
     """(part files of `table`, other files under its folder), from one listing."""
     parts, other = [], []
     for key in storage.list_keys(f"{table}/"):
-        (parts if _PART.match(key) else other).append(key)
+        (parts if layout.parse_part_key(key) else other).append(key)
     return parts, other
 
 
 def check_versions(dataset: Any, storage: Storage) -> None:
-    """UserError if a run's parts were written with a newer schema than this code reads.
-
-    One part per run folder is checked (a run is written by one version); its footer is
-    read, so a damaged part is reported by name here too.
-    """
-    first: dict[str, Any] = {}
-    for fragment in dataset.get_fragments():
-        first.setdefault(fragment.path.rsplit("/", 1)[0], fragment)
+    """UserError if a part was written with a newer schema than this code reads, and
+    DamagedPart if it says it belongs elsewhere than where it stands (another table, run
+    or unit: `pipeline.contracts.parts.check_part`). Every part's footer is read, in
+    parallel (a scan reuses them), so a damaged part is reported by name here too."""
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
-        for path, found in pool.map(lambda f: _footer_version(f, storage), first.values()):
-            if found is not None:
-                layout.check_schema_version(found.decode(errors="replace"),
-                                            where=f"table part {path}")
+        for key, metadata in pool.map(lambda f: _footer(f, storage), dataset.get_fragments()):
+            check_part(key, metadata, shown=storage.key_uri(key))
 
 
-def _footer_version(fragment: Any, storage: Storage) -> tuple[str, bytes | None]:
+def _footer(fragment: Any, storage: Storage) -> tuple[str, dict[bytes, bytes]]:
+    """The storage key and key-value metadata of a dataset file."""
     try:
         metadata = fragment.physical_schema.metadata or {}
     except (pa.ArrowInvalid, OSError) as exc:
         _raise_if_damaged(storage, _key(storage, fragment.path))
         raise UserError(f"table part {fragment.path} cannot be read now ({exc}); its bytes "
                         "are whole, so try again") from None
-    return fragment.path, metadata.get(layout.SCHEMA_VERSION_KEY)
+    return _key(storage, fragment.path), metadata
 
 
 def _key(storage: Storage, path: str) -> str:
@@ -172,8 +177,7 @@ def open_table(
                     "%s%s", len(other), storage.uri, table, shown, more)
     if committed_only:
         committed = _committed_units(storage)
-        keys = [k for k in keys if (m := _PART.match(k)) and
-                (m["run_date"], m["run_id"], m["unit"]) in committed]
+        keys = [k for k in keys if (p := layout.parse_part_key(k)) and p[1:] in committed]
     partitioning = ds.partitioning(
         schema=pa.schema([schema.field(name) for name in layout.PARTITION_COLUMNS]), flavor="hive"
     )

@@ -16,21 +16,22 @@ from pipeline.contracts.errors import UserError
 from pipeline.contracts.secrets import redact
 from pipeline.contracts.spec import JobSpec
 from pipeline.contracts.storage import open_storage
-from pipeline.report.gather import MAX_PREVIEWS, RunData, gather_run
+from pipeline.report.gather import MAX_PICTURE_BYTES, MAX_PREVIEWS, RunData, gather_run
 from pipeline.report.page import render
 
-__all__ = ["MAX_PREVIEWS", "RunData", "gather_run", "render", "report_beside_run",
-           "write_report"]
+__all__ = ["MAX_PICTURE_BYTES", "MAX_PREVIEWS", "RunData", "gather_run", "render",
+           "report_beside_run", "write_report"]
 
 
 def write_report(root: str, *, run_id: str, run_date: str | None = None,
                  out: str | None = None, max_previews: int = MAX_PREVIEWS,
-                 endpoint_url: str | None = None,
+                 max_picture_bytes: int = MAX_PICTURE_BYTES, endpoint_url: str | None = None,
                  region: str | None = None) -> tuple[str, RunData]:
     """Write the report of `run_id` to the local file `out`, or by default beside the
     run's `_SUCCESS` under `root`; (where it went, what it shows)."""
     data = gather_run(root, run_id=run_id, run_date=run_date, max_previews=max_previews,
-                      endpoint_url=endpoint_url, region=region)
+                      max_picture_bytes=max_picture_bytes, endpoint_url=endpoint_url,
+                      region=region)
     page = render(data).encode()
     if out is not None:
         path = Path(out).expanduser()

@@ -6,6 +6,8 @@ status. Each ok rollout's picture is its GIF preview, or, for a run without prev
 first and last frames read like the loader reads them (decoded by the run's model for a
 `frames: none` run). Rollouts are shown worst first (`worst_first`), at most
 `max_previews` of them: a nightly of 80,000 rollouts gives a page of its worst, not of all.
+Previews fill the page up to `max_picture_bytes` (the previews of long rollouts run to
+megabytes each); a tile whose preview does not fit shows its first and last frames instead.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.storage import Storage, open_storage
+from pipeline.contracts.storage.base import ObjectTooLarge
 from pipeline.dataset.index import Source, select_shards
 from pipeline.dataset.reader import UnitReader
 from pipeline.driver.run_state import list_runs, read_json
@@ -24,6 +27,8 @@ from pipeline.query import NoTable, query
 
 #: Rollouts shown with a picture unless the caller asks for another number.
 MAX_PREVIEWS = 300
+#: Bytes of GIF previews one page holds, unless the caller asks for another number.
+MAX_PICTURE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -44,6 +49,7 @@ class RunData:
     rollouts: list[dict[str, Any]]  # every committed rollouts row
     tiles: list[Tile]  # worst first, at most max_previews
     problems: list[str] = field(default_factory=list)  # pictures that could not be read
+    over_budget: int = 0  # previews left out: they did not fit the page's picture budget
 
 
 def worst_first(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -80,8 +86,8 @@ def _rollouts(root: str, *, run_date: str, run_id: str, endpoint_url: str | None
 
 
 def gather_run(root: str, *, run_id: str, run_date: str | None = None,
-               max_previews: int = MAX_PREVIEWS, endpoint_url: str | None = None,
-               region: str | None = None) -> RunData:
+               max_previews: int = MAX_PREVIEWS, max_picture_bytes: int = MAX_PICTURE_BYTES,
+               endpoint_url: str | None = None, region: str | None = None) -> RunData:
     """Everything the report of `run_id` shows (`run_date` when the id exists on several)."""
     info = _find_run(root, run_id=run_id, run_date=run_date, endpoint_url=endpoint_url,
                      region=region)
@@ -93,20 +99,27 @@ def gather_run(root: str, *, run_id: str, run_date: str | None = None,
     data = RunData(root=storage.uri, run_date=info.run_date, run_id=run_id,
                    status=dataclasses.asdict(info), manifest=manifest, rollouts=rows,
                    tiles=[Tile(row) for row in shown])
-    _add_previews(storage, data)
+    _add_previews(storage, data, budget=max_picture_bytes)
     missing = [t for t in data.tiles if not t.images]
     if missing:
         _add_frames(Source(root, endpoint_url=endpoint_url, region=region), data, missing)
     return data
 
 
-def _add_previews(storage: Storage, data: RunData) -> None:
+def _add_previews(storage: Storage, data: RunData, *, budget: int) -> None:
     prefix = layout.run_prefix(layout.PREVIEWS_DIR, data.run_date, data.run_id) + "/"
     stored = set(storage.list_keys(prefix))
     for tile in data.tiles:
         key = layout.preview_key(data.run_date, data.run_id, tile.row["rollout_id"])
-        if key in stored:
-            tile.images.append(("image/gif", storage.get_bytes(key)))
+        if key not in stored:
+            continue
+        try:
+            gif = storage.get_bytes(key, max_bytes=budget)
+        except ObjectTooLarge:  # not read past what is left
+            data.over_budget += 1
+            continue
+        budget -= len(gif)
+        tile.images.append(("image/gif", gif))
 
 
 def _add_frames(source: Source, data: RunData, tiles: list[Tile]) -> None:

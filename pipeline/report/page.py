@@ -1,6 +1,9 @@
 """The report's HTML: one page with everything inline (pictures as data URIs, charts as
 SVG, the style sheet in the head), no script and no reference to anything outside the file,
-so it opens from a bucket download, a mail attachment or a CI artefact alike."""
+so it opens from a bucket download, a mail attachment or a CI artefact alike. Its size is
+bounded whatever the run holds: at most `MAX_PREVIEWS` tiles and `MAX_PICTURE_BYTES` of
+previews (`pipeline.report.gather`), `MAX_ERRORS_COUNTED` distinct errors and
+`MAX_FAILURES_LISTED` failed rollouts, and every text cut at `MAX_TEXT_CHARS`."""
 
 from __future__ import annotations
 
@@ -35,15 +38,26 @@ table { border-collapse: collapse; } td, th { padding: 2px 10px 2px 0; text-alig
 .charts svg { border: 1px solid #eee; } .t { font-size: 12px; } .a { font-size: 10px; fill: #555; }
 pre { white-space: pre-wrap; margin: 0; font-size: 12px; }
 """
-#: Failed rollouts listed one by one (all of them are counted by error).
+#: Failed rollouts listed one by one.
 MAX_FAILURES_LISTED = 200
+#: Distinct errors counted, the most frequent first (the others are summed in one line):
+#: errors that name their seed differ for every rollout.
+MAX_ERRORS_COUNTED = 50
+#: Characters of one text shown (an error, a setting); the rest is left out, saying so.
+MAX_TEXT_CHARS = 2000
 _QUALITY = [f.name for f in layout.ROLLOUT_QUALITY_FIELDS]
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    return f"{text[:MAX_TEXT_CHARS]} ... ({len(text) - MAX_TEXT_CHARS} more characters)"
 
 
 def _value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return "" if v is None else str(v)
+    return "" if v is None else _clip(str(v))
 
 
 def _rows(items: list[tuple[str, Any]]) -> str:
@@ -97,10 +111,13 @@ def _grid(data: RunData) -> str:
     ok = sum(1 for r in data.rollouts if r["status"] == "ok")
     what = ("GIF previews" if any(m == "image/gif" for t in data.tiles for m, _ in t.images)
             else "first generated and last frames")
+    if data.over_budget:
+        what += (f"; first generated and last frames of {data.over_budget} whose previews did "
+                 "not fit the page")
     head = (f"<h2>Rollouts, worst first</h2><p>{len(data.tiles)} of {ok} ok rollouts ({what})"
             "; order: collapsed (earliest first), then frozen, then by mean log-probability"
             " (lowest first).</p>")
-    problems = "".join(f"<p class=bad>{escape(p)}</p>" for p in data.problems)
+    problems = "".join(f"<p class=bad>{escape(_clip(p))}</p>" for p in data.problems)
     return (head + problems + '<div class="grid" id="grid">'
             + "".join(_tile(t) for t in data.tiles) + "</div>")
 
@@ -121,11 +138,17 @@ def _failures(data: RunData) -> str:
     if not failed:
         return "<h2>Failures</h2><p>none</p>"
     by_error = Counter(str(r.get("error") or "(no error recorded)") for r in failed)
-    summary = "".join(f"<tr><td>{n}</td><td><pre>{escape(e)}</pre></td></tr>"
-                      for e, n in by_error.most_common())
+    counted = by_error.most_common(MAX_ERRORS_COUNTED)
+    summary = "".join(f"<tr><td>{n}</td><td><pre>{escape(_value(e))}</pre></td></tr>"
+                      for e, n in counted)
+    if len(by_error) > len(counted):
+        rest = len(failed) - sum(n for _, n in counted)
+        summary += (f"<tr><td>{rest}</td><td>and {len(by_error) - len(counted)} other "
+                    "errors</td></tr>")
     listed = "".join(
-        f"<tr><td>{escape(r['rollout_id'])}</td><td>{escape(str(r.get('unit_id', '')))}</td>"
-        f"<td><pre>{escape(str(r.get('error') or ''))}</pre></td></tr>"
+        f"<tr><td>{escape(_value(r['rollout_id']))}</td>"
+        f"<td>{escape(_value(r.get('unit_id')))}</td>"
+        f"<td><pre>{escape(_value(r.get('error')))}</pre></td></tr>"
         for r in sorted(failed, key=lambda r: r["rollout_id"])[:MAX_FAILURES_LISTED])
     more = (f"<p>and {len(failed) - MAX_FAILURES_LISTED} more</p>"
             if len(failed) > MAX_FAILURES_LISTED else "")

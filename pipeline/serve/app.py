@@ -100,8 +100,17 @@ def check_resources(config: ServeConfig) -> None:
                             f"or --{kind.lower()}s-per-replica")
 
 
+def serve_logging(*, verbose: bool) -> dict[str, Any]:
+    """Serve's own logging (controller, proxies, replicas, and this process, whose Serve
+    logger is set to INFO when Serve is imported): INFO lines and a line per request only
+    when `verbose`; warnings and errors (a replica that will not start) always."""
+    level = "INFO" if verbose else "WARNING"
+    logging.getLogger("ray.serve").setLevel(level)
+    return {"log_level": level, "enable_access_log": verbose}
+
+
 def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None,
-           board_cls: type | None = None) -> Deployed:
+           board_cls: type | None = None, verbose: bool = False) -> Deployed:
     """Start (or join) Ray, check it can hold the replicas, and run the application (with
     the job board of the official protocol when `board_cls` is given)."""
     from ray import serve
@@ -117,12 +126,15 @@ def deploy(config: ServeConfig, *, replica_cls: type, api_key_sha256: str | None
     started = connect_ray(config.address).started
     try:
         check_resources(config)
-        serve.start(http_options={"host": config.host, "port": config.port})
+        logging_config = serve_logging(verbose=verbose)
+        serve.start(http_options={"host": config.host, "port": config.port},
+                    logging_config=logging_config)
         kwargs = replica_kwargs(config, api_key_sha256=api_key_sha256)
         if board_cls is not None:
             kwargs["jobs"] = board_app(config, board_cls)
         app = serve.deployment(**replica_options(config))(replica_cls).bind(**kwargs)
-        serve.run(app, name=config.name, route_prefix="/", blocking=False)
+        serve.run(app, name=config.name, route_prefix="/", blocking=False,
+                  logging_config=logging_config)
     except RuntimeError as exc:  # Serve reports a replica that would not start this way
         stop(config, started_ray=started)
         raise UserError(f"the model replicas did not start ({str(exc).strip()[-500:]}); the "

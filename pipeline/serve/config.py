@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.contracts.choices import DECODINGS, DEVICES, DTYPES
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.secrets import read_key_file
+from pipeline.contracts.secrets import check_key, read_key_file
 from pipeline.contracts.spec.paths import absolute, is_uri
 
 API_KEY_ENV = "WHAM_API_KEY"
@@ -176,7 +176,7 @@ def resolve_api_key(config: ServeConfig, *, environ: dict[str, str] | None = Non
     if config.api_key_file:
         key = read_key_file(config.api_key_file, what="api_key_file")
     elif env.get(API_KEY_ENV, "").strip():
-        key = env[API_KEY_ENV].strip()
+        key = check_key(env[API_KEY_ENV].strip(), what=API_KEY_ENV)
     if key is None and not is_loopback(config.host):
         raise UserError(f"host {config.host}: refusing to listen beyond loopback without an API "
                         f"key; set {API_KEY_ENV} or pass --api-key-file FILE (or use --host "

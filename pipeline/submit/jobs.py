@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.secrets import public_url, redact
+from pipeline.contracts.secrets import public_url, read_key_file, redact
 from pipeline.driver.preflight import GCS_PORT
 from pipeline.submit.packaging import Submission
 
@@ -28,13 +29,17 @@ TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 REQUEST_TIMEOUT_S = (10.0, 120.0)
 _API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 DEFAULT_POLL_S = 2.0
+#: A line of Ray's own logging at INFO (`2026-12-07 03:29:50,140\tINFO job_manager.py:581 --
+#: ...`); the project's lines look otherwise (`2026-12-07T03:29:50Z INFO pipeline.driver`).
+RAY_INFO_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s+INFO \S+:\d+ -- ")
 
 
 def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Bearer header for Ray token authentication, read the way Ray itself reads it.
 
     With RAY_AUTH_MODE=token (or a token given explicitly) the token comes from
-    RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token.
+    RAY_AUTH_TOKEN, else the file named by RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (a
+    token file is read like a key file: bounded, and a pipe or a device is refused).
     With RAY_AUTH_MODE=disabled or nothing set, no header is sent.
     """
     environ = dict(os.environ if environ is None else environ)
@@ -44,14 +49,11 @@ def auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
     token = environ.get("RAY_AUTH_TOKEN", "").strip()
     if not token and environ.get("RAY_AUTH_TOKEN_PATH"):
         path = Path(environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token ({exc})") from None
+        token = read_key_file(path, what="RAY_AUTH_TOKEN_PATH")
     if not token and mode == "token":
         default = Path(environ.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
-        if default.is_file():
-            token = default.read_text().strip()
+        if default.exists():
+            token = read_key_file(default, what="Ray's token file")
     if not token:
         if mode == "token":
             raise UserError("RAY_AUTH_MODE=token but no token found: set RAY_AUTH_TOKEN or "
@@ -203,13 +205,23 @@ def wait_for_job(
 
 
 def follow_logs(client: JobSubmissionClient, job_id: str, *, timeout_s: float,
-                out: TextIO = sys.stdout) -> bool:
-    """Stream the job's logs to `out` until it ends; False if `timeout_s` ran out first."""
+                out: TextIO = sys.stdout, ray_info: bool = True) -> bool:
+    """Stream the job's logs to `out` until it ends; False if `timeout_s` ran out first.
+    Without `ray_info`, the INFO lines of Ray's own logging (runtime env set-up and the
+    like, in Ray's format) are left out; the job's own lines all pass."""
+    pending = ""  # a line whose end has not arrived yet
+
+    def write(lines: list[str]) -> None:
+        for line in lines:
+            if ray_info or not RAY_INFO_LINE.match(line):
+                out.write(redact(line))
+        out.flush()
 
     async def _tail() -> None:
+        nonlocal pending
         async for chunk in client.tail_job_logs(job_id):
-            out.write(redact(chunk))
-            out.flush()
+            *done, pending = (pending + chunk).split("\n")
+            write([f"{line}\n" for line in done])
 
     async def _bounded() -> bool:
         try:
@@ -219,4 +231,7 @@ def follow_logs(client: JobSubmissionClient, job_id: str, *, timeout_s: float,
         return True
 
     with cluster_errors(client.get_address()):
-        return asyncio.run(_bounded())
+        try:
+            return asyncio.run(_bounded())
+        finally:
+            write([pending] if pending else [])

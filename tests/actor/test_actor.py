@@ -63,7 +63,8 @@ def test_unit_is_generated_written_and_committed(tmp_path: Path) -> None:
     (unit,) = plan(spec)
     receipt = actor.run_unit(unit)
     actor.close()
-    assert (receipt.ok, receipt.failed, receipt.frames) == (6, 0, 18)
+    assert (receipt.ok, receipt.failed, receipt.generated_frames) == (6, 0, 18)
+    assert receipt.stored_frames == 6 * (1 + 3)  # context frames are stored too
     storage = open_storage(spec.output.root)
     assert storage.exists(commit_key(DATE, "act", unit.unit_id))
     rollouts = read(spec, rollouts_part_key(DATE, "act", unit.unit_id)).to_pylist()

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.contracts import layout
+from pipeline.contracts.parts import part_metadata
 from pipeline.contracts.storage import LocalStorage, open_storage
 from workers.actor.encode import WATERMARK_TEXT, corner_block_size
 from workers.actor.writer import OutputWriter, WriteError, WriterSettings
@@ -112,12 +113,15 @@ def test_unit_round_trip(storage):
         writer.finish_rollout("u000000", rollout_row("seed_c-r000", status="failed", error="boom"))
         result = writer.finish_unit("u000000")
     assert (result.rollouts, result.ok, result.failed, result.steps) == (3, 2, 1, 10)
-    assert result.frames == 13 and result.committed  # failed rollout's 3 frames were uploaded
+    assert result.stored_frames == 13 and result.committed  # the failed rollout's 3 too
+    assert result.generated_frames == 6  # 2 ok rollouts x 3 generated steps
 
     steps = pq.read_table(
         io.BytesIO(storage.get_bytes(layout.steps_part_key(**RUN, unit_id="u000000")))
     )
-    assert steps.schema.equals(layout.STEPS_SCHEMA, check_metadata=True)
+    assert steps.schema.equals(layout.STEPS_SCHEMA)
+    assert steps.schema.metadata == part_metadata(
+        layout.STEPS_TABLE, **RUN, unit_id="u000000", plan_fingerprint="")
     assert steps.column("rollout_id").to_pylist() == ["seed_a-r000"] * 5 + ["seed_b-r000"] * 5
     rows = steps.to_pylist()[5:]  # seed_b, in step order
     for step, (row, (_, act, gen, tokens)) in enumerate(zip(rows, sent, strict=True)):
@@ -134,14 +138,17 @@ def test_unit_round_trip(storage):
     rollouts = pq.read_table(
         io.BytesIO(storage.get_bytes(layout.rollouts_part_key(**RUN, unit_id="u000000")))
     )
-    assert rollouts.schema.equals(layout.ROLLOUTS_SCHEMA, check_metadata=True)
+    assert rollouts.schema.equals(layout.ROLLOUTS_SCHEMA)
+    assert rollouts.schema.metadata == part_metadata(
+        layout.ROLLOUTS_TABLE, **RUN, unit_id="u000000", plan_fingerprint="")
     by_id = {r["rollout_id"]: r for r in rollouts.to_pylist()}
     assert by_id["seed_c-r000"]["status"] == "failed" and by_id["seed_c-r000"]["error"] == "boom"
     assert by_id["seed_a-r000"]["unit_id"] == "u000000"
     assert by_id["seed_a-r000"]["started_at"] == NOW
 
     marker = json.loads(storage.get_bytes(layout.commit_key(**RUN, unit_id="u000000")))
-    assert marker["ok"] == 2 and marker["failed"] == 1 and marker["frames"] == 13
+    assert marker["ok"] == 2 and marker["failed"] == 1 and marker["stored_frames"] == 13
+    assert marker["generated_frames"] == 6
     assert marker["schema_version"] == layout.SCHEMA_VERSION and marker["run_id"] == "test-run"
 
 
@@ -305,7 +312,7 @@ def test_pending_uploads_are_bounded(tmp_path):
         feed_rollout(writer, "u000007", "s-r000", context=1, generated=11)
         writer.finish_rollout("u000007", rollout_row("s-r000"))
         result = writer.finish_unit("u000007")
-    assert result.frames == 12
+    assert result.stored_frames == 12
     assert storage.max_in_flight <= 2  # thread count
     assert writer._slots._value == 3  # every slot handed back  # noqa: SLF001
 
@@ -327,9 +334,9 @@ def test_tokens_disabled_and_frames_disabled(tmp_path):
         feed_rollout(writer, "u000009", "s-r000")
         writer.finish_rollout("u000009", rollout_row("s-r000"))
         result = writer.finish_unit("u000009")
-    assert result.frames == 0 and not list(storage.list_keys("frames/"))
+    assert result.stored_frames == 0 and not list(storage.list_keys("frames/"))
     table = pq.read_table(tmp_path / layout.steps_part_key(**RUN, unit_id="u000009"))
-    assert table.schema.equals(layout.STEPS_SCHEMA, check_metadata=True)
+    assert table.schema.equals(layout.STEPS_SCHEMA)
     assert table.column("image_tokens").null_count == 5
     assert table.column("frame_key").null_count == 5
 

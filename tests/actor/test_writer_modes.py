@@ -37,10 +37,11 @@ def test_parquet_mode_holds_the_same_pngs_in_one_object(tmp_path, where, request
     parquet, png = open_storage(root), LocalStorage(tmp_path / "png")
     result = _write_unit(parquet, "parquet")
     _write_unit(png, "png")
-    assert result.frames == 10 and result.committed  # the failed rollout's frames are left out
+    assert result.stored_frames == 10 and result.committed  # not the failed rollout's frames
     assert list(parquet.list_keys("frames/")) == [layout.frames_part_key(**RUN, unit_id="u000000")]
     frames = _part(parquet, layout.frames_part_key(**RUN, unit_id="u000000"))
-    assert frames.schema.equals(layout.FRAMES_SCHEMA, check_metadata=True)
+    assert frames.schema.equals(layout.FRAMES_SCHEMA)
+    assert frames.schema.metadata[b"wham_batch.unit_id"] == b"u000000"
     steps = _part(parquet, layout.steps_part_key(**RUN, unit_id="u000000"))
     # one frame per step row, in the same order, byte for byte the PNG the png mode uploads
     assert frames.column("rollout_id").to_pylist() == steps.column("rollout_id").to_pylist()
@@ -51,7 +52,7 @@ def test_parquet_mode_holds_the_same_pngs_in_one_object(tmp_path, where, request
     assert set(steps.column("frame_key").to_pylist()) == {
         layout.frames_part_key(**RUN, unit_id="u000000")}
     marker = json.loads(parquet.get_bytes(layout.commit_key(**RUN, unit_id="u000000")))
-    assert marker["frames"] == frames.num_rows == 10
+    assert marker["stored_frames"] == frames.num_rows == 10
 
 
 def test_parquet_mode_writes_frames_then_parts_then_marker(tmp_path):
@@ -63,7 +64,7 @@ def test_parquet_mode_writes_frames_then_parts_then_marker(tmp_path):
 def test_none_mode_stores_only_tokens(tmp_path):
     storage = LocalStorage(tmp_path)
     result = _write_unit(storage, "none")
-    assert result.frames == 0 and not list(storage.list_keys("frames/"))
+    assert result.stored_frames == 0 and not list(storage.list_keys("frames/"))
     steps = _part(storage, layout.steps_part_key(**RUN, unit_id="u000000"))
     assert steps.column("frame_key").null_count == steps.num_rows == 10
     generated = [r for r in steps.to_pylist() if r["generated"]]

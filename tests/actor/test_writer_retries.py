@@ -87,7 +87,7 @@ def test_markers_carry_the_plan_and_their_checksum(tmp_path):
     key = layout.commit_key(**RUN, unit_id="u000000")
     data = storage.get_bytes(key)
     marker = read_marker(data, unit_id="u000000")
-    assert marker["plan_fingerprint"] == "abc" and marker["schema_version"] == 2
+    assert marker["plan_fingerprint"] == "abc" and marker["schema_version"] == 3
     body = json.loads(data)
     for broken, why in ((data[:40], "not valid JSON"),
                         (json.dumps({**body, "ok": 99}).encode(), "checksum does not match"),

@@ -222,14 +222,15 @@ def test_resumed_run_reports_this_attempt_and_the_run_totals_apart(
     config = write_job(tmp_path, seeds=2)
     assert cli_main(["run", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "run ux-2026-01-02 complete: 2 rollouts ok, 0 failed, 4 frames in" in out
+    assert "run ux-2026-01-02 complete: 2 rollouts ok, 0 failed, 4 generated frames (6 " \
+           "frames stored, context included) in" in out
     (tmp_path / "out" / f"_runs/run_date={DATE}/run_id=ux-2026-01-02/commits/u000001.json"
      ).unlink()
     assert cli_main(["run", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "run ux-2026-01-02 complete: this attempt 1 rollouts, 2 frames in" in out
+    assert "run ux-2026-01-02 complete: this attempt 1 rollout, 2 generated frames in" in out
     assert "(1 of 2 units were committed before); run total 2 rollouts ok, 0 failed, " \
-           "4 frames" in out
+           "4 generated frames" in out
     assert out.count("complete") == 1  # one summary, not a log line and a print
     assert cli_main(["run", str(config), "--quiet"]) == 0
     captured = capsys.readouterr()
@@ -237,8 +238,9 @@ def test_resumed_run_reports_this_attempt_and_the_run_totals_apart(
     assert "try:" not in captured.out and " INFO " not in captured.err
     assert "WHAM_LOG_LEVEL" not in os.environ  # quiet actors get it through Ray, not from us
     manifest = json.loads((tmp_path / "out" / manifest_key(DATE, "ux-2026-01-02")).read_text())
-    assert manifest["attempt"] == {"rollouts": 0, "frames": 0, "units": 0}
-    assert manifest["counts"]["frames"] == 4
+    assert manifest["attempt"] == {"rollouts": 0, "generated_frames": 0, "stored_frames": 0,
+                                   "units": 0}
+    assert (manifest["counts"]["generated_frames"], manifest["counts"]["stored_frames"]) == (4, 6)
     software = manifest["software"]
     assert {"wham_batch", "torch", "ray", "pyarrow", "python", "git"} <= set(software)
     assert software["ray"] and software["python"].startswith("3.")
@@ -331,12 +333,12 @@ def test_progress_off_a_terminal_logs_at_least_every_five_seconds(
         assert len(starting) == 3  # at 0 s, 5 s and 10 s
         assert starting[-1] == "r: starting actors (loading the model): 0/2 ready, 10s"
         prog.actor_ready("actor-000")
-        prog.unit_done(UnitReceipt(unit_id="u000000", ok=1, failed=1, frames=3, tokens=0,
+        prog.unit_done(UnitReceipt(unit_id="u000000", ok=1, failed=1, generated_frames=3, tokens=0,
                                    generate_seconds=0.1, write_seconds=0.0, worker="w"))
         now[0] = 16.0
         prog.tick()
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[-1].startswith("r: 2/4 rollouts (1 failed), 3 frames this attempt")
+    assert lines[-1].startswith("r: 2/4 rollouts (1 failed), 3 generated frames this attempt")
     # A blocking step (Ray starting) logs too, from its own thread.
     caplog.clear()
     with caplog.at_level("INFO", logger="pipeline.driver"), \

@@ -61,6 +61,23 @@ def _rollout_rows(root: str) -> list[tuple[str, str, str]]:
     return sorted(zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True))
 
 
+def _actions(root: str) -> dict[str, dict[str, list]]:
+    """run id -> rollout id -> the actions of its generated steps, in order."""
+    import pyarrow.dataset as ds
+
+    from pipeline.contracts.storage import open_storage
+
+    fs, base = open_storage(root).arrow_fs()
+    table = ds.dataset(f"{base}/steps", filesystem=fs, partitioning="hive").to_table(
+        columns=["run_id", "rollout_id", "step", "generated", "action_bins"])
+    out: dict[str, dict[str, list]] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: r["step"]):
+        if row["generated"]:
+            out.setdefault(row["run_id"], {}).setdefault(row["rollout_id"], []).append(
+                row["action_bins"])
+    return out
+
+
 def _runs(root: str, capsys: pytest.CaptureFixture[str]) -> list[dict]:
     from pipeline.cli import main as cli_main
 
@@ -90,8 +107,11 @@ def test_same_date_resumes_and_new_date_partitions(
     storage = open_storage(s3_bucket)
     storage.delete(frames_part_key("2026-11-29", "nightly-2026-11-29", "u000000"))
     assert _night(s3_bucket, "2026-11-29") == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "fails the check against storage" in err and "frames part" in err
+    # The summary says what the repair did, and nothing that contradicts it.
+    assert "nothing left to generate" not in out
+    assert "this attempt 1 rollout, 2 generated frames" in out and "1 unit redone" in out
     assert storage.exists(frames_part_key("2026-11-29", "nightly-2026-11-29", "u000000"))
     assert _rollout_rows(s3_bucket) == first
 
@@ -117,8 +137,14 @@ def test_same_date_resumes_and_new_date_partitions(
         ("2026-11-30", "nightly-2026-11-30", "complete")]
     for run in runs:
         assert (run["units_committed"], run["units_planned"]) == (2, 2)
-        assert run["rollouts_ok"] == 2 and run["frames"] == 4
+        assert run["rollouts_ok"] == 2 and run["generated_frames"] == 4
+        assert run["stored_frames"] == 2 * (1 + 2)  # the context frames are stored too
         assert run["frames_per_second"] > 0
+
+    # Every night generates new rollouts: same seeds, same rollout ids, other actions.
+    nights = _actions(s3_bucket)
+    assert nights["nightly-2026-11-29"].keys() == nights["nightly-2026-11-30"].keys()
+    assert nights["nightly-2026-11-29"] != nights["nightly-2026-11-30"]
 
     from pipeline.cli import main as cli_main
 

@@ -33,6 +33,7 @@ from pipeline.contracts.layout import (
     steps_part_key,
     success_key,
 )
+from pipeline.contracts.parts import check_part
 from pipeline.contracts.spec import JobSpec, spec_from_data
 from pipeline.contracts.storage import open_storage
 from pipeline.driver import actor_name, run_job
@@ -86,7 +87,7 @@ def test_local_and_s3_roots(tmp_path: Path, where: str, request: pytest.FixtureR
     spec = spec_from_data(job_data(tmp_path, root))
     summary = run_job(spec, actor_cls=RolloutActor, progress=False)
     assert summary.complete and summary.ok
-    assert (summary.rollouts_ok, summary.rollouts_failed, summary.frames) == (24, 0, 96)
+    assert (summary.rollouts_ok, summary.rollouts_failed, summary.generated_frames) == (24, 0, 96)
     storage = open_storage(root)
     run_id = spec.run.run_id
     assert storage.exists(success_key(DATE, run_id)) and storage.exists(manifest_key(DATE, run_id))
@@ -105,12 +106,18 @@ def test_local_and_s3_roots(tmp_path: Path, where: str, request: pytest.FixtureR
              for k in storage.list_keys(commits_prefix(DATE, run_id))]
     assert len(units) == summary.units_total == 6
     for uid in units:
-        part = pq.read_table(io.BytesIO(storage.get_bytes(steps_part_key(DATE, run_id, uid))))
-        assert part.schema.equals(STEPS_SCHEMA, check_metadata=True)
-        part = pq.read_table(io.BytesIO(storage.get_bytes(rollouts_part_key(DATE, run_id, uid))))
-        assert part.schema.equals(ROLLOUTS_SCHEMA, check_metadata=True)
-        part = pq.read_table(io.BytesIO(storage.get_bytes(frames_part_key(DATE, run_id, uid))))
-        assert part.schema.equals(FRAMES_SCHEMA, check_metadata=True)
+        key = steps_part_key(DATE, run_id, uid)
+        part = pq.read_table(io.BytesIO(storage.get_bytes(key)))
+        assert part.schema.equals(STEPS_SCHEMA)
+        check_part(key, part.schema.metadata)  # and it says it is this unit's part
+        key = rollouts_part_key(DATE, run_id, uid)
+        part = pq.read_table(io.BytesIO(storage.get_bytes(key)))
+        assert part.schema.equals(ROLLOUTS_SCHEMA)
+        check_part(key, part.schema.metadata)
+        key = frames_part_key(DATE, run_id, uid)
+        part = pq.read_table(io.BytesIO(storage.get_bytes(key)))
+        assert part.schema.equals(FRAMES_SCHEMA)
+        check_part(key, part.schema.metadata)
         assert part.num_rows == 4 * (1 + 4)  # frames: parquet (the default), one per step row
         for png in part.column("png").to_pylist():
             image = Image.open(io.BytesIO(png))

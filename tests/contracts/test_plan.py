@@ -58,6 +58,29 @@ def test_rng_seeds_depend_only_on_run_seed_seed_and_index() -> None:
     assert seeds == {u.items[0].rng_seed for u in small}
 
 
+def test_rng_seeds_mix_in_the_run_id_when_given() -> None:
+    by_run = {run_id: make_plan(SEEDS, run_seed=3, per_seed=2, unit_size=3, run_id=run_id)
+              for run_id in ("night-a", "night-b")}
+    a, b = by_run["night-a"], by_run["night-b"]
+    # the same units and rollout ids, other rng seeds: new data per run id
+    assert [(u.unit_id, [i.rollout_id for i in u.items]) for u in a] == \
+        [(u.unit_id, [i.rollout_id for i in u.items]) for u in b]
+    seeds_a = [i.rng_seed for u in a for i in u.items]
+    seeds_b = [i.rng_seed for u in b for i in u.items]
+    assert not set(seeds_a) & set(seeds_b)
+    assert plan_fingerprint(a) != plan_fingerprint(b)
+    assert make_plan(SEEDS, run_seed=3, per_seed=2, unit_size=3, run_id="night-a") == a
+    assert rng_seed_for(3, "s01", 1, run_id="night-a") == a[1].items[0].rng_seed
+
+
+def test_config_scoped_rng_seeds_are_those_of_plans_made_before_seed_scopes() -> None:
+    # Values of the formula every run used before seed scopes existed: runs written then
+    # resume with these seeds.
+    assert rng_seed_for(7, "seed_a", 3) == 4846744161376537846
+    assert rng_seed_for(0, "clip_1000000", 0) == 8194651306709789648
+    assert rng_seed_for(7, "seed_a", 3, run_id="r") != 4846744161376537846
+
+
 def test_unsafe_seed_names_become_safe_rollout_ids() -> None:
     units = make_plan([Seed("../evil name", "/x/a"), Seed("ok", "/x/b")], run_seed=0,
                       per_seed=1, unit_size=8)
@@ -74,11 +97,11 @@ def test_bad_sizes_rejected() -> None:
 def test_resume_skips_committed_units(tmp_path: Path) -> None:
     storage = open_storage(str(tmp_path))
     units = make_plan(SEEDS, run_seed=0, per_seed=2, unit_size=3)
-    counts = dict.fromkeys(("rollouts", "ok", "failed", "steps", "frames", "previews"), 1)
+    counts = dict.fromkeys(("rollouts", "ok", "failed", "steps", "stored_frames", "previews"), 1)
     for run_id, uid in (("r1", "u000001"), ("r1", "u000003"), ("other", "u000000")):
         storage.put_bytes(commit_key("2026-01-02", run_id, uid), marker_bytes(
             run_date="2026-01-02", run_id=run_id, unit_id=uid, plan_fingerprint="p",
-            counts=counts))
+            counts=counts, objects={}))
     storage.put_bytes(commit_key("2026-01-02", "r1", "u000002"), b'{"schema_vers')  # cut short
     markers = read_markers(storage, run_date="2026-01-02", run_id="r1")
     assert set(markers.good) == {"u000001", "u000003"}

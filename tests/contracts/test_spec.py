@@ -172,7 +172,9 @@ def test_every_field_has_a_description() -> None:
 
 def test_cli_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, BASE)
-    (tmp_path / "seeds").mkdir()  # validate also checks that local inputs exist
+    (tmp_path / "seeds").mkdir()  # validate also checks that local inputs exist and decode
+    demo = Path(__file__).resolve().parents[2] / "configs" / "seeds" / "demo" / "scene_00.png"
+    (tmp_path / "seeds" / "a.png").write_bytes(demo.read_bytes())
     assert cli_main(["validate", str(path), "--set", "rollouts.steps=7"]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["rollouts"]["steps"] == 7 and out["run"]["run_id"] == "t-2026-01-02"

@@ -157,3 +157,26 @@ def test_backoff_grows_and_spreads() -> None:
         assert 0.25 * 2**attempt <= min(values) <= max(values) <= 0.5 * 2**attempt
         assert len(set(values)) > 1  # jittered
     assert backoff_delay(30) <= 30.0
+
+
+def test_a_conditional_write_where_no_file_can_be_is_refused_by_name(tmp_path: Path) -> None:
+    """A folder, a pipe or a link standing at a key: a conditional create said "taken"
+    (the caller then looked for an object that reads as absent, over and over), and a
+    replace of a link said "try again"."""
+    storage = LocalStorage(tmp_path / "root")
+    storage.put_bytes("a/keep.txt", b"x")
+    (tmp_path / "outside.json").write_text("{}")
+    (tmp_path / "root/a/folder").mkdir()
+    os.mkfifo(tmp_path / "root/a/pipe")
+    os.symlink(tmp_path / "nowhere", tmp_path / "root/a/dangling")
+    os.symlink(tmp_path / "outside.json", tmp_path / "root/a/link")
+    for name, said in (("folder", "a/folder is not a file"), ("pipe", "a/pipe is not a file"),
+                       ("dangling", "symbolic link .*a/dangling"),
+                       ("link", "symbolic link .*a/link")):
+        key = f"a/{name}"
+        for write, kwargs in ((storage.create_if_absent, {"data": b"{}"}),
+                              (storage.put_if, {"data": b"{}", "match": "0" * 64}),
+                              (storage.delete_if, {"match": "0" * 64})):
+            with pytest.raises(StorageFatalError, match=said):
+                write(key, **kwargs)
+    assert (tmp_path / "outside.json").read_text() == "{}"

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import NIGHTS
+from conftest import NIGHTS, _two_seeds, run_in_process
 
 from pipeline.cli import main as cli_main
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
 from pipeline.dataset import RolloutWindows
 from pipeline.query import query
+from workers.actor.replica import load_replica
 
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("av")
@@ -139,9 +142,11 @@ def test_output_folders_are_never_overwritten_by_surprise(three_runs, tmp_path, 
     out = tmp_path / "export"
     assert _export(three_runs, out, fmt, *run) == 0
     assert _export(three_runs, out, fmt, *run) == 2
-    (out / "stale.txt").write_text("old")
+    stale = out / ("data/chunk-000/file-009.parquet" if fmt == "lerobot"
+                   else "data-00001-of-00002.arrow")
+    stale.write_text("old")
     assert _export(three_runs, out, fmt, "--run-id", "night-*", "--overwrite") == 0
-    assert not (out / "stale.txt").exists()
+    assert not stale.exists()
     assert "8 episodes" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "kept"]  # nothing staged
 
@@ -194,3 +199,25 @@ def test_damaged_parts_are_named_and_called_damaged(three_runs, tmp_path, capsys
     assert _export(root, tmp_path / "out", fmt, "--run-id", "night-b") == 2
     err = capsys.readouterr().err
     assert f"{steps} is damaged (not a readable Parquet file" in err, err
+
+
+def test_image_tokens_that_do_not_decode_are_named_as_damaged(tmp_path):
+    """A tokens-only run whose steps part holds a token its model does not have, or a step
+    with fewer tokens than the others: the loader's error named neither the file nor
+    damage (the model's own "values must lie in [0, 64)", or numpy's "inhomogeneous
+    shape")."""
+    seeds = _two_seeds(tmp_path / "seeds")
+    root = tmp_path / "out"
+    run_in_process(seeds, root, run_id="tok", run_date=NIGHTS[0][0], previews=False,
+                   frames="none")
+    decoder = load_replica(checkpoint=None, preset="tiny", device="cpu", dtype="float32")
+    part = root / layout.steps_part_key(NIGHTS[0][0], "tok", "u000000")
+    whole = pq.read_table(part)
+    column = whole.schema.get_field_index("image_tokens")
+    for damage in (lambda tokens: tokens.__setitem__(0, 65535), lambda tokens: tokens.pop()):
+        rows = whole.column("image_tokens").to_pylist()
+        damage(rows[1])
+        pq.write_table(whole.set_column(column, whole.schema.field(column),
+                                        pa.array(rows, whole.schema.field(column).type)), part)
+        with pytest.raises(UserError, match=f"{part} is damaged .*image tokens"):
+            list(RolloutWindows(str(root), window=2, decoder=decoder).iter_windows())

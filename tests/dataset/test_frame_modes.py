@@ -34,7 +34,7 @@ def test_objects_written_per_mode(mode_roots):
         counts[mode] = sum(k.startswith("frames/") for k in keys)
         manifest = json.loads(open_storage(root).get_bytes(layout.manifest_key(DATE, RUN_ID)))
         assert manifest["spec"]["output"]["frames"] == mode
-        assert manifest["schema_version"] == layout.SCHEMA_VERSION == 2
+        assert manifest["schema_version"] == layout.SCHEMA_VERSION == 3
     assert counts == {"png": 36, "parquet": 3, "none": 0}  # one PNG per step; one part per unit
 
 

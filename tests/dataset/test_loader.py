@@ -126,7 +126,8 @@ def test_filters_by_run_status_and_quality(mode_roots):
     good = RolloutWindows(root, window=6, where=f"mean_logprob > {cut}")
     want = {r["rollout_id"] for r in rollouts if r["mean_logprob"] > cut}
     assert {w["rollout_id"] for w in good.iter_windows()} == want and 0 < len(want) < 6
-    assert len(RolloutWindows(root, window=6, run_id="other")) == 0
+    with pytest.raises(UserError, match="run_id=other: no such run"):
+        RolloutWindows(root, window=6, run_id="other")
     assert len(RolloutWindows(root, window=6, status="failed")) == 0
     only_generated = RolloutWindows(root, window=5, generated_only=True, frames=False)
     items = list(only_generated.iter_windows())
@@ -162,3 +163,15 @@ def test_a_root_of_two_models_is_refused_naming_its_runs(two_models):
         assert {b["image_tokens"].shape[-1] for b in batches} == {tokens}
     globbed = RolloutWindows(str(two_models), window=2, run_id="run-t*", frames=False)
     assert {s.run_id for s in globbed.shards} == {"run-tiny"}
+
+
+def test_a_run_id_that_names_no_run_is_refused(two_models):
+    """A typo in a run id gave an empty epoch, silently; a filter that selects nothing of a
+    run that exists still gives one."""
+    for run_id in ("run-tinyy", ["run-tiny", "run-tinyy"]):
+        with pytest.raises(UserError, match=r"run_id=run-tinyy: no such run under .*"
+                           r"runs there: run-tiny, run-vit"):
+            RolloutWindows(str(two_models), window=2, run_id=run_id)
+    assert len(RolloutWindows(str(two_models), window=2, run_id="run-tiny",
+                              where="mean_logprob > 1000")) == 0
+    assert len(RolloutWindows(str(two_models), window=2, run_id="zz-*")) == 0  # a glob too

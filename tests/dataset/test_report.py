@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,11 @@ from pipeline.contracts import layout
 from pipeline.contracts.storage import open_storage
 from pipeline.dataset import RolloutWindows
 from pipeline.query import query
+from pipeline.report import write_report
 from pipeline.report.browser import find_browser, screenshot
 from pipeline.report.charts import throughput
-from pipeline.report.gather import worst_first
+from pipeline.report.gather import MAX_PICTURE_BYTES, RunData, worst_first
+from pipeline.report.page import MAX_ERRORS_COUNTED, render
 
 needs_browser = pytest.mark.skipif(find_browser() is None,
                                    reason="Chromium is not installed (.ci/run installs it)")
@@ -191,3 +194,59 @@ def test_throughput_spreads_frames_over_the_time_they_took():
     assert rates[:10] == pytest.approx([4.0] * 10)  # 120 frames in 30 s
     assert rates[10:20] == pytest.approx([0.0] * 10)  # the gap between the attempts
     assert rates[20:] == pytest.approx([1.0] * 10)
+
+
+def test_a_page_of_many_long_errors_stays_small_and_inert():
+    """Thousands of failed rollouts, each with its own long error (a root written by
+    anyone), and markup in every text: the page keeps to a bounded size, and nothing in it
+    is a script or an element handler."""
+    markup = '</script><script>alert(1)</script>"><img src=x onerror=alert(1)>'
+    t0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+    rows = [{"rollout_id": f"r{i:05d}", "unit_id": "u000000", "seed_id": markup,
+             "status": "failed", "error": f"error {i}: {markup}" + "x" * 20_000,
+             "generated_steps": 0, "started_at": t0, "finished_at": t0}
+            for i in range(3000)]
+    data = RunData(root="/out", run_date=DATE, run_id="run", manifest={"spec": {
+                   "run": {"name": markup * 10_000}}}, status={"status": markup},
+                   rollouts=rows, tiles=[])
+    html = render(data)
+    assert len(html) < 1_000_000, len(html)
+    assert "error 0: &lt;/script&gt;" in html and "more characters" in html
+    assert f"and {3000 - MAX_ERRORS_COUNTED} other errors" in html
+    tags: list[tuple[str, list]] = []
+    parser = HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: tags.append((tag, attrs))
+    parser.feed(html)
+    assert not [t for t, attrs in tags
+                if t == "script" or any(k.startswith("on") for k, _ in attrs)]
+
+
+def test_previews_fill_the_page_only_up_to_its_budget(three_runs, tmp_path):
+    """Previews of long rollouts run to megabytes each, and a page embeds them: 300 tiles of
+    8 MB made a page of gigabytes. Past the page's budget, a tile shows its rollout's first
+    generated and last frames instead, as for a run without previews."""
+    root = tmp_path / "root"
+    shutil.copytree(three_runs, root)
+    folder = root / layout.run_prefix(layout.PREVIEWS_DIR, "2026-02-03", "night-a")
+    budget = 2**20
+    for gif in sorted(folder.iterdir()):
+        gif.write_bytes(gif.read_bytes() + b"\0" * (budget // 3))  # two fit, two do not
+    out = tmp_path / "report.html"
+    write_report(str(root), run_id="night-a", out=str(out), max_picture_bytes=budget)
+    html = out.read_text()
+    assert len(html) < budget * 4 // 3 + 2**17, len(html)
+    kinds = re.findall(r'<img alt="[^"]+" src="data:image/(gif|png)', html)
+    assert sorted(kinds) == ["gif"] * 2 + ["png"] * 4, kinds  # 2 previews, 2 pairs of frames
+    assert "did not fit the page" in html
+    assert MAX_PICTURE_BYTES <= 64 * 2**20  # what the command line gets
+
+
+def test_a_manifest_nested_past_the_recursion_limit_is_unreadable_not_a_crash(three_runs,
+                                                                               tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(three_runs, root)
+    (root / layout.manifest_key("2026-02-03", "night-a")).write_bytes(b"[" * 60_000)
+    out = tmp_path / "report.html"
+    assert cli_main(["report", str(root), "--run-id", "night-a", "--out", str(out)]) == 0
+    assert cli_main(["runs", str(root)]) == 0
+    assert "no manifest yet" in out.read_text()

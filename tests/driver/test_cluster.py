@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -222,6 +223,35 @@ def test_auth_headers_follow_ray_token_sources(tmp_path: Path) -> None:
         "Authorization": "Bearer t3"}
 
 
+
+def test_a_ray_token_file_is_read_like_a_key_file(tmp_path: Path) -> None:
+    """A token file that is a FIFO blocked the command for good, and one of 5,000 bytes (or
+    /dev/zero, without end) was read whole and sent as the token."""
+    from pipeline.contracts.errors import UserError
+    from pipeline.submit import auth_headers
+
+    big = tmp_path / "big"
+    big.write_bytes(b"t" * 5000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, said in ((big, "larger than 4096 bytes"), (fifo, "not a regular file")):
+        got: list[object] = []
+
+        def read(path: Path = path, got: list = got) -> None:
+            try:
+                got.append(auth_headers({"RAY_AUTH_TOKEN_PATH": str(path)}))
+            except UserError as exc:
+                got.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=10)
+        if reader.is_alive():  # blocked on the FIFO: let it go before failing
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"reading the token file {path} blocked")
+        assert isinstance(got[0], UserError) and said in str(got[0]), got
+        assert f"RAY_AUTH_TOKEN_PATH {path}" in str(got[0])
+
 def test_submission_layout_for_project_outside_and_image_configs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.contracts.errors import UserError
@@ -319,6 +349,7 @@ def test_submit_wait_then_query_logs_status_runs(
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = result.stdout.splitlines()[0].strip()
     assert "SUCCEEDED" in result.stdout
+    assert " INFO " not in result.stderr  # Ray's upload lines only with --verbose
 
     info = _client(address).get_job_info(job_id)
     run_id = info.metadata["wham_batch_run_id"]
@@ -346,7 +377,8 @@ def test_submit_wait_then_query_logs_status_runs(
     assert runs.returncode == 0, runs.stderr
     (run,) = [json.loads(line) for line in runs.stdout.splitlines()]
     assert run["run_id"] == run_id and run["status"] == "complete"
-    assert run["rollouts_ok"] == 2 and run["frames"] == 4
+    assert run["rollouts_ok"] == 2 and run["generated_frames"] == 4
+    assert run["stored_frames"] == 2 * (1 + 2)  # the context frames are stored too
 
     # The run's metrics reached the node's Prometheus endpoint, tagged with its run id.
     port = ray_head["metrics_port"]
@@ -388,6 +420,9 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
                  *_sets(sets))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "run outside complete" in result.stdout  # the driver's log, streamed
+    # Quiet by default: none of Ray's INFO lines (packaging, the job's runtime env set-up).
+    assert "INFO packaging.py" not in result.stderr and "Uploading package" not in result.stderr
+    assert "Runtime env is setting up" not in result.stdout
 
     # Valid spec, but the job itself fails (no seeds there): --wait reports it, exit 1.
     # Sent in image mode: only the config travels and the driver imports the installed

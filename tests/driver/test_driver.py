@@ -57,12 +57,18 @@ class StubActor:
             crash_flag.unlink()  # crash once: the retry must succeed
             os._exit(1)
         n = unit.num_rollouts
-        commit_unit(self.storage, self.spec, unit)
+        written = commit_unit(self.storage, self.spec, unit)
         log = Path(self.spec.output.root) / "ran.log"
         with open(log, "a") as f:
             f.write(unit.unit_id + "\n")
-        return UnitReceipt(unit_id=unit.unit_id, ok=n, failed=0, frames=n * 2, tokens=0,
-                           generate_seconds=delay, write_seconds=0.0, worker=self.worker)
+        # With an "adapt" file, each seed's first rollout reports its seed resized, as the
+        # real actor does for seeds of another size.
+        first = sum(i.rollout_index == 0 for i in unit.items)
+        adapted = ({"resized 96x64 -> 16x16": first}
+                   if first and (root / "adapt").exists() else {})
+        return UnitReceipt(unit_id=unit.unit_id, ok=n, failed=0, generated_frames=n * 2, tokens=0,
+                           generate_seconds=delay, write_seconds=0.0, worker=self.worker,
+                           stored_frames=written.stored_frames, adaptations=adapted)
 
 
 def make_spec(tmp_path: Path, *, seeds: int = 10, **resources: object) -> JobSpec:
@@ -91,7 +97,8 @@ def test_fan_out_commits_every_unit(tmp_path: Path) -> None:
     events = []
     summary = run_job(spec, actor_cls=StubActor, progress=False, on_event=events.append)
     assert summary.complete and summary.ok
-    assert summary.units_total == 7 and summary.rollouts_ok == 20 and summary.frames == 40
+    assert summary.units_total == 7 and summary.rollouts_ok == 20
+    assert (summary.generated_frames, summary.stored_frames) == (40, 0)  # frames: none
     assert sorted(ran_units(spec)) == [f"u{i:06d}" for i in range(7)]
     storage = open_storage(spec.output.root)
     assert storage.exists(success_key("2026-01-02", "drv"))
@@ -222,10 +229,10 @@ def test_progress_logs_plain_lines_without_a_tty(caplog: pytest.LogCaptureFixtur
     prog = progress.Progress(run_id="r", totals=totals, show=True)
     prog.start()
     with caplog.at_level("INFO", logger="pipeline.driver"):
-        prog.unit_done(UnitReceipt(unit_id="u000000", ok=1, failed=1, frames=3, tokens=0,
+        prog.unit_done(UnitReceipt(unit_id="u000000", ok=1, failed=1, generated_frames=3, tokens=0,
                                    generate_seconds=0.1, write_seconds=0.0, worker="w"))
     prog.close()
-    assert "r: 2/4 rollouts (1 failed), 3 frames" in caplog.text
+    assert "r: 2/4 rollouts (1 failed), 3 generated frames" in caplog.text
     assert (totals.rollouts_ok, totals.rollouts_failed, totals.units_done) == (1, 1, 1)
 
 
@@ -267,3 +274,66 @@ def test_a_rerun_that_does_not_complete_removes_an_old_success(tmp_path: Path) -
     assert not storage.exists(success_key("2026-01-02", "drv"))
     manifest = json.loads(storage.get_bytes(manifest_key("2026-01-02", "drv")))
     assert manifest["status"] != "complete"
+
+
+def test_seed_adaptations_are_one_line_per_run(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    spec = make_spec(tmp_path)
+    (Path(spec.output.root)).mkdir(parents=True)
+    (Path(spec.output.root) / "adapt").touch()
+    with caplog.at_level("INFO", logger="pipeline.driver"):
+        run_job(spec, actor_cls=StubActor, progress=False)
+    lines = [r.getMessage() for r in caplog.records if "made to fit" in r.getMessage()]
+    assert lines == ["run drv: seeds made to fit the model: 10 seeds resized 96x64 -> 16x16"]
+
+
+def test_a_resume_with_nothing_to_do_keeps_the_runs_frames_per_second(tmp_path: Path) -> None:
+    from pipeline.driver.run_state import list_runs
+
+    spec = make_spec(tmp_path)
+    first = run_job(spec, actor_cls=StubActor, progress=False)
+    (before,) = list_runs(spec.output.root)
+    again = run_job(spec, actor_cls=StubActor, progress=False)
+    assert "nothing left to generate" in again.line() and again.frames_per_second == 0.0
+    (after,) = list_runs(spec.output.root)
+    assert after.frames_per_second == before.frames_per_second > 0
+    assert (after.generated_frames, after.stored_frames) == (first.generated_frames, 0)
+    manifest = json.loads(open_storage(spec.output.root).get_bytes(
+        manifest_key("2026-01-02", "drv")))
+    assert manifest["counts"]["generated_frames"] == 40 and manifest["seed_scope"] == "run"
+    assert manifest["throughput"]["generated_frames"] == 40
+
+
+def _rng_seeds(spec: JobSpec, run_id: str = "drv") -> dict[str, int]:
+    from pipeline.query import open_table
+
+    rows = open_table(spec.output.root, "rollouts").to_table(
+        columns=["run_id", "rollout_id", "rng_seed"]).to_pylist()
+    return {r["rollout_id"]: r["rng_seed"] for r in rows if r["run_id"] == run_id}
+
+
+def test_a_run_written_before_seed_scopes_resumes_with_its_own_seeds(tmp_path: Path) -> None:
+    spec = make_spec(tmp_path)
+    old = spec.model_copy(update={"run": spec.run.model_copy(update={"seed_scope": "config"})})
+    assert run_job(old, actor_cls=StubActor, progress=False).complete
+    # What a driver of that time left: no seed_scope anywhere, and an interrupted unit.
+    storage = open_storage(spec.output.root)
+    key = manifest_key("2026-01-02", "drv")
+    manifest = json.loads(storage.get_bytes(key))
+    del manifest["seed_scope"], manifest["spec"]["run"]["seed_scope"]
+    storage.put_bytes(key, json.dumps(manifest).encode())
+    storage.delete(layout.commit_key("2026-01-02", "drv", "u000002"))
+    storage.delete(success_key("2026-01-02", "drv"))
+    written = _rng_seeds(spec)
+    summary = run_job(spec, actor_cls=StubActor, progress=False)  # run.seed_scope: run
+    assert summary.complete and summary.units_skipped == 6
+    assert _rng_seeds(spec) == written  # the redone unit kept the old scheme's seeds
+    legacy = {i.rollout_id: i.rng_seed for u in plan_for_spec(spec, discover_seeds(
+        spec.seeds.source), seed_scope="config") for i in u.items}
+    assert written == legacy
+    assert json.loads(storage.get_bytes(key))["seed_scope"] == "config"
+    # A new run id of the same config gets seeds of its own.
+    other = spec.model_copy(update={"run": spec.run.model_copy(update={"run_id": "drv2"})})
+    run_job(other, actor_cls=StubActor, progress=False)
+    seeds2 = _rng_seeds(spec, "drv2")
+    assert seeds2.keys() == written.keys() and not set(seeds2.values()) & set(written.values())

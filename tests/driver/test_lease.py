@@ -24,6 +24,7 @@ from pipeline.driver.lease import RunLease, live_holder
 
 DATE, RUN = "2026-01-02", "leased"
 PID_NS = "/proc/self/ns/pid"
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -276,3 +277,35 @@ def test_a_heartbeat_in_the_future_locks_the_run_only_within_the_timeout(storage
             assert holder(storage)["token"] == mine.token
         assert why in caplog.text
         caplog.clear()
+
+
+def test_a_garbage_lease_is_taken_over_not_a_crash(storage, caplog):
+    """Lease bytes nobody wrote: JSON nested past Python's recursion limit, and a pid
+    larger than any (with this process's host, boot and namespace, so it is probed)."""
+    key = layout.lease_key(DATE, RUN)
+    here = {"host": socket.gethostname(), "boot_id": Path(BOOT_ID).read_text().strip(),
+            "pid_ns": os.readlink(PID_NS), "token": "old", "heartbeat": time.time()}
+    for body, why in ((b"[" * 60_000, "cannot be read"),
+                      (json.dumps({**here, "pid": 2**70}).encode(), "no longer exists")):
+        storage.put_bytes(key, body)
+        assert live_holder(storage, run_date=DATE, run_id=RUN) is None
+        with caplog.at_level("WARNING", logger="pipeline.driver"), lease(storage) as mine:
+            assert holder(storage)["token"] == mine.token
+        assert why in caplog.text
+        caplog.clear()
+
+
+def test_a_lease_that_is_a_folder_or_a_link_is_named(tmp_path):
+    """Not "other drivers keep taking it" after three tries: what stands there, by name."""
+    storage = open_storage(str(tmp_path / "out"))
+    path = Path(storage.key_uri(layout.lease_key(DATE, RUN)))
+    path.mkdir(parents=True)
+    with pytest.raises(UserError, match=f"{path} is not a file"):
+        lease(storage).acquire()
+    path.rmdir()
+    (tmp_path / "stale.json").write_text(json.dumps(
+        {"host": "gone", "pid": 1, "token": "old", "heartbeat": time.time() - 600}))
+    path.symlink_to(tmp_path / "stale.json")
+    with pytest.raises(UserError, match=f"symbolic link {path}"):
+        lease(storage).acquire()
+    assert json.loads((tmp_path / "stale.json").read_text())["token"] == "old"

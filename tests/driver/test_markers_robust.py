@@ -16,13 +16,13 @@ from pipeline.driver.run_state import read_markers, reopen_retryable_units
 from pipeline.driver.verify import verify_run
 
 DATE, RUN = "2026-01-02", "robust"
-COUNTS = {"rollouts": 2, "ok": 1, "failed": 1, "retryable": 0, "steps": 8, "frames": 8,
-          "previews": 1}
+COUNTS = {"rollouts": 2, "ok": 1, "failed": 1, "retryable": 0, "steps": 8,
+          "generated_frames": 6, "stored_frames": 8, "previews": 1}
 
 
 def _good(unit_id: str, **counts: int) -> bytes:
     return marker_bytes(run_date=DATE, run_id=RUN, unit_id=unit_id, plan_fingerprint="p",
-                        counts={**COUNTS, **counts})
+                        counts={**COUNTS, **counts}, objects={})
 
 
 def _signed(unit_id: str, **changes: object) -> bytes:
@@ -40,12 +40,13 @@ MALFORMED = {
     "u000002": (json.dumps({"schema_version": "2", "ok": 1}).encode(), "schema_version '2'"),
     "u000003": (json.dumps({"schema_version": True}).encode(), "schema_version True"),
     "u000004": (_signed("u000004", rollouts="2"), "'rollouts' count '2'"),
-    "u000005": (_signed("u000005", frames=-1), "'frames' count -1"),
+    "u000005": (_signed("u000005", stored_frames=-1), "'stored_frames' count -1"),
     "u000006": (_signed("u000006", previews=1.5), "'previews' count 1.5"),
     "u000007": (_signed("u000007", retryable=None), "'retryable' count None"),
     "u000008": (json.dumps({"schema_version": 1, "steps": [1]}).encode(), "'steps' count"),
     "u000009": (_signed("u000009", plan_fingerprint=["p"]), "'plan_fingerprint'"),
     "u000010": (b" " * (MAX_MARKER_BYTES + 1) + _good("u000010"), "larger than the"),
+    "u000014": (b"[" * 60_000, "not valid JSON"),  # nested past Python's recursion limit
 }
 
 

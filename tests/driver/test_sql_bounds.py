@@ -134,3 +134,30 @@ def test_a_damaged_part_is_named_as_damaged(tmp_path, request, capsys, where):
         assert "storage or network failure" not in err and "resumes" not in err
     with pytest.raises(UserError, match="part-u000001.parquet is damaged"):
         query(uri, run_id=RUNS[0][1])
+
+
+def test_bounds_beyond_any_machine_are_messages(root, capsys):
+    """A deadline a million years away overflowed the wait (OverflowError), and a memory
+    limit past DuckDB's range was its ParserException, both as tracebacks."""
+    for args, said in ((["--timeout", "1e12"], "--timeout must be at most"),
+                       (["--memory-limit", "99999999999999999999999TiB"],
+                        "more than this machine's memory")):
+        assert main(["query", root, "--sql", "SELECT 1", *args]) == 2
+        assert said in capsys.readouterr().err
+    with pytest.raises(UserError, match="--timeout must be at most"):
+        sql(root, "SELECT 1", bounds=QueryBounds(timeout_s=1e12))
+
+
+def test_a_mistake_in_the_query_text_reads_no_part(tmp_path):
+    """A query whose text names a column "parquet" (or a table "magic") fails before it
+    reads anything; its error used to send the query side reading every part of the root
+    whole, looking for a damaged one, and then blame one that was."""
+    uri = str(tmp_path / "out")
+    storage = open_storage(uri)
+    write_run(storage, *RUNS[0])
+    key = layout.steps_part_key(*RUNS[0], "u000001")
+    storage.put_bytes(key, storage.get_bytes(key)[:-20])  # a cut footer: damaged
+    for text, said in (("SELECT parquet FROM steps", 'Referenced column "parquet" not found'),
+                       ("SELECT * FROM magic", "Table with name magic does not exist")):
+        with pytest.raises(UserError, match=said):
+            sql(uri, text)

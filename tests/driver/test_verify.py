@@ -15,9 +15,10 @@ from support.units import commit_unit
 from pipeline.cli import main
 from pipeline.contracts import layout
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.markers import _digest
 from pipeline.contracts.plan import plan_for_spec
 from pipeline.contracts.spec import spec_from_data
-from pipeline.contracts.storage import LocalStorage, open_storage
+from pipeline.contracts.storage import LocalStorage, ObjectHead, open_storage
 from pipeline.driver.discovery import discover_seeds
 from pipeline.driver.run_state import read_markers, run_fingerprint
 from pipeline.driver.verify import check_units, verify_run
@@ -57,7 +58,7 @@ def test_a_whole_run_verifies(written, capsys):
     root, storage, units = written
     check = verify_run(storage, run_date=DATE, run_id="audit")
     assert check.ok and check.units_checked == units
-    assert check.rows == check.frames == units * 4 * 3  # 4 rollouts x (1 + 2 steps)
+    assert check.rows == check.stored_frames == units * 4 * 3  # 4 rollouts x (1 + 2 steps)
     assert main(["verify", root, "--run-id", "audit"]) == 0
     assert f"ok: {units} units" in capsys.readouterr().out
 
@@ -91,23 +92,64 @@ class CountingListings(LocalStorage):
     def __init__(self, root: str) -> None:
         super().__init__(root)
         self.listings: list[tuple[str, str]] = []
+        self.heads: list[str] = []
 
     def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
         self.listings.append((prefix, start_after))
         return super().list_keys(prefix, start_after=start_after)
 
+    def head(self, key: str) -> ObjectHead:
+        self.heads.append(key)
+        return super().head(key)
 
-def test_frames_are_checked_with_one_listing_per_unit(written):
+
+def as_version_2(storage, run_id: str = "audit") -> None:  # noqa: ANN001
+    """Rewrite the run's markers as schema version 2 wrote them: counts only, the stored
+    frames named `frames`, no object sums."""
+    for key in list(storage.list_keys(layout.commits_prefix(DATE, run_id))):
+        body = json.loads(storage.get_bytes(key))
+        for name in ("checksum", "objects", "generated_frames"):
+            del body[name]
+        body["frames"] = body.pop("stored_frames")
+        body["schema_version"] = 2
+        body["checksum"] = _digest(body)
+        storage.put_bytes(key, json.dumps(body).encode())
+
+
+def test_every_frame_object_is_checked_by_its_sum(written):
     root, storage, units = written
     if not isinstance(storage, LocalStorage):
-        pytest.skip("counts listings on the local root")
+        pytest.skip("counts requests on the local root")
     counting = CountingListings(root)
     markers = read_markers(counting, run_date=DATE, run_id="audit").good
     counting.listings.clear()
     check = check_units(counting, run_date=DATE, run_id="audit", markers=markers)
-    assert check.ok and len(counting.listings) == units
-    prefix, start_after = counting.listings[0]
-    assert prefix.startswith(f"frames/run_date={DATE}/run_id=audit/") and start_after > prefix
+    assert check.ok and check.units_by_counts == 0 and counting.listings == []
+    assert sorted(counting.heads) == sorted(
+        k for k in storage.list_keys("frames/") if k.endswith(".png"))
+
+
+def test_version_2_units_are_checked_by_counts_with_one_listing_per_unit(written, capsys):
+    root, storage, units = written
+    as_version_2(storage)
+    counting = CountingListings(root) if isinstance(storage, LocalStorage) else storage
+    markers = read_markers(counting, run_date=DATE, run_id="audit").good
+    assert all(m["stored_frames"] == 12 and "frames" not in m for m in markers.values())
+    if isinstance(counting, CountingListings):
+        counting.listings.clear()
+    check = check_units(counting, run_date=DATE, run_id="audit", markers=markers)
+    assert check.ok and check.units_by_counts == units
+    if isinstance(counting, CountingListings):
+        assert len(counting.listings) == units and counting.heads == []
+        prefix, start_after = counting.listings[0]
+        assert prefix.startswith(f"frames/run_date={DATE}/run_id=audit/")
+        assert start_after > prefix
+    assert main(["verify", root, "--run-id", "audit"]) == 0
+    assert f"{units} units written before schema version 3 were checked by counts only" in \
+        capsys.readouterr().out
+    storage.delete(next(k for k in storage.list_keys("frames/") if k.endswith(".png")))
+    check = verify_run(storage, run_date=DATE, run_id="audit")
+    assert "1 of 12 frames its rows name are missing" in check.bad_units["u000000"][0]
 
 
 def test_listing_after_a_key(written):
@@ -129,7 +171,7 @@ def test_frames_in_parquet_parts_are_checked_row_by_row(where, tmp_path, capsys,
     root = str(tmp_path / "out") if where == "local" else request.getfixturevalue("s3_bucket")
     storage, units = write_run(root, "parquet")
     check = verify_run(storage, run_date=DATE, run_id="audit")
-    assert check.ok and check.rows == check.frames == units * 4 * 3
+    assert check.ok and check.rows == check.stored_frames == units * 4 * 3
     assert not any(k.endswith(".png") for k in storage.list_keys("frames/"))
 
     rewrite_part(storage, layout.frames_part_key(DATE, "audit", "u000000"),
@@ -149,7 +191,7 @@ def test_frames_in_parquet_parts_are_checked_row_by_row(where, tmp_path, capsys,
 def test_rows_without_frame_or_tokens_are_flagged(tmp_path):
     storage, units = write_run(str(tmp_path / "out"), "none")
     check = verify_run(storage, run_date=DATE, run_id="audit")
-    assert check.ok and check.rows == units * 4 * 3 and check.frames == 0
+    assert check.ok and check.rows == units * 4 * 3 and check.stored_frames == 0
 
     def drop_tokens(table: pa.Table) -> pa.Table:
         i = table.schema.get_field_index("image_tokens")
@@ -159,7 +201,7 @@ def test_rows_without_frame_or_tokens_are_flagged(tmp_path):
     rewrite_part(storage, layout.steps_part_key(DATE, "audit", "u000002"), drop_tokens)
     check = verify_run(storage, run_date=DATE, run_id="audit")
     assert list(check.bad_units) == ["u000002"]
-    assert check.bad_units["u000002"] == ["12 rows have neither a frame nor image tokens"]
+    assert "12 rows have neither a frame nor image tokens" in check.bad_units["u000002"]
 
 
 def test_a_foreign_steps_part_is_a_problem_not_a_crash(tmp_path):
@@ -167,5 +209,5 @@ def test_a_foreign_steps_part_is_a_problem_not_a_crash(tmp_path):
     rewrite_part(storage, layout.steps_part_key(DATE, "audit", "u000001"),
                  lambda t: t.drop_columns(["frame_key"]))
     check = verify_run(storage, run_date=DATE, run_id="audit")
-    assert check.bad_units["u000001"] == [
-        "steps part of u000001 has no frame_key column (not a wham-batch steps part)"]
+    assert ("steps part of u000001 has no frame_key column (not a wham-batch steps part)"
+            in check.bad_units["u000001"])

@@ -16,6 +16,7 @@ from support.procs import session_pids
 
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.secrets import MAX_KEY_FILE_BYTES, hide_secret_env, read_key_file, redact
+from pipeline.driver.preflight import check_endpoint
 from pipeline.serve import ServeConfig, resolve_api_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,3 +97,26 @@ def test_the_replicas_environment_holds_no_key(muse_server: ServeProcess) -> Non
     assert replicas, [_cmdline(pid)[:80] for pid in others]
     holding = [_cmdline(pid)[:80] for pid in others if SERVER_KEY.encode() in _environ(pid)]
     assert holding == []
+
+
+def test_a_key_with_space_inside_is_refused_without_showing_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two lines in a key file, or a line break in the key's variable: no header can carry
+    it, and the probe's error used to quote the header, key and all."""
+    key = tmp_path / "key"
+    key.write_text("k-first-1a2b\nk-second-3c4d\n")
+    with pytest.raises(UserError, match="api_key_file .*: the key has spaces") as refused:
+        read_key_file(key, what="api_key_file")
+    monkeypatch.setenv("MUSE_API_KEY", "k-env-5e6f\nk-more-7a8b")
+    with pytest.raises(UserError, match="model.api_key_env: MUSE_API_KEY: the key has") as probe:
+        check_endpoint("http://127.0.0.1:9/score", api_key_env="MUSE_API_KEY", timeout_s=5)
+    with pytest.raises(UserError, match="WHAM_API_KEY: the key has") as served:
+        resolve_api_key(ServeConfig(checkpoint="m"), environ={"WHAM_API_KEY": "k-env-5e6f k"})
+    for text in (str(refused.value), str(probe.value), str(served.value)):
+        assert not any(part in text for part in ("k-first", "k-second", "k-env", "k-more"))
+
+
+def test_a_key_is_masked_without_the_line_break_it_was_set_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUSE_API_KEY", "k-trail-9c0d\n")
+    assert redact("Authorization: Bearer k-trail-9c0d") == "Authorization: Bearer ***"

@@ -286,3 +286,14 @@ def test_the_key_reaches_neither_the_log_nor_rays_session_folder(
     assert any(p.name.endswith((".out", ".err", ".log")) for p in files)
     leaks = [str(p) for p in files if SERVER_KEY.encode() in p.read_bytes()]
     assert leaks == [] and SERVER_KEY not in muse_server.log()
+
+
+def test_the_server_is_quiet_by_default(muse_server: ServeProcess) -> None:
+    """Ray Serve's INFO lines (controller, proxy, a line per request) only with --verbose."""
+    status, _, _ = post(muse_server.url, _req(_entry()))
+    assert status == 200
+    log = muse_server.log()
+    assert "serving at" in log
+    for noise in ("Started Serve", "Deploying new version", "ProxyActor", "ServeReplica",
+                  "POST / 200"):  # the last: Serve's line per request
+        assert noise not in log, log[-2000:]

@@ -184,8 +184,10 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                # A HEAD answer's Content-Length is the object's size (there is no body).
+                drop = _HOP_HEADERS | ({"content-length"} if self.command != "HEAD" else set())
                 return resp.status, [(k, v) for k, v in resp.getheaders()
-                                     if k.lower() not in _HOP_HEADERS | {"content-length"}], data
+                                     if k.lower() not in drop], data
             finally:
                 conn.close()
 
@@ -207,7 +209,8 @@ def _make_handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             for k, v in headers:
                 self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
+            if self.command != "HEAD":
+                self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command == "HEAD":
                 return

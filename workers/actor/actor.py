@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +67,9 @@ class _Tally:
     ok: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
+    #: How its seeds were made to fit the model, counted once per seed (by the unit that
+    #: holds the seed's first rollout).
+    adapted: Counter[str] = field(default_factory=Counter)
 
 
 def _now() -> dt.datetime:
@@ -124,9 +127,11 @@ class RolloutActor:
             raise
         steps = self.spec.rollouts.steps
         return UnitReceipt(
-            unit_id=unit.unit_id, ok=tally.ok, failed=tally.failed, frames=tally.ok * steps,
+            unit_id=unit.unit_id, ok=tally.ok, failed=tally.failed,
+            generated_frames=tally.ok * steps,
             tokens=tally.ok * steps * self.model.tokens_per_step, generate_seconds=generate_s,
-            write_seconds=result.write_seconds, worker=self.worker, errors=tally.errors)
+            write_seconds=result.write_seconds, worker=self.worker, errors=tally.errors,
+            stored_frames=result.stored_frames, adaptations=dict(tally.adapted))
 
     def _generate(self, unit: WorkUnit) -> _Tally:
         tally = _Tally()
@@ -137,7 +142,7 @@ class RolloutActor:
         for items in by_seed.values():
             started = _now()
             try:
-                ready.extend(self._prepare(items))
+                ready.extend(self._prepare(items, tally.adapted))
             except Exception as exc:
                 self._fail(unit, items, exc, started=started, tally=tally)
         for batch in self._batches(ready):
@@ -153,8 +158,9 @@ class RolloutActor:
             for start in range(0, len(group), self.batch_size):
                 yield group[start:start + self.batch_size]
 
-    def _prepare(self, items: list[RolloutItem]) -> list[_Ready]:
-        """Load one seed and build the given actions/observations of its rollouts."""
+    def _prepare(self, items: list[RolloutItem], adapted: Counter[str]) -> list[_Ready]:
+        """Load one seed and build the given actions/observations of its rollouts; count how
+        the seed was adapted in `adapted` (once per run: by the unit of its first rollout)."""
         spec = self.spec
         steps, mode, kind = spec.rollouts.steps, spec.rollouts.mode, spec.rollouts.actions.kind
         needs_future = mode == "policy" or (mode == "world_model" and kind == "replay")
@@ -163,6 +169,8 @@ class RolloutActor:
                          future_steps=steps if needs_future else 0,
                          endpoint_url=spec.seeds.endpoint_url, region=spec.seeds.region,
                          max_bytes=int(spec.seeds.max_file_mb * 2**20))
+        if items[0].rollout_index == 0:
+            adapted.update(seed.adapted)
         ctx_images = np.asarray(seed.context_images, dtype=np.uint8)
         ctx_actions = (np.asarray(seed.context_actions, dtype=np.int64)
                        if seed.context_actions is not None

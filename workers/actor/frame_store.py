@@ -4,7 +4,8 @@ The writer encodes every frame to a PNG on its pool and hands it to the run's ha
 
 - `PngObjects` (`png`): one object per frame, uploaded at once; a step's `frame_key` names it.
 - `ParquetPart` (`parquet`): the PNGs wait in memory until `finish_unit`, then go out as the
-  unit's one frames part; every step's `frame_key` names that part.
+  unit's one frames part (`part`; the writer writes it beside the steps and rollouts
+  parts); every step's `frame_key` names that part.
 - `NoFrames` (`none`): nothing is encoded or stored; the steps keep their image tokens.
 
 `UnitFrames` is what a handler keeps for one unit; `stored` counts the frames it stored
@@ -16,14 +17,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pipeline.contracts import layout
-from workers.actor.tables import StepRow, frames_table, parquet_bytes
+from workers.actor.tables import StepRow, frames_table
 
 #: Writes (key, data, content type) with the writer's retries.
 Put = Callable[[str, bytes, str], None]
-PARQUET_TYPE = "application/vnd.apache.parquet"
 
 
 @dataclass(slots=True)
@@ -49,10 +49,9 @@ class FrameStore(Protocol):
         """Store one encoded frame (runs on the writer's pool)."""
         ...
 
-    def finish(self, frames: UnitFrames, put: Put, *, unit_id: str,
-               rows: list[tuple[str, StepRow]]) -> None:
-        """Store what the unit still holds, once its uploads are done; `rows` are the steps
-        of its ok rollouts."""
+    def part(self, frames: UnitFrames, *, rows: list[tuple[str, StepRow]]) -> Any | None:
+        """The unit's frames part (a pyarrow Table) once its uploads are done, or None when
+        the mode writes none; `rows` are the steps of its ok rollouts."""
         ...
 
 
@@ -77,9 +76,8 @@ class PngObjects(_OfRun):
         with frames.lock:
             frames.stored += 1
 
-    def finish(self, frames: UnitFrames, put: Put, *, unit_id: str,
-               rows: list[tuple[str, StepRow]]) -> None:
-        """Every frame is stored already."""
+    def part(self, frames: UnitFrames, *, rows: list[tuple[str, StepRow]]) -> Any | None:
+        return None  # every frame is an object of its own, stored already
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +92,10 @@ class ParquetPart(_OfRun):
         with frames.lock:
             frames.pngs[(rollout_id, step)] = png
 
-    def finish(self, frames: UnitFrames, put: Put, *, unit_id: str,
-               rows: list[tuple[str, StepRow]]) -> None:
+    def part(self, frames: UnitFrames, *, rows: list[tuple[str, StepRow]]) -> Any | None:
         table = frames_table(rows, frames.pngs)
         frames.stored = table.num_rows
-        put(layout.frames_part_key(self.run_date, self.run_id, unit_id), parquet_bytes(table),
-            PARQUET_TYPE)
+        return table
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +109,8 @@ class NoFrames(_OfRun):
              png: bytes) -> None:
         raise AssertionError("frames: none encodes no frames")
 
-    def finish(self, frames: UnitFrames, put: Put, *, unit_id: str,
-               rows: list[tuple[str, StepRow]]) -> None:
-        """Nothing is stored."""
+    def part(self, frames: UnitFrames, *, rows: list[tuple[str, StepRow]]) -> Any | None:
+        return None  # nothing is stored
 
 
 _STORES: dict[str, type[PngObjects] | type[ParquetPart] | type[NoFrames]] = {

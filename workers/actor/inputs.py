@@ -11,7 +11,8 @@ Seeds are untrusted input:
 
 Frames whose size differs from the model's are resized with Lanczos to exactly (H, W) (the
 aspect ratio is not kept: seeds are expected to be game frames of the model's shape).
-Grey, palette, CMYK and 16-bit grey images are converted to RGB; alpha is dropped.
+Grey, palette, CMYK and 16-bit grey images are converted to RGB; alpha is dropped. A loaded
+seed says how it was adapted (`SeedData.adapted`), so a run can report it in one line.
 
 Given actions (`make_actions`), all in model form int64 (steps, 16):
 - `random`: buttons pressed independently with probability `button_prob`, stick bins uniform
@@ -28,6 +29,7 @@ import io
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -101,6 +103,12 @@ def decode_image(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
     """Image file bytes -> uint8 (H,W,3); raises ValueError or OSError for bombs, truncation
     and non-images. `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`) bounds the
     picture before its pixels are decoded."""
+    return decode_image_mode(data, formats=formats, max_pixels=max_pixels)[0]
+
+
+def decode_image_mode(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
+                      max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    """`decode_image`, and the Pillow mode the picture had (RGB, RGBA, L, I;16, ...)."""
     try:
         # Raster formats only: Pillow would hand EPS/PS seeds to Ghostscript if installed.
         img = Image.open(io.BytesIO(data), formats=formats)
@@ -117,7 +125,7 @@ def decode_image(data: bytes, *, formats: Sequence[str] = SEED_IMAGE_FORMATS,
                 f"{limit} pixels"
             )
         img.load()
-        return _to_rgb_array(ImageOps.exif_transpose(img))
+        return _to_rgb_array(ImageOps.exif_transpose(img)), img.mode
 
 
 def _npz_arrays(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
@@ -162,13 +170,24 @@ def _read(ref: SeedRef, uri: str, *, endpoint_url: str | None, region: str | Non
         raise SeedError(f"seed {ref.seed_id}: cannot read {uri} ({exc})") from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Frames:
+    """A seed as read: its frames uint8 (H,W,3) (a folder's already at the model's size when
+    one was given), its recorded actions (clips, folders), and its first frame's own (H, W)
+    and Pillow mode."""
+
+    frames: Sequence[np.ndarray]
+    actions: np.ndarray | None
+    source_size: tuple[int, int]
+    mode: str
+
+
 def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int,
-                         image_size: tuple[int, int], endpoint_url: str | None,
-                         region: str | None, max_bytes: int | None,
-                         ) -> tuple[list[np.ndarray], np.ndarray, tuple[int, int]]:
-    """A Demonstrator folder: its first `count` frames (uint8 (H,W,3) each at `image_size`,
-    numeric name order), the actions of all of them and the first frame's own (H, W).
-    Every image actions.json names must exist."""
+                         image_size: tuple[int, int] | None, endpoint_url: str | None,
+                         region: str | None, max_bytes: int | None) -> _Frames:
+    """A Demonstrator folder: its first `count` frames (numeric name order; at `image_size`
+    when given) and the actions of all of them. Every image actions.json names must
+    exist."""
     names, actions = demonstrator_actions(data, where=f"seed {ref.seed_id}: {ref.uri}")
     folder = ref.uri[:-len(DEMONSTRATOR_ACTIONS)].rstrip("/")
     try:
@@ -180,22 +199,22 @@ def _demonstrator_frames(ref: SeedRef, data: bytes, *, count: int,
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise SeedError(f"seed {ref.seed_id}: {folder}/{missing[0]}{more} is named in "
                         f"{ref.uri} but does not exist")
-    frames, source_size = [], (0, 0)
+    frames, source_size, first_mode = [], (0, 0), "RGB"
     for name in names[:count]:
         image = SeedRef(seed_id=ref.seed_id, uri=f"{folder}/{name}", root=ref.root)
         _check_inside_root(image)
         raw = _read(image, image.uri, endpoint_url=endpoint_url, region=region,
                     max_bytes=max_bytes)
         try:
-            frame = decode_image(raw)
+            frame, mode = decode_image_mode(raw)
         except (OSError, ValueError, SyntaxError) as exc:
             raise SeedError(f"seed {ref.seed_id} ({image.uri}): not a readable image: "
                             f"{exc}") from None
         if not frames:
-            source_size = (int(frame.shape[0]), int(frame.shape[1]))
+            source_size, first_mode = (int(frame.shape[0]), int(frame.shape[1])), mode
         # Resized at once: large frames compress to little, and a folder holds many.
-        frames.append(resize_frame(frame, image_size))
-    return frames, actions, source_size
+        frames.append(resize_frame(frame, image_size) if image_size else frame)
+    return _Frames(frames, actions, source_size, first_mode)
 
 
 def load_seed(
@@ -218,23 +237,12 @@ def load_seed(
     """
     if context_steps < 1:
         raise ValueError(f"context_steps must be >= 1, got {context_steps}")
-    _check_inside_root(ref)
-    data = _read(ref, ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
     n_wanted = context_steps + max(future_steps, 0)
+    read = _read_seed(ref, count=n_wanted, image_size=image_size, endpoint_url=endpoint_url,
+                      region=region, max_bytes=max_bytes)
+    frames, actions, source_size = read.frames, read.actions, read.source_size
     is_folder = ref.uri.rsplit("/", 1)[-1] == DEMONSTRATOR_ACTIONS
     is_clip = ref.uri.lower().endswith(".npz")
-    try:
-        if is_folder:
-            frames, actions, source_size = _demonstrator_frames(
-                ref, data, count=n_wanted, image_size=image_size, endpoint_url=endpoint_url,
-                region=region, max_bytes=max_bytes)
-        else:
-            frames, actions = _npz_arrays(data) if is_clip else (decode_image(data)[None], None)
-            source_size = (int(frames[0].shape[0]), int(frames[0].shape[1]))
-    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
-        # Pillow reports truncated files as OSError.
-        kind = "bad clip" if is_clip else "not a readable image"
-        raise SeedError(f"seed {ref.seed_id} ({ref.uri}): {kind}: {exc}") from None
     n_ctx = min(context_steps, len(frames))
     end = n_ctx + max(future_steps, 0)
     chw = np.stack([resize_frame(f, image_size) for f in frames[:end]]).transpose(0, 3, 1, 2)
@@ -248,7 +256,54 @@ def load_seed(
         future_images=chw[n_ctx:] if with_future else None,
         future_actions=actions[n_ctx:end] if with_future and actions is not None else None,
         source_size=source_size,
+        adapted=adaptations(source_size=source_size, mode=read.mode, image_size=image_size),
     )
+
+
+def check_seed(ref: SeedRef, *, endpoint_url: str | None = None, region: str | None = None,
+               max_bytes: int | None = None) -> None:
+    """Read and decode one seed as `load_seed` does (the driver's preflight samples seeds
+    with it); SeedError naming the seed when it cannot be used."""
+    _read_seed(ref, count=1, image_size=None, endpoint_url=endpoint_url, region=region,
+               max_bytes=max_bytes)
+
+
+def _read_seed(ref: SeedRef, *, count: int, image_size: tuple[int, int] | None,
+               endpoint_url: str | None, region: str | None, max_bytes: int | None) -> _Frames:
+    """A seed's frames as `_Frames` (a Demonstrator folder's first `count`); SeedError
+    (SeedReadError when reading failed) naming the seed and the file."""
+    _check_inside_root(ref)
+    data = _read(ref, ref.uri, endpoint_url=endpoint_url, region=region, max_bytes=max_bytes)
+    is_clip = ref.uri.lower().endswith(".npz")
+    try:
+        if ref.uri.rsplit("/", 1)[-1] == DEMONSTRATOR_ACTIONS:
+            return _demonstrator_frames(ref, data, count=count, image_size=image_size,
+                                        endpoint_url=endpoint_url, region=region,
+                                        max_bytes=max_bytes)
+        if is_clip:
+            frames, actions = _npz_arrays(data)
+            mode = "RGB"  # clips are uint8 RGB by their format
+        else:
+            image, mode = decode_image_mode(data)
+            frames, actions = image[None], None
+    except (OSError, ValueError, SyntaxError, zipfile.BadZipFile) as exc:
+        # Pillow reports truncated files as OSError.
+        kind = "bad clip" if is_clip else "not a readable image"
+        raise SeedError(f"seed {ref.seed_id} ({ref.uri}): {kind}: {exc}") from None
+    return _Frames(frames, actions, (int(frames[0].shape[0]), int(frames[0].shape[1])), mode)
+
+
+def adaptations(*, source_size: tuple[int, int], mode: str,
+                image_size: tuple[int, int]) -> tuple[str, ...]:
+    """How a seed of (H, W) `source_size` and Pillow `mode` was made to fit the model's
+    (H, W), in words: e.g. ("resized 96x64 -> 32x32", "converted RGBA -> RGB")."""
+    out = []
+    if tuple(source_size) != tuple(image_size):
+        (h, w), (th, tw) = source_size, image_size
+        out.append(f"resized {w}x{h} -> {tw}x{th}")
+    if mode != "RGB":
+        out.append(f"converted {mode} -> RGB")
+    return tuple(out)
 
 
 def make_actions(

@@ -118,8 +118,12 @@ class ScoreResult:
 
 
 def _shown(value: Any) -> str:
-    """A bad value as an error shows it: its repr, cut short (a number may have 4000 digits)."""
-    text = repr(value)
+    """A bad value as an error shows it: as JSON (the client sent JSON, not Python), cut
+    short (a number may have 4000 digits)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
     return text if len(text) <= 40 else f"{text[:32]}... ({len(text)} characters)"
 
 
@@ -192,8 +196,8 @@ def frame_from_bytes(raw: bytes, *, field: str, size: tuple[int, int] | None) ->
     try:
         frame = decode_image(raw, formats=IMAGE_FORMATS, max_pixels=MAX_IMAGE_PIXELS)
     except Exception as exc:  # Pillow raises assorted types (struct.error, ...) on bad files
-        raise ProtocolError(field, f"not a readable PNG or JPEG image "
-                                   f"({type(exc).__name__}: {exc})") from None
+        raise ProtocolError(field, "not a readable PNG or JPEG image: "
+                                   f"{str(exc) or type(exc).__name__}") from None
     if size is not None:
         frame = resize_frame(frame, size)
     return np.ascontiguousarray(frame.transpose(2, 0, 1))

@@ -104,11 +104,13 @@ def rollouts_table(rollouts: Mapping[str, Mapping[str, Any]]) -> Any:
     )
 
 
-def parquet_bytes(table: Any) -> bytes:
+def parquet_bytes(table: Any, *, metadata: Mapping[bytes, bytes] | None = None) -> bytes:
     """`table` as a Parquet file: zstd, except PNG bytes (compressed already: zstd over them
-    costs time and saves nothing)."""
+    costs time and saves nothing); `metadata` replaces the schema's key-value metadata."""
     import pyarrow.parquet as pq
 
+    if metadata is not None:
+        table = table.replace_schema_metadata(metadata)
     sink = io.BytesIO()
     compression = {name: "none" if name == "png" else "zstd" for name in table.column_names}
     pq.write_table(table, sink, compression=compression)

@@ -25,7 +25,7 @@ uploaded stay and are overwritten by a retry; their frames never reach a frames 
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import threading
 import time
 from collections.abc import Mapping
@@ -36,27 +36,23 @@ from typing import Any
 import numpy as np
 
 from pipeline.contracts import layout
-from pipeline.contracts.choices import FRAME_MODES
+from pipeline.contracts.checksums import ObjectSum, sum_of, with_s3_checksum
 from pipeline.contracts.errors import UserError
-from pipeline.contracts.markers import marker_bytes
+from pipeline.contracts.markers import marker_bytes, object_list_bytes
 from pipeline.contracts.metrics import Metrics
-from pipeline.contracts.spec import OutputSection
+from pipeline.contracts.parts import part_metadata
 from pipeline.contracts.storage import Storage, StorageFatalError, backoff_delay
-from workers.actor.encode import (
-    auto_preview_scale,
-    encode_gif,
-    encode_mp4,
-    encode_png,
-    provenance_text,
-)
-from workers.actor.frame_store import PARQUET_TYPE, UnitFrames, frame_store
+from workers.actor.encode import encode_gif, encode_mp4, encode_png, provenance_text
+from workers.actor.frame_store import UnitFrames, frame_store
 from workers.actor.tables import StepRow, ok_steps, parquet_bytes, rollouts_table, steps_table
+from workers.actor.writer_settings import WriterSettings
 from workers.wham.actions import ACTION_DIM, validate_actions
 
 #: Longest wait for one unit's uploads (and for a free upload slot) before the unit fails.
 FLUSH_TIMEOUT_S = 600.0
 #: Tries of one object write; transient errors between them wait `backoff_delay`.
 WRITE_ATTEMPTS = 4
+PARQUET_TYPE = "application/vnd.apache.parquet"
 _REQUIRED_ROLLOUT_KEYS = tuple(
     f.name for f in layout.ROLLOUTS_SCHEMA if not f.nullable and f.name != "unit_id"
 )
@@ -67,55 +63,14 @@ class WriteError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class WriterSettings:
-    """What one run's writer writes and how (built from the job's `output` section by
-    `from_output`; tests build it directly)."""
-
-    run_date: str
-    run_id: str
-    model_id: str  # recorded in every PNG's provenance text
-    frame_mode: str = "parquet"  # output.frames: parquet | png | none
-    video: bool = False
-    previews: bool = False
-    preview_scale: int = 1
-    image_tokens: bool = True
-    tokens_per_image: int | None = None  # checked on every step when given
-    watermark: bool = True
-    threads: int = 4
-    max_pending: int | None = None  # jobs queued at most (default 8 per thread)
-
-    def __post_init__(self) -> None:
-        if self.preview_scale < 1 or self.threads < 1:
-            raise ValueError("preview_scale and threads must be >= 1")
-        if self.frame_mode not in FRAME_MODES:
-            raise ValueError(f"output.frames must be one of {FRAME_MODES}, "
-                             f"got {self.frame_mode!r}")
-        object.__setattr__(self, "run_date", layout.run_date_str(self.run_date))
-        layout.check_run_id(self.run_id)
-
-    @classmethod
-    def from_output(cls, output: OutputSection, *, run_date: str | dt.date, run_id: str,
-                    model_id: str, image_size: tuple[int, int],
-                    tokens_per_image: int | None) -> WriterSettings:
-        """The settings of a job's `output` section for a model of `image_size` (H, W)."""
-        scale = output.preview_scale
-        return cls(
-            run_date=layout.run_date_str(run_date), run_id=run_id, model_id=model_id,
-            frame_mode=output.frames, video=output.video, previews=output.previews,
-            preview_scale=auto_preview_scale(*image_size) if scale == "auto" else scale,
-            image_tokens=output.image_tokens,
-            tokens_per_image=tokens_per_image if output.image_tokens else None,
-            watermark=output.watermark, threads=output.writer_threads)
-
-
-@dataclass(frozen=True, slots=True)
 class UnitWriteResult:
     unit_id: str
     rollouts: int
     ok: int
     failed: int
     steps: int
-    frames: int  # frames stored: PNG objects, or rows of the frames part
+    generated_frames: int  # frames the model generated: ok rollouts x steps
+    stored_frames: int  # frames stored: PNG objects, or rows of the frames part
     previews: int
     write_seconds: float  # time finish_unit spent waiting for uploads and writing parts
     committed: bool  # False if an earlier attempt had already written the marker
@@ -129,6 +84,7 @@ class _Unit:
     retryable: set[str] = field(default_factory=set)  # failed rollouts a rerun may complete
     preview_frames: dict[str, list[tuple[np.ndarray, bool]]] = field(default_factory=dict)
     frames: UnitFrames = field(default_factory=UnitFrames)
+    objects: dict[str, ObjectSum] = field(default_factory=dict)  # key -> what was written
     futures: list[Future[Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: BaseException | None = None
@@ -265,7 +221,7 @@ class OutputWriter:
             self._submit(unit, self._write_preview, unit, key, frames, rollout_id)
         if self.settings.video:
             key = layout.video_key(self.run_date, self.run_id, rollout_id)
-            self._submit(unit, self._write_video, key, frames, rollout_id)
+            self._submit(unit, self._write_video, unit, key, frames, rollout_id)
 
     # ------------------------------------------------------------------ workers
 
@@ -282,8 +238,14 @@ class OutputWriter:
                 time.sleep(backoff_delay(attempt))
         return write()
 
-    def _put(self, key: str, data: bytes, content_type: str) -> None:
-        self._retrying(lambda: self.storage.put_bytes(key, data, content_type=content_type))
+    def _put(self, unit: _Unit, key: str, data: bytes, content_type: str) -> None:
+        """Write one object of `unit` (retried) and record its size and checksum for the
+        unit's commit."""
+        reported = self._retrying(lambda: self.storage.put_with_checksum(
+            key, data, content_type=content_type))
+        written = with_s3_checksum(sum_of(data), reported)
+        with unit.lock:
+            unit.objects[key] = written
 
     def _provenance(self, rollout_id: str, step: int | None = None,
                     generated: bool | None = None) -> dict[str, str]:
@@ -295,8 +257,8 @@ class OutputWriter:
     ) -> None:
         data = encode_png(image, text=self._provenance(rollout_id, step, generated),
                           watermark=self.settings.watermark and generated)
-        self.frame_store.keep(unit.frames, self._put, key=key, rollout_id=rollout_id,
-                              step=step, png=data)
+        self.frame_store.keep(unit.frames, functools.partial(self._put, unit), key=key,
+                              rollout_id=rollout_id, step=step, png=data)
 
     def _write_preview(
         self, unit: _Unit, key: str, frames: list[tuple[np.ndarray, bool]], rollout_id: str
@@ -306,15 +268,15 @@ class OutputWriter:
             frames, scale=self.settings.preview_scale, watermark=self.settings.watermark,
             comment=comment
         )
-        self._put(key, data, "image/gif")
+        self._put(unit, key, data, "image/gif")
         with unit.lock:
             unit.previews += 1
 
-    def _write_video(self, key: str, frames: list[tuple[np.ndarray, bool]],
+    def _write_video(self, unit: _Unit, key: str, frames: list[tuple[np.ndarray, bool]],
                      rollout_id: str) -> None:
         comment = "; ".join(f"{k}={v}" for k, v in self._provenance(rollout_id).items())
         data = encode_mp4(frames, watermark=self.settings.watermark, comment=comment)
-        self._put(key, data, "video/mp4")
+        self._put(unit, key, data, "video/mp4")
 
     # ------------------------------------------------------------------ commit
 
@@ -337,12 +299,18 @@ class OutputWriter:
                 f"first: {errors[0]}"
             ) from errors[0]
 
-    def _put_parquet(self, key: str, table: Any) -> None:
-        self._put(key, parquet_bytes(table), PARQUET_TYPE)
+    def _put_part(self, unit: _Unit, table_name: str, unit_id: str, table: Any, *,
+                  plan_fingerprint: str) -> None:
+        """One of the unit's table parts, saying in its metadata whose part it is."""
+        meta = part_metadata(table_name, run_date=self.run_date, run_id=self.run_id,
+                             unit_id=unit_id, plan_fingerprint=plan_fingerprint)
+        key = layout.part_key(table_name, self.run_date, self.run_id, unit_id)
+        self._put(unit, key, parquet_bytes(table, metadata=meta), PARQUET_TYPE)
 
     def finish_unit(self, unit_id: str, *, plan_fingerprint: str = "") -> UnitWriteResult:
-        """Wait for the unit's uploads, write its Parquet parts, then its commit marker
-        (which records `plan_fingerprint`, the run's plan, and its own checksum).
+        """Wait for the unit's uploads, write its Parquet parts and its object list, then
+        its commit marker (which records `plan_fingerprint`, the run's plan, the size and
+        checksum of every object written, and its own checksum).
 
         Raises WriteError if any upload failed (the unit is then not committed) and
         ValueError if a rollout has steps but no `finish_rollout` row.
@@ -355,24 +323,29 @@ class OutputWriter:
         if orphans:
             raise ValueError(f"unit {unit_id}: rollouts {orphans[:3]} have steps but no row")
         rows = ok_steps(unit.steps, unit.rollouts)
-        steps = steps_table(rows)
-        rollouts = rollouts_table(unit.rollouts)
-        self.frame_store.finish(unit.frames, self._put, unit_id=unit_id, rows=rows)
-        self._put_parquet(layout.steps_part_key(self.run_date, self.run_id, unit_id), steps)
-        self._put_parquet(layout.rollouts_part_key(self.run_date, self.run_id, unit_id), rollouts)
+        others = dict(unit.objects)  # frames, previews, videos: listed, not in the marker
+        parts = {layout.FRAMES_TABLE: self.frame_store.part(unit.frames, rows=rows),
+                 layout.STEPS_TABLE: steps_table(rows),
+                 layout.ROLLOUTS_TABLE: rollouts_table(unit.rollouts)}
+        for name, table in parts.items():
+            if table is not None:
+                self._put_part(unit, name, unit_id, table, plan_fingerprint=plan_fingerprint)
+        if others:
+            self._put(unit, layout.unit_objects_key(self.run_date, self.run_id, unit_id),
+                      object_list_bytes(run_id=self.run_id, unit_id=unit_id, objects=others),
+                      "application/json")
         ok = sum(r["status"] == "ok" for r in unit.rollouts.values())
         result = {
-            "unit_id": unit_id,
-            "rollouts": len(unit.rollouts),
-            "ok": ok,
-            "failed": len(unit.rollouts) - ok,
-            "retryable": len(unit.retryable),
-            "steps": steps.num_rows,
-            "frames": unit.frames.stored,
-            "previews": unit.previews,
+            "unit_id": unit_id, "rollouts": len(unit.rollouts), "ok": ok,
+            "failed": len(unit.rollouts) - ok, "retryable": len(unit.retryable),
+            "steps": parts[layout.STEPS_TABLE].num_rows,
+            "generated_frames": sum(s.generated for _, s in rows),
+            "stored_frames": unit.frames.stored, "previews": unit.previews,
         }
+        vouched = {k: v for k, v in unit.objects.items() if k not in others}
         marker = marker_bytes(run_date=self.run_date, run_id=self.run_id, unit_id=unit_id,
-                              plan_fingerprint=plan_fingerprint, counts=result)
+                              plan_fingerprint=plan_fingerprint, counts=result,
+                              objects=vouched)
         key = layout.commit_key(self.run_date, self.run_id, unit_id)
         committed = self._retrying(lambda: self.storage.create_if_absent(key, marker))
         return UnitWriteResult(

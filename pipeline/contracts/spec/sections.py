@@ -29,6 +29,7 @@ from pipeline.contracts.choices import (
     FRAME_MODES,
     MODES,
     SEED_FORMATS,
+    SEED_SCOPES,
 )
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.layout import check_run_id
@@ -65,16 +66,16 @@ class RunSection(_Section):
         description="Run id template; placeholders {date} (run_date, YYYY-MM-DD) and {name}. "
         "The rendered id names the output partition; rerunning the same id resumes it.",
     )
-    run_date: dt.date = Field(
-        default_factory=_today_utc,
-        description="Partition date of the run (YYYY-MM-DD); defaults to today in UTC.",
-    )
-    seed: int = Field(default=0, ge=0, description="Master seed; every rollout's rng seed "
-                      "derives from it, the seed id and the rollout index.")
-    max_failed_fraction: float = Field(
-        default=0.0, ge=0.0, le=1.0,
-        description="Largest fraction of failed rollouts for which the run still exits 0.",
-    )
+    run_date: dt.date = Field(default_factory=_today_utc, description="Partition date of "
+                              "the run (YYYY-MM-DD); defaults to today in UTC.")
+    seed: int = Field(default=0, ge=0, description="Base of every rollout's rng seed, mixed "
+                      "with the seed id, the rollout index and (seed_scope run) the run id.")
+    seed_scope: Literal[SEED_SCOPES] = Field(default="run", description=(
+        "run: rng seeds mix in the run id (new rollouts per run id, the same ones on a rerun); "
+        "config: they do not (every run id of the config repeats the same rollouts, as runs "
+        "did before seed_scope; a run started then resumes with its seeds)."))
+    max_failed_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description=(
+        "Largest fraction of failed rollouts for which the run still exits 0."))
     max_rollouts: int = Field(
         default=1_000_000, ge=1,
         description="Most rollouts one run may plan (seeds x rollouts.per_seed): a guard "

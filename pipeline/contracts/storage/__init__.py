@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.storage.base import (
     MAX_SEGMENT_CHARS,
+    ObjectHead,
     Storage,
     StorageFatalError,
     TransientStorageError,
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_SEGMENT_CHARS",
     "MULTIPART_THRESHOLD",
     "LocalStorage",
+    "ObjectHead",
     "S3Storage",
     "Storage",
     "StorageFatalError",

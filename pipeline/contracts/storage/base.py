@@ -14,6 +14,7 @@ import re
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.contracts.errors import UserError
@@ -99,6 +100,16 @@ def join_keys(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectHead:
+    """What a store says of an object without reading it: its size, and the SHA-256
+    checksum it keeps beside it (S3's base64 form, a multipart upload's with a `-N` part
+    count), or None where it keeps none (a folder, an object uploaded without one)."""
+
+    size: int
+    sha256: str | None = None
+
+
 class Storage(ABC):
     """A root (folder or S3 prefix) holding objects addressed by relative keys."""
 
@@ -107,6 +118,18 @@ class Storage(ABC):
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
         """Write `data` at `key`, replacing any old object; readers see old or new, never half."""
+
+    def put_with_checksum(self, key: str, data: bytes, *,
+                          content_type: str | None = None) -> str | None:
+        """`put_bytes`, asking the store to keep a SHA-256 checksum beside the object (S3's
+        additional checksums); the checksum it reports, or None where it keeps none."""
+        self.put_bytes(key, data, content_type=content_type)
+        return None
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectHead:
+        """Size and kept checksum of the object at `key`, without reading it;
+        FileNotFoundError if it does not exist."""
 
     @abstractmethod
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:

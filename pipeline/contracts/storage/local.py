@@ -3,8 +3,9 @@
 Nothing is written or deleted outside the root, symlinks included: every write and delete
 walks from the root one folder at a time with `O_NOFOLLOW` (file descriptors, not path
 strings, so a link swapped in between two steps is not followed either), and a symbolic
-link met on the way is refused with a `StorageFatalError` naming it. The root itself may be
-a link: the user chose it. A full, read-only or unwritable folder is a `StorageFatalError`
+link met on the way is refused with a `StorageFatalError` naming it, and so is a link, a
+folder or a pipe standing where a conditional write goes. The root itself may be a link:
+the user chose it. A full, read-only or unwritable folder is a `StorageFatalError`
 naming the root, never a traceback.
 """
 
@@ -27,6 +28,7 @@ import pyarrow.fs as pafs
 from pipeline.contracts.errors import UserError
 from pipeline.contracts.storage.base import (
     PROBE_PREFIX,
+    ObjectHead,
     Storage,
     StorageFatalError,
     TransientStorageError,
@@ -118,6 +120,18 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
+    def _check_file(self, dir_fd: int, name: str, key: str) -> None:
+        """StorageFatalError naming `key` when what stands there is not a regular file (a
+        folder, a pipe, a link): no conditional write can succeed there, and reads take it
+        for no object at all. FileNotFoundError when nothing is there."""
+        mode = os.lstat(name, dir_fd=dir_fd).st_mode
+        if stat.S_ISLNK(mode):
+            raise self._refuse_link(key, "write")
+        if not stat.S_ISREG(mode):
+            raise StorageFatalError(
+                f"{self.root / key} is not a file (a folder, pipe or device) inside the output "
+                f"root {self.uri}; nothing this tool writes: remove it, then rerun")
+
     def _fatal(self, exc: OSError, key: str) -> TransientStorageError | StorageFatalError:
         what = _FATAL_ERRNOS.get(exc.errno or 0)
         if what is None:  # transient or unexpected: the caller may retry
@@ -169,6 +183,12 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def head(self, key: str) -> ObjectHead:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no object {key!r} under {self.uri}")
+        return ObjectHead(size=path.stat().st_size)  # a folder keeps no checksums
+
     def _inside_without_links(self, folder: Path) -> bool:
         """Whether every folder from the root down to `folder` is a real folder."""
         current = self.root
@@ -199,11 +219,11 @@ class LocalStorage(Storage):
     def create_if_absent(self, key: str, data: bytes) -> bool:
         try:
             with self._parent(key, create=True, action="write") as (dir_fd, name):
-                return self._create_at(dir_fd, name, data)
+                return self._create_at(dir_fd, name, data, key=key)
         except OSError as exc:
             raise self._fatal(exc, key) from None
 
-    def _create_at(self, dir_fd: int, name: str, data: bytes) -> bool:
+    def _create_at(self, dir_fd: int, name: str, data: bytes, *, key: str) -> bool:
         tmp = f".{name}.{uuid.uuid4().hex[:12]}.tmp"
         self._write_new(dir_fd, tmp, data)
         try:
@@ -211,6 +231,7 @@ class LocalStorage(Storage):
             os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
             return True
         except FileExistsError:
+            self._check_file(dir_fd, name, key)
             return False
         except OSError as exc:
             if exc.errno in _FATAL_ERRNOS and exc.errno not in _NO_HARD_LINKS:
@@ -220,6 +241,7 @@ class LocalStorage(Storage):
             try:
                 self._write_new(dir_fd, name, data)
             except FileExistsError:
+                self._check_file(dir_fd, name, key)
                 return False
             return True
         finally:
@@ -255,10 +277,11 @@ class LocalStorage(Storage):
             finally:
                 os.close(fd)  # releases the lock
 
-    @staticmethod
-    def _tag_at(dir_fd: int, name: str) -> str | None:
+    def _tag_at(self, dir_fd: int, name: str, key: str) -> str | None:
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            self._check_file(dir_fd, name, key)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as fh:
@@ -269,7 +292,7 @@ class LocalStorage(Storage):
             return _tag(data) if self.create_if_absent(key, data) else None
         try:
             with self._locked(key, create=True) as (dir_fd, name):
-                if self._tag_at(dir_fd, name) != match:
+                if self._tag_at(dir_fd, name, key) != match:
                     return None
                 self._replace_at(dir_fd, name, data)
                 return _tag(data)
@@ -281,7 +304,7 @@ class LocalStorage(Storage):
     def delete_if(self, key: str, *, match: str) -> bool:
         try:
             with self._locked(key, create=False) as (dir_fd, name):
-                if self._tag_at(dir_fd, name) != match:
+                if self._tag_at(dir_fd, name, key) != match:
                     return False
                 os.unlink(name, dir_fd=dir_fd)
                 return True

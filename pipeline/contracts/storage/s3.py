@@ -35,6 +35,7 @@ from pipeline.contracts.errors import UserError
 from pipeline.contracts.secrets import public_url
 from pipeline.contracts.storage.base import (
     PROBE_PREFIX,
+    ObjectHead,
     Storage,
     StorageFatalError,
     TransientStorageError,
@@ -213,32 +214,28 @@ class S3Storage(Storage):
             raise self._fail(exc, action, key) from None
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> None:
-        full = self._key(key)
-        extra = {"ContentType": content_type} if content_type else {}
+        self._write(key, data, {"ContentType": content_type} if content_type else {})
+
+    def put_with_checksum(self, key: str, data: bytes, *,
+                          content_type: str | None = None) -> str | None:
+        extra = {"ChecksumAlgorithm": "SHA256",
+                 **({"ContentType": content_type} if content_type else {})}
+        answer = self._write(key, data, extra)
+        if answer is None:  # a multipart upload: S3 made its composite checksum; ask for it
+            return self.head(key).sha256
+        return answer.get("ChecksumSHA256")
+
+    def _write(self, key: str, data: bytes, extra: dict[str, str]) -> dict[str, Any] | None:
+        """PutObject's answer, or None after a multipart upload (large objects)."""
+        full, action = self._key(key), f"write {key!r}"
         if len(data) < MULTIPART_THRESHOLD:
-            self._call(
-                f"write {key!r}",
-                self._s3.put_object,
-                Bucket=self.bucket,
-                Key=full,
-                Body=data,
-                **extra,
-            )
-            return
-        config = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD,
-            multipart_chunksize=MULTIPART_THRESHOLD // 2,
-            max_concurrency=4,
-        )
-        self._call(
-            f"write {key!r}",
-            self._s3.upload_fileobj,
-            Fileobj=io.BytesIO(data),
-            Bucket=self.bucket,
-            Key=full,
-            ExtraArgs=extra or None,
-            Config=config,
-        )
+            return self._call(action, self._s3.put_object, Bucket=self.bucket, Key=full,
+                              Body=data, **extra)
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                                multipart_chunksize=MULTIPART_THRESHOLD // 2, max_concurrency=4)
+        self._call(action, self._s3.upload_fileobj, Fileobj=io.BytesIO(data),
+                   Bucket=self.bucket, Key=full, ExtraArgs=extra or None, Config=config)
+        return None
 
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         return self.get_tagged(key, max_bytes=max_bytes)[0]
@@ -274,6 +271,12 @@ class S3Storage(Storage):
         except FileNotFoundError:
             return False
         return True
+
+    def head(self, key: str) -> ObjectHead:
+        answer = self._call(f"look up {key!r}", self._s3.head_object, key, Bucket=self.bucket,
+                            Key=self._key(key), ChecksumMode="ENABLED")
+        return ObjectHead(size=int(answer.get("ContentLength") or 0),
+                          sha256=answer.get("ChecksumSHA256"))
 
     def list_keys(self, prefix: str = "", *, start_after: str = "") -> Iterator[str]:
         validate_key(prefix, prefix=True)
