@@ -1,9 +1,10 @@
-"""The demo model's figures in the docs: the held-out evaluation table and the rollout sheet.
+"""The demo models' figures in the docs: the held-out evaluation table and the rollout sheet.
 
     python scripts/demo_figures.py [--clips 32] [--sheet-clips 4]
 
-1. `evaluate` (what `wham-batch eval-demo` prints) on held-out toy-game clips: the table of
-   "### Held-out evaluation" in docs/benchmarks.md.
+1. `evaluate` (what `wham-batch eval-demo --model M` prints) of models/demo and
+   models/demo-large on held-out toy-game clips, each with its default context: the table
+   of "### Held-out evaluation" in docs/benchmarks.md.
 2. docs/demo-rollouts.png: for `--sheet-clips` held-out clips, the real game (upper row)
    above the pipeline's frames (lower row): `configs/demo.yaml` run through the real driver
    and actors with the clips as seeds (`seeds.format=wham-npz`, 4 context steps, the clips'
@@ -38,25 +39,32 @@ from workers.toygame.evaluate import HELD_OUT_SEED, HORIZONS, evaluate  # noqa: 
 
 DOCS = REPO / "docs" / "benchmarks.md"
 SHEET = REPO / "docs" / "demo-rollouts.png"
-MODEL = REPO / "models" / "demo"
+MODEL = REPO / "models" / "demo"  # the one configs/demo.yaml runs: the rollout sheet's
+MODELS = ("models/demo", "models/demo-large")
 SECTION = "### Held-out evaluation"
 CONTEXT, GENERATED, SCALE, GAP = 4, 12, 3, 8
 
 
-def evaluation_section(result: dict, *, clips: int, context: int, prov: str) -> str:
-    rows = [f"| {h} | {r['model_psnr']:.2f} | {r['copy_last_psnr']:.2f} | "
-            f"{r['recon_psnr']:.2f} | {r['model_token_acc']:.3f} |"
-            for h in HORIZONS for r in [result["horizons"][str(h)]]]
+def evaluation_section(results: list[tuple[str, dict]], *, clips: int, prov: str) -> str:
+    rows = []
+    for name, result in results:
+        for h in HORIZONS:
+            r = result["horizons"][str(h)]
+            rows.append(f"| {name} | {result['context']} | {h} | {r['model_psnr']:.2f} "
+                        f"| {r['copy_last_psnr']:.2f} | {r['recon_psnr']:.2f} "
+                        f"| {r['model_token_acc']:.3f} |")
     return "\n".join([
         SECTION, "", textwrap.fill(prov, 92), "",
-        textwrap.fill(f"`wham-batch eval-demo` computes the same: {clips} held-out clips "
-                      f"(game seeds from {HELD_OUT_SEED:,}, never used in training), {context} "
-                      "context steps, then a greedy world-model rollout with the clips' true "
-                      "actions; each frame is compared with the game's real frame that many "
-                      "steps after the context. PSNR in dB over all clips' pixels; token "
-                      "accuracy against the tokenizer's tokens of the real frame.", 92), "",
-        "| steps ahead | model PSNR | copy-last-frame PSNR | VQ reconstruction PSNR "
-        "(ceiling) | model token accuracy |", "|---|---|---|---|---|", *rows, ""])
+        textwrap.fill(f"`wham-batch eval-demo --model M` computes the same: {clips} held-out "
+                      f"clips (game seeds from {HELD_OUT_SEED:,}, never used in training), "
+                      "the model's default context, then a greedy world-model rollout with "
+                      "the clips' true actions; each frame is compared with the game's real "
+                      "frame that many steps after the context. PSNR in dB over all clips' "
+                      "pixels; token accuracy against the tokenizer's tokens of the real "
+                      "frame.", 92), "",
+        "| model | context steps | steps ahead | model PSNR | copy-last-frame PSNR "
+        "| VQ reconstruction PSNR (ceiling) | model token accuracy |",
+        "|---|---|---|---|---|---|---|", *rows, ""])
 
 
 def pipeline_frames(work: Path, clips: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -94,16 +102,16 @@ def sheet(real: list[np.ndarray], made: list[np.ndarray]) -> Image.Image:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clips", type=int, default=32, help="clips of the evaluation")
-    parser.add_argument("--context", type=int, default=5, help="context of the evaluation")
     parser.add_argument("--sheet-clips", type=int, default=4, help="clips on the sheet")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    result = evaluate(wham.load_model(MODEL), clips=args.clips, context=args.context)
+    results = [(name, evaluate(wham.load_model(REPO / name), clips=args.clips))
+               for name in MODELS]
     prov = provenance(command_line(), load=(load0, os.getloadavg()[0]),
                       seconds=time.perf_counter() - t0)
-    replace_section(DOCS, evaluation_section(result, clips=args.clips, context=args.context,
-                                             prov=prov), stop=("## ", "### "))
+    replace_section(DOCS, evaluation_section(results, clips=args.clips, prov=prov),
+                    stop=("## ", "### "))
     with tempfile.TemporaryDirectory() as tmp:
         real, made = pipeline_frames(Path(tmp), args.sheet_clips)
     sheet(real, made).save(SHEET, optimize=True)
