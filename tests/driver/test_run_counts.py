@@ -66,7 +66,8 @@ def _write_complete(storage, spec, *, attempt_frames: int, throughput: Throughpu
         throughput=throughput, seed_scope="run"))
     storage.put_bytes(layout.commit_key(DATE, RUN, "u000000"), marker_bytes(
         run_date=DATE, run_id=RUN, unit_id="u000000", plan_fingerprint="f",
-        counts={"rollouts": 2, "ok": 2, "steps": 6, "frames": 6}))
+        counts={"rollouts": 2, "ok": 2, "steps": 6, "generated_frames": 4, "stored_frames": 6},
+        objects={}))
     storage.put_bytes(layout.success_key(DATE, RUN), b"")
 
 
