@@ -86,6 +86,7 @@ def _runs(root: str, capsys: pytest.CaptureFixture[str]) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
+@pytest.mark.timeout(900)  # five nights on S3 through Ray: minutes on a busy machine
 def test_same_date_resumes_and_new_date_partitions(
         ray_local: None, s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.contracts.layout import commit_key, success_key
