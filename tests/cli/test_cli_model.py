@@ -8,17 +8,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from support.rollouts import one_thread  # noqa: F401 (autouse)
 
 from pipeline.cli import main
 from workers.wham import RolloutEngine, load_model, random_model, save_native
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

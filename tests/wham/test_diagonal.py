@@ -6,9 +6,9 @@ flash (stand-in) paths against each other."""
 from __future__ import annotations
 
 import flash_standin
-import numpy as np
 import pytest
 import torch
+from support.rollouts import one_thread, rollout_inputs  # noqa: F401 (autouse)
 
 from workers.wham import gpt as gpt_module
 from workers.wham.config import PRESETS, WHAMConfig
@@ -24,15 +24,6 @@ from workers.wham.tokenizers import ViTConfig
 GREEDY = SamplingParams(greedy=True)
 WARM = SamplingParams(temperature=1.0)
 PATHS = ("eager", "static", "flash")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -57,19 +48,8 @@ def model():
 
 
 def _inputs(model, *, batch: int, context: int, steps: int, mode: str, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    h, w = model.image_size
-
-    def actions(t):
-        return np.concatenate([rng.integers(0, 2, (batch, t, 12)),
-                               rng.integers(0, 11, (batch, t, 4))], axis=-1)
-
-    kw = {"context_images": rng.integers(0, 256, (batch, context, 3, h, w), dtype=np.uint8),
-          "context_actions": actions(context), "steps": steps, "mode": mode,
-          "seeds": [40 + b for b in range(batch)]}
-    if mode == "world_model":
-        kw["actions"] = actions(steps)
-    return kw
+    return rollout_inputs(model, batch=batch, context=context, steps=steps, mode=mode,
+                          rng_seed=seed, first_seed=40)
 
 
 # ---- the plan ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from support.rollouts import one_thread  # noqa: F401 (autouse)
 
 from workers.wham.actions import validate_actions
 from workers.wham.engine import RolloutEngine, StaticDecode
@@ -22,15 +23,6 @@ from workers.wham.sampling import (
 
 GREEDY = SamplingParams(greedy=True)
 WARM = SamplingParams(temperature=1.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

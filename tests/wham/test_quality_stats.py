@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.rollouts import rollout_inputs
 
 from workers.wham.checkpoints import load_model
 from workers.wham.engine import RolloutEngine
@@ -28,21 +29,8 @@ def model():
 
 
 def _inputs(model, *, batch: int, context: int, steps: int, mode: str) -> dict:
-    rng = np.random.default_rng(7)
-    h, w = model.image_size
-
-    def actions(t):
-        return np.concatenate([rng.integers(0, 2, (batch, t, 12)),
-                               rng.integers(0, 11, (batch, t, 4))], axis=-1)
-
-    kw = {"context_images": rng.integers(0, 256, (batch, context, 3, h, w), dtype=np.uint8),
-          "context_actions": actions(context), "steps": steps, "mode": mode,
-          "seeds": [5 + b for b in range(batch)]}
-    if mode == "world_model":
-        kw["actions"] = actions(steps)
-    if mode == "policy":
-        kw["observations"] = rng.integers(0, 256, (batch, steps, 3, h, w), dtype=np.uint8)
-    return kw
+    return rollout_inputs(model, batch=batch, context=context, steps=steps, mode=mode,
+                          rng_seed=7, first_seed=5)
 
 
 def test_sampler_stats_are_the_valid_range_distribution_at_temperature_one() -> None:
