@@ -313,7 +313,6 @@ class GPT(nn.Module):
             x = block.decode_step(x, k_cache=k_cache[i], v_cache=v_cache[i], pos=pos, mask=mask)
         return self._head(x[:, -1])
 
-
     def forward_at(
         self,
         idx: torch.Tensor,
