@@ -324,16 +324,20 @@ def test_relative_output_root_or_lost_input_is_refused_with_what_to_use(tmp_path
     assert "seeds.source: 'seeds/toygame'" in message and "output.root" not in message
 
 
-def test_status_without_a_cluster_fails_fast_with_a_message() -> None:
+def test_status_without_a_cluster_fails_fast_with_a_message(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # RAY_ADDRESS as `ray.init` users set it (a GCS HOST:PORT): Ray's job client would look
     # the dashboard up through the GCS and wait ~40 s before a raw RpcError traceback.
     start = time.monotonic()
-    closed = cli("status", env={"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    closed = wb(capsys, "status")
     assert closed.returncode == 2 and "cannot reach the Ray dashboard" in closed.stderr
     assert "Traceback" not in closed.stderr and time.monotonic() - start < 30
-    gcs = cli("status", env={"RAY_ADDRESS": "127.0.0.1:6379"})
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    gcs = wb(capsys, "status")
     assert gcs.returncode == 2 and "not a Ray dashboard address" in gcs.stderr
-    client = cli("logs", "raysubmit_x", "--address", "ray://127.0.0.1:10001")
+    monkeypatch.delenv("RAY_ADDRESS")
+    client = wb(capsys, "logs", "raysubmit_x", "--address", "ray://127.0.0.1:10001")
     assert client.returncode == 2 and "http://HEAD:8265" in client.stderr
 
 
@@ -405,8 +409,8 @@ def test_invalid_config_never_reaches_the_cluster(
     assert len(_client(address).list_jobs()) == before
 
 
-def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
-                                               tmp_path: Path) -> None:
+def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     address = ray_head["address"]
     # A config outside the project travels alone; the package goes as py_modules.
     # Its inputs are named by absolute paths, which this head (on this machine) can read.
@@ -436,7 +440,7 @@ def test_outside_config_follow_and_failing_job(ray_head: dict, s3_bucket: str,
     sent = _client(address).get_job_info(job_id).runtime_env
     assert "py_modules" not in sent and "excludes" not in sent
     # `status` agrees with `submit --wait`: a FAILED job exits 1.
-    status = cli("status", job_id, "--address", address)
+    status = wb(capsys, "status", job_id, "--address", address)
     assert status.returncode == 1 and "FAILED" in status.stdout
 
 
