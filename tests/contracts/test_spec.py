@@ -70,6 +70,8 @@ def test_decoding_is_a_checked_choice_of_the_local_model(tmp_path: Path) -> None
     endpoint = BASE.replace("  preset: tiny", "  endpoint: http://127.0.0.1:9/")
     msg = error_of(tmp_path, endpoint, ("rollouts.decoding=diagonal",))
     assert "rollouts.decoding is the endpoint's: wham-batch serve --decoding" in msg
+    msg = error_of(tmp_path, BASE, ("rollouts.mode=policy", "rollouts.decoding=diagonal"))
+    assert "rollouts.mode policy generates none" in msg and "drop rollouts.decoding" in msg
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:

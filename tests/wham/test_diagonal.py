@@ -188,3 +188,9 @@ def test_diagonal_decoding_differs_from_sequential_on_a_grid(model) -> None:
     assert any(not torch.equal(a.image_tokens, b.image_tokens)
                for a, b in zip(sequential, diagonal, strict=True))
     assert torch.equal(sequential[0].image_tokens[:, 0], diagonal[0].image_tokens[:, 0])
+
+
+def test_policy_mode_refuses_diagonal_decoding(model) -> None:
+    kw = _inputs(model, batch=1, context=1, steps=1, mode="policy")
+    with pytest.raises(InputError, match="policy mode generates none"):
+        prepare_rollout(model, **kw, decoding="diagonal")

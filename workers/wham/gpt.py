@@ -260,13 +260,22 @@ class GPT(nn.Module):
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.transformer.ln_f(x))
 
-    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx [B, S] at positions 0..S-1 -> logits [B, S, V]; mask [S, S] (True: position i
-        may attend to j) replaces the causal one."""
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, S] at positions 0..S-1 (or at `positions` [S]) -> logits [B, S, V]; mask
+        [S, S] or [B, 1, S, S] (True: token i may attend to token j) replaces the causal one.
+        Training under diagonal decoding's attention pattern feeds extra tokens at positions
+        that already hold one (see scripts/train_demo.py)."""
         length = idx.shape[1]
-        if length > self.config.block_size:
-            raise ValueError(f"sequence of {length} tokens > block_size {self.config.block_size}")
-        x = self._embed(idx, torch.arange(length, device=idx.device))
+        if positions is None:
+            if length > self.config.block_size:
+                raise ValueError(f"sequence of {length} tokens > block_size "
+                                 f"{self.config.block_size}")
+            positions = torch.arange(length, device=idx.device)
+        elif positions.numel() and int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} >= block_size "
+                             f"{self.config.block_size}")
+        x = self._embed(idx, positions)
         for block in self.transformer.h:
             x = block(x, mask)
         return self._head(x)

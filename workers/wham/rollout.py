@@ -138,6 +138,9 @@ def _check_mode_and_counts(model: WHAMModel, *, mode, decoding, steps, max_conte
         raise InputError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if decoding not in DECODINGS:
         raise InputError(f"decoding: expected one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if decoding != "sequential" and mode == "policy":
+        raise InputError(f"decoding: {decoding} orders the image tokens a rollout generates; "
+                         "policy mode generates none (its frames are given): use sequential")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise InputError(f"steps: expected an integer >= 0, got {steps!r}")
     seq_len = model.seq_len

@@ -257,6 +257,14 @@ class RolloutsSection(_Section):
     decoding: Literal[DECODINGS] = Field(default="sequential", description="Image tokens one "
                                          "per pass (exact) or one grid diagonal per pass.")
 
+    @model_validator(mode="after")
+    def _decoding_has_image_tokens(self) -> RolloutsSection:
+        if self.decoding != "sequential" and self.mode == "policy":
+            raise ValueError(f"rollouts.decoding {self.decoding} orders the image tokens a "
+                             "rollout generates; rollouts.mode policy generates none (its "
+                             "frames are recorded): drop rollouts.decoding")
+        return self
+
 
 class ResourcesSection(_Section):
     actors: int = Field(default=1, ge=1, le=4096, description="Ray actors, one replica each.")
