@@ -20,6 +20,13 @@ import pytest
 
 from pipeline.contracts.logs import set_log_context
 
+# One OpenMP (torch) thread per process unless the environment names a count: the suite's
+# Ray actors, servers and child processes run beside the test process on a small machine,
+# and more compute threads than free cores make every thread wait for the others (a
+# one-clip `eval-demo` takes seconds with one thread, half a minute with two on two busy
+# cores). Set before torch is first imported, so child processes and Ray workers inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Dummy credentials only: tests must never reach a real account.
 S3_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "test-key-id",

@@ -38,8 +38,12 @@ def _dream(native, tmp_path, *extra, name="out.npz"):
 
 def test_dream_writes_rollouts_gif_and_one_json_line(native, tmp_path, capsys) -> None:
     _clip(tmp_path / "clip.npz")
-    code, out = _dream(native, tmp_path, "--steps", "3", "--batch", "2", "--seed", "5",
-                       "--gif", str(tmp_path / "out.gif"), "--json")
+    threads = torch.get_num_threads()
+    try:  # two threads here, one below: the output must not depend on the count
+        code, out = _dream(native, tmp_path, "--steps", "3", "--batch", "2", "--seed", "5",
+                           "--threads", "2", "--gif", str(tmp_path / "out.gif"), "--json")
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
