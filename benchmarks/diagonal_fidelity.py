@@ -93,6 +93,11 @@ def write_docs(results: list[dict], *, seconds: float, load: tuple[float, float]
         f"({contexts}), the clips' true actions; PSNR against the game's real frames, pooled "
         f"over the clips. Rollout times ({timing}) are of one process on a shared machine, "
         "not a speed measurement.", "",
+        "`models/demo-large` ships fine-tuned for both decodings (`scripts/finetune_diagonal.py`"
+        ", see docs/model.md, \"Diagonal decoding\"); `models/demo` keeps its raster-trained "
+        "weights. Each row compares two decodings of one set of weights. The goal set for "
+        "diagonal decoding is to stay within half a decibel of sequential one and five steps "
+        "ahead.", "",
         *table, "",
     ]
     lines = [line if line.startswith(("|", "#")) else textwrap.fill(line, 92,
