@@ -1,7 +1,9 @@
-"""JobSpec: the validated form of a job YAML (sections in `sections`, loading in `load`)."""
+"""JobSpec: the validated form of a job YAML (`job`; its sections in `sections`, loading in
+`load`)."""
 
 from __future__ import annotations
 
+from pipeline.contracts.spec.job import JobSpec
 from pipeline.contracts.spec.load import (
     apply_overrides,
     dump_spec,
@@ -12,7 +14,6 @@ from pipeline.contracts.spec.load import (
 )
 from pipeline.contracts.spec.sections import (
     ActionsSpec,
-    JobSpec,
     ModelSection,
     OutputSection,
     ResourcesSection,

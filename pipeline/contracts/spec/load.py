@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.contracts.errors import UserError
+from pipeline.contracts.spec.job import JobSpec
 from pipeline.contracts.spec.paths import resolve_paths
-from pipeline.contracts.spec.sections import JobSpec
 
 
 def _field_path(loc: Iterable[Any], err_type: str) -> tuple[str, type[BaseModel] | None]:
