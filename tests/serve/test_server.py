@@ -11,6 +11,7 @@ import base64
 import http.client
 import io
 import json
+import re
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -294,6 +295,11 @@ def test_the_server_is_quiet_by_default(muse_server: ServeProcess) -> None:
     assert status == 200
     log = muse_server.log()
     assert "serving at" in log
-    for noise in ("Started Serve", "Deploying new version", "ProxyActor", "ServeReplica",
+    for noise in ("Started Serve", "Deploying new version",
                   "POST / 200"):  # the last: Serve's line per request
         assert noise not in log, log[-2000:]
+    # Serve's replica and proxy lines below WARNING; warnings and errors always show
+    # (serve_logging), e.g. a router's slow queue-length probe on a loaded machine.
+    chatty = [line for line in log.splitlines() if ("ServeReplica" in line or "ProxyActor" in line)
+              and not re.search(r"\b(WARNING|ERROR)\b", line)]
+    assert not chatty, chatty
