@@ -21,7 +21,10 @@ from pipeline.contracts.errors import UserError
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--disable-quic", "--force-color-profile=srgb")
+         "--hide-scrollbars", "--disable-quic", "--force-color-profile=srgb",
+         # the picture of a settled page: every compositor stage runs before the capture, and
+         # the capture waits for the page to go idle (virtual time, not wall time)
+         "--run-all-compositor-stages-before-draw", "--virtual-time-budget=5000")
 SCREENSHOT_TIMEOUT_S = 90.0
 
 
