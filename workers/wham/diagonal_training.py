@@ -60,9 +60,11 @@ def teacher_forced(window: torch.Tensor, previous: torch.Tensor, *, grid: tuple[
     at = grow * cols - 1  # the ghost's frame position: (r - 1, cols - 1)
     g = gframe.numel()
     length = s + g
-    inputs = torch.cat([window.reshape(b, -1)[:, :-1], previous[:, gframe, at]], dim=1)
+    device = window.device  # the index tensors below are built on the CPU, moved at the end
+    inputs = torch.cat([window.reshape(b, -1)[:, :-1],
+                        previous[:, gframe.to(device), at.to(device)]], dim=1)
     positions = torch.cat([torch.arange(s), gframe * tps + at])
-    is_diag = torch.arange(w)[None, :] >= first_diagonal[:, None]  # [B, W]
+    is_diag = torch.arange(w)[None, :] >= first_diagonal.cpu()[:, None]  # [B, W]
 
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     mask = torch.zeros(b, length, length, dtype=torch.bool)
@@ -84,6 +86,6 @@ def teacher_forced(window: torch.Tensor, previous: torch.Tensor, *, grid: tuple[
     ghost = s + torch.arange(w)[:, None] * (rows - 1) + j[None, :] // cols - 1
     row_start = (j % cols == 0) & (j >= cols) & (cols > 1)  # [n]
     sources = torch.where(is_diag[:, :, None] & row_start, ghost, base).clamp(min=0)
-    return TeacherForced(inputs=inputs, positions=positions, mask=mask[:, None],
-                         sources=sources, targets=window[:, :, :n], valid=base >= 0,
-                         ghosts_from=s)
+    return TeacherForced(inputs=inputs, positions=positions.to(device),
+                         mask=mask[:, None].to(device), sources=sources.to(device),
+                         targets=window[:, :, :n], valid=(base >= 0).to(device), ghosts_from=s)
