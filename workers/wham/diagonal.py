@@ -49,6 +49,15 @@ class DiagonalPass:
         return mask
 
 
+def sees(diag: torch.Tensor, *, at: torch.Tensor, bound: torch.Tensor | int) -> torch.Tensor:
+    """[P, n]: the frame positions j a token fed at frame position at[p] attends to, itself
+    aside: those at or before it whose diagonal is at most bound[p] (the diagonals generated
+    when it is fed). diag [n] is `diagonals(grid)`."""
+    j = torch.arange(diag.numel(), device=diag.device)
+    bound = torch.as_tensor(bound, device=diag.device).expand(at.shape)
+    return (j[None, :] <= at[:, None]) & (diag[None, :] <= bound[:, None])
+
+
 def diagonals(grid: tuple[int, int]) -> torch.Tensor:
     """The diagonal r + c of every raster position of a rows x cols grid: [rows * cols]."""
     rows, cols = grid
@@ -67,13 +76,13 @@ def plan_passes(grid: tuple[int, int], *, device: torch.device | str) -> list[Di
         targets = (diag == k).nonzero().flatten()
         # diagonal k - 1 goes into the cache now; each target needs its predecessor's logits
         queries = torch.cat([(diag == k - 1).nonzero().flatten(), targets - 1]).unique()
-        seen = generated[None, :] | (j[None, :] == queries[:, None])
         passes.append(DiagonalPass(
             queries=queries.to(device),
             guessed=(~generated[queries]).to(device),
             targets=targets.to(device),
             source=torch.searchsorted(queries, targets - 1).to(device),
-            visible=((j[None, :] <= queries[:, None]) & seen).to(device),  # [P, n]
+            visible=(sees(diag, at=queries, bound=k - 1)
+                     | (j[None, :] == queries[:, None])).to(device),  # [P, n]
             first=int(targets[0]),
             span=int(queries[-1]) + 1,
         ))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.wham.diagonal import diagonals
+from workers.wham.diagonal import diagonals, sees
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,18 @@ def teacher_forced(window: torch.Tensor, previous: torch.Tensor, *, grid: tuple[
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     mask = torch.zeros(b, length, length, dtype=torch.bool)
     mask[:, :s, :s] = causal
-    block = (j[None, :] <= j[:, None]) & (diag[None, :] <= diag[:, None])  # [n, n]
+    block = sees(diag, at=j, bound=diag)  # [n, n]: itself included (its own diagonal)
     for f in range(w):
         o = f * tps
         size = min(n, s - o)
         mask[:, o:o + size, o:o + size] = torch.where(
             is_diag[:, f, None, None], block[:size, :size], causal[o:o + size, o:o + size])
-    for k in range(g):
-        o = int(gframe[k]) * tps
-        mask[:, s + k, :o] = True
-        mask[:, s + k, o + j[diag <= int(grow[k]) - 1]] = True
-        mask[:, s + k, s + k] = True
+    # a ghost: the context, its frame's diagonals before its row (not its own position,
+    # which is on a later diagonal), and itself
+    ghosts = torch.arange(length)[None, :] < gframe[:, None] * tps  # [g, L]
+    ghosts.scatter_(1, gframe[:, None] * tps + j[None, :], sees(diag, at=at, bound=grow - 1))
+    ghosts[torch.arange(g), s + torch.arange(g)] = True
+    mask[:, s:] = ghosts
 
     frame_start = torch.arange(w)[:, None] * tps
     base = frame_start + j[None, :] - 1  # [W, n] the raster predecessor

@@ -265,7 +265,7 @@ class GPT(nn.Module):
         """idx [B, S] at positions 0..S-1 (or at `positions` [S]) -> logits [B, S, V]; mask
         [S, S] or [B, 1, S, S] (True: token i may attend to token j) replaces the causal one.
         Training under diagonal decoding's attention pattern feeds extra tokens at positions
-        that already hold one (see scripts/train_demo.py)."""
+        that already hold one (`workers.wham.diagonal_training`)."""
         length = idx.shape[1]
         if positions is None:
             if length > self.config.block_size:

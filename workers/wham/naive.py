@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from workers.wham.diagonal import diagonals
+from workers.wham.diagonal import diagonals, sees
 from workers.wham.model import WHAMModel
 from workers.wham.rollout import (
     History,
@@ -44,8 +44,7 @@ def _mask(length: int, frames: list[tuple[int, torch.Tensor]],
     j = torch.arange(diag.numel(), device=diag.device)
     for offset, bound in frames:
         size = min(diag.numel(), length - offset)
-        seen = (diag[None, :] <= bound[:, None]) | (j[None, :] == j[:, None])
-        block = (j[None, :] <= j[:, None]) & seen  # [n, n]
+        block = sees(diag, at=j, bound=bound) | (j[None, :] == j[:, None])  # [n, n]
         mask[offset:offset + size, offset:offset + size] = block[:size, :size]
     return mask
 
