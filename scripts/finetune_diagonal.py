@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train_demo import cosine, encode_all, log  # noqa: E402
+from train_demo import cosine, encode_all, log, optimizer_step  # noqa: E402
 
 from workers.toygame import make_dataset  # noqa: E402
 from workers.wham.actions import actions_to_tokens  # noqa: E402
@@ -54,14 +54,14 @@ def sample_windows(seqs: torch.Tensor, *, seq_len: int, batch: int, share: float
     return rows[:, 1:], rows[:, :-1], torch.where(diagonal, start, seq_len)
 
 
-def _accuracy(picked: torch.Tensor, target: torch.Tensor, tf, first: torch.Tensor) -> str:
+def _accuracy(picked: torch.Tensor, target: torch.Tensor, ghost: torch.Tensor, *, tf,
+              first: torch.Tensor) -> str:
     """Accuracy on causal frames, diagonal frames, and the rows' first tokens of diagonal
     frames (those a ghost predicts: the hardest)."""
     w, n = tf.valid.shape
     keep = tf.valid.reshape(-1)
     frame = torch.arange(w)[:, None].expand(-1, n).reshape(-1)[keep]
     diag = frame[None, :] >= first[:, None]  # [B, kept]
-    ghost = tf.sources.reshape(len(first), -1)[:, keep] >= tf.ghosts_from
     hit = (picked.argmax(-1) == target).float()
     return (f"acc causal {hit[~diag].mean().item():.3f} diagonal {hit[diag].mean().item():.3f}"
             f" row starts {hit[diag & ghost].mean().item():.3f}")
@@ -77,8 +77,6 @@ def finetune(model, seqs: torch.Tensor, *, steps: int, seconds: float, batch: in
     for it in range(1, steps + 1):
         lr = lr_max * min(1.0, it / 50) * cosine(it, steps, time.monotonic() - start, seconds,
                                                  0.05)
-        for group in opt.param_groups:
-            group["lr"] = lr
         window, previous, first = sample_windows(seqs, seq_len=model.seq_len, batch=batch,
                                                  share=share, gen=gen)
         tf = teacher_forced(window, previous[:, :, :n], grid=model.token_grid,
@@ -89,16 +87,14 @@ def finetune(model, seqs: torch.Tensor, *, steps: int, seconds: float, batch: in
         picked = logits.gather(1, src[..., None].expand(-1, -1, logits.shape[-1]))
         keep = tf.valid.reshape(-1)
         picked, target = picked[:, keep].float(), tf.targets.reshape(batch, -1)[:, keep]
+        ghost = src[:, keep] >= tf.ghosts_from  # [B, kept] a row's first token, from a ghost
         losses = F.cross_entropy(picked.transpose(1, 2), target, reduction="none")  # [B, kept]
-        weight = 1.0 + (row_weight - 1.0) * (tf.sources.reshape(batch, -1)[:, keep]
-                                             >= tf.ghosts_from)
+        weight = 1.0 + (row_weight - 1.0) * ghost
         loss = (losses * weight).sum() / weight.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, lr=lr, clip=list(gpt.parameters()))
         if it % 25 == 0 or it == steps:
-            log(f"step {it}/{steps} loss {loss.item():.4f} {_accuracy(picked, target, tf, first)}"
+            log(f"step {it}/{steps} loss {loss.item():.4f} "
+                f"{_accuracy(picked, target, ghost, tf=tf, first=first)}"
                 f" lr {lr:.2e} {time.monotonic() - start:.0f}s")
         if time.monotonic() - start > seconds:
             log(f"time budget reached after {it} steps")

@@ -90,6 +90,19 @@ def cosine(it: int, steps: int, elapsed: float, seconds: float, floor: float) ->
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, *, lr: float,
+                   clip: list[torch.nn.Parameter] | None = None) -> None:
+    """One step at learning rate `lr`: gradients of `loss`, their norm clipped to 1 over
+    `clip` when given, then the update."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+
+
 def pixel_weights(x: torch.Tensor) -> torch.Tensor:
     """Weight 1 on checkerboard pixels, 5 elsewhere (the small player and effects)."""
     tiles = torch.from_numpy(TILE_COLOURS.astype(np.float32) / 127.5 - 1.0)  # [2, 3]
@@ -154,8 +167,6 @@ def train_tokenizer(model: WHAMModel, frames: np.ndarray, *, steps: int, seconds
     start = time.monotonic()
     for it in range(1, steps + 1):
         lr = 2e-3 * min(1.0, it / 50) * cosine(it, steps, time.monotonic() - start, seconds, 0.1)
-        for group in opt.param_groups:
-            group["lr"] = lr
         u8 = data[torch.randint(len(data), (batch,), generator=gen)]
         x = u8.float() / 127.5 - 1.0
         z = latents(tok, u8)  # [B, n, D]
@@ -164,9 +175,7 @@ def train_tokenizer(model: WHAMModel, frames: np.ndarray, *, steps: int, seconds
         w = pixel_weights(x)
         rec_loss = (w * (recon - x).pow(2)).mean() + 0.5 * (w * (recon - x).abs()).mean()
         vq_loss = F.mse_loss(zq, z.detach()) + 0.25 * F.mse_loss(z, zq.detach())
-        opt.zero_grad(set_to_none=True)
-        (rec_loss + vq_loss).backward()
-        opt.step()
+        optimizer_step(opt, rec_loss + vq_loss, lr=lr)
         usage += torch.bincount(idx, minlength=n_embed).float()
         if (it == 1 or it % 25 == 0) and it < 0.8 * steps:
             # Restart codes nobody used since the last check on random encoder outputs.
@@ -201,8 +210,6 @@ def finetune_decoder(model: WHAMModel, frames: np.ndarray, *, seconds: float, ba
     while time.monotonic() - start < seconds:
         it += 1
         lr = 1e-3 * cosine(it, 10**9, time.monotonic() - start, seconds, 0.05)
-        for group in opt.param_groups:
-            group["lr"] = lr
         x = data[torch.randint(len(data), (batch,), generator=gen)]
         with torch.no_grad():
             zq = codes(tok)[tok.encode(x[:, None])[:, 0]]  # [B, n, D]
@@ -210,9 +217,7 @@ def finetune_decoder(model: WHAMModel, frames: np.ndarray, *, seconds: float, ba
         recon = reconstruct(tok, zq)
         w = pixel_weights(x)
         loss = (w * (recon - x).pow(2)).mean() + 0.5 * (w * (recon - x).abs()).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, lr=lr)
         if it % 50 == 0:
             psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon, x).item(), 1e-10))
             log(f"decoder step {it} loss {loss.item():.4f} psnr {psnr:.1f} dB lr {lr:.2e} "
@@ -256,8 +261,6 @@ def train_gpt(model: WHAMModel, seqs: torch.Tensor, *, steps: int, seconds: floa
     for it in range(1, steps + 1):
         lr = lr_max * min(1.0, it / 100) * cosine(it, steps, time.monotonic() - start, seconds,
                                                   0.05)
-        for group in opt.param_groups:
-            group["lr"] = lr
         clip = torch.randint(n, (batch,), generator=gen)
         first = torch.randint(t - seq_len + 1, (batch,), generator=gen)
         rows = torch.stack([seqs[c, f:f + seq_len] for c, f in zip(clip, first, strict=True)])
@@ -267,10 +270,7 @@ def train_gpt(model: WHAMModel, seqs: torch.Tensor, *, steps: int, seconds: floa
         target = idx[:, 1:][:, image_mask]
         loss = F.cross_entropy(logits[:, image_mask].float().reshape(-1, logits.shape[-1]),
                                target.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, lr=lr, clip=list(gpt.parameters()))
         if it % 25 == 0 or it == steps:
             acc = (logits[:, image_mask].argmax(-1) == target).float().mean().item()
             log(f"gpt step {it}/{steps} loss {loss.item():.4f} acc {acc:.3f} lr {lr:.2e} "
