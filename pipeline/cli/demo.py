@@ -5,7 +5,9 @@ true actions and compares frames 1, 5 and 10 steps later with the game's real fr
 to two baselines: copying the last context frame, and the tokenizer's reconstruction of the
 real frame (the ceiling). See workers/toygame/evaluate.py for the exact definitions.
 `--model models/demo-large` scores the larger-grid demo model (8 x 8 tokens a frame);
-`--decoding diagonal` samples each frame's image tokens one grid diagonal per pass.
+`--decoding diagonal` samples each frame's image tokens one grid diagonal per pass;
+`--decoding diagonal-checked` also draws each row's first token again once the row above is
+complete (see workers/wham/diagonal.py).
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ def _dream_arguments(dream: argparse.ArgumentParser) -> None:
     sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1.0)")
     dream.add_argument("--decoding", choices=DECODINGS, default="sequential",
                        help="how image tokens are sampled: sequential (one per forward pass, "
-                       "the model's order) or diagonal (one grid diagonal per pass, faster)")
+                       "the model's order), diagonal (one grid diagonal per pass, faster) or "
+                       "diagonal-checked (diagonal, each row's first token checked once the "
+                       "row above is complete: closer to sequential, more passes)")
     dream.add_argument("--seed", type=int, default=0,
                        help="rollout b uses seed S+b; same seed, same output (default 0)")
     dream.add_argument("--batch", type=int, default=1, metavar="B",

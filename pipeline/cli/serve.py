@@ -53,7 +53,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", choices=DTYPES, help="default auto")
     model.add_argument("--decoding", choices=DECODINGS,
                        help="how image tokens are sampled (default sequential; diagonal: one "
-                       "grid diagonal per forward pass)")
+                       "grid diagonal per forward pass; diagonal-checked: diagonal, each "
+                       "row's first token checked)")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--host", help="listen address (default 127.0.0.1)")
     http.add_argument("--port", type=int, help="default 8000")

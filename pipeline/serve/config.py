@@ -43,7 +43,9 @@ class ServeConfig(BaseModel):
         default="auto", description="Weights and compute dtype; auto: bfloat16 on cuda.")
     decoding: Literal[DECODINGS] = Field(
         default="sequential", description="How a frame's image tokens are sampled: "
-        "sequential (one per forward pass, exact) or diagonal (one grid diagonal per pass).")
+        "sequential (one per forward pass, exact), diagonal (one grid diagonal per pass) or "
+        "diagonal-checked (diagonal, each row's first token drawn again once the row above "
+        "is complete).")
     endpoint_url: str | None = Field(
         default=None, description="S3 endpoint for an s3:// checkpoint (default: AWS or env).")
     region: str | None = Field(default=None, description="S3 region for an s3:// checkpoint.")

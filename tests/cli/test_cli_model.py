@@ -100,16 +100,17 @@ def test_world_model_takes_actions_from_a_file(native, tmp_path) -> None:
         assert code == 0 and np.array_equal(data["actions"][0], clip["actions"][1:])
 
 
-def test_dream_decodes_diagonally_on_request(native, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("decoding", ["diagonal", "diagonal-checked"])
+def test_dream_decodes_diagonally_on_request(native, tmp_path, capsys, decoding) -> None:
     clip = _clip(tmp_path / "clip.npz", steps=3)
     code, out = _dream(native, tmp_path, "--steps", "2", "--mode", "world_model",
-                       "--decoding", "diagonal", "--json")
-    assert code == 0 and json.loads(capsys.readouterr().out)["decoding"] == "diagonal"
+                       "--decoding", decoding, "--json")
+    assert code == 0 and json.loads(capsys.readouterr().out)["decoding"] == decoding
     with np.load(clip) as c:
         images, actions = c["images"][None], c["actions"][None]
     want = RolloutEngine(load_model(native), max_batch=1).rollout(
         context_images=images[:, :1], context_actions=actions[:, :1], steps=2,
-        mode="world_model", actions=actions[:, 1:], seeds=[0], decoding="diagonal")
+        mode="world_model", actions=actions[:, 1:], seeds=[0], decoding=decoding)
     with np.load(out) as data:
         assert np.array_equal(data["image_tokens"][0],
                               np.stack([o.image_tokens[0].numpy() for o in want]))

@@ -66,7 +66,10 @@ def test_decoding_is_a_checked_choice_of_the_local_model(tmp_path: Path) -> None
     spec = load_spec(write(tmp_path, BASE), ("rollouts.decoding=diagonal",))
     assert spec.public_dict()["rollouts"]["decoding"] == "diagonal"  # what the manifest keeps
     msg = error_of(tmp_path, BASE, ("rollouts.decoding=zigzag",))
-    assert "rollouts.decoding: Input should be 'sequential' or 'diagonal'" in msg
+    assert ("rollouts.decoding: Input should be 'sequential', 'diagonal' or "
+            "'diagonal-checked'") in msg
+    spec = load_spec(write(tmp_path, BASE), ("rollouts.decoding=diagonal-checked",))
+    assert spec.public_dict()["rollouts"]["decoding"] == "diagonal-checked"
     endpoint = BASE.replace("  preset: tiny", "  endpoint: http://127.0.0.1:9/")
     msg = error_of(tmp_path, endpoint, ("rollouts.decoding=diagonal",))
     assert "rollouts.decoding is the endpoint's: wham-batch serve --decoding" in msg

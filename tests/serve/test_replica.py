@@ -165,9 +165,10 @@ def test_an_answer_is_the_engines_step(replica: MuseReplica) -> None:
     assert result["actions"] == model_to_official(out.actions[0].numpy())
 
 
-def test_a_diagonal_replica_answers_the_engines_diagonal_step() -> None:
+@pytest.mark.parametrize("decoding", ["diagonal", "diagonal-checked"])
+def test_a_diagonal_replica_answers_the_engines_diagonal_step(decoding) -> None:
     replica = MuseReplica(checkpoint=None, preset="tiny", device="cpu", dtype="float32",
-                          max_batch=2, decoding="diagonal")
+                          max_batch=2, decoding=decoding)
     engine = wham.RolloutEngine(replica.model, max_batch=1)
     differs = []
     for seed in range(7, 13):
@@ -175,12 +176,14 @@ def test_a_diagonal_replica_answers_the_engines_diagonal_step() -> None:
         kw = {"context_images": np.stack(request.images)[None],
               "context_actions": request.actions[None], "steps": 1, "mode": "full",
               "sampling": wham.SamplingParams(), "seeds": [seed]}
-        (diagonal,) = engine.rollout(**kw, decoding="diagonal")
-        (sequential,) = engine.rollout(**kw)
+        (diagonal,) = engine.rollout(**kw, decoding=decoding)
+        # the decoding next to it: sequential for diagonal, plain diagonal for checked
+        (other,) = engine.rollout(**kw, decoding="diagonal" if decoding != "diagonal" else
+                                  "sequential")
         result = replica.score_batch([request])[0].body["results"][0]
         assert result["tokens"] == diagonal.image_tokens[0].tolist()
-        differs.append(result["tokens"] != sequential.image_tokens[0].tolist())
-    assert any(differs)  # the setting is used: some answers are not the sequential ones
+        differs.append(result["tokens"] != other.image_tokens[0].tolist())
+    assert any(differs)  # the setting is used: some answers are not the other decoding's
 
 
 def test_a_resent_image_answers_the_same_from_remembered_tokens(replica: MuseReplica) -> None:

@@ -39,8 +39,8 @@ def test_flags_override_the_yaml(tmp_path: Path) -> None:
     ({"checkpoint": "m", "max_batch": 0}, "max_batch:"),
     ({}, "exactly one of checkpoint and preset"),
     ({"checkpoint": "m", "api_key": "secret"}, "api_key: unknown key"),
-    ({"checkpoint": "m", "decoding": "zigzag"}, "decoding: Input should be 'sequential' or "
-     "'diagonal'"),
+    ({"checkpoint": "m", "decoding": "zigzag"}, "decoding: Input should be 'sequential', "
+     "'diagonal' or 'diagonal-checked'"),
     ({"checkpoint": "m", "max_concurrent_jobs": 0}, "max_concurrent_jobs:"),
     ({"checkpoint": "m", "max_job_lifespan_s": 0}, "max_job_lifespan_s:"),
     # replicas renew their jobs' leases about once a second: a 1 s lease runs out under a
@@ -54,9 +54,10 @@ def test_bad_settings_name_their_field(tmp_path: Path, data: dict, message: str)
         load_config(str(path), {})
 
 
-def test_the_decoding_reaches_the_replicas() -> None:
-    config = load_config(None, {"preset": "tiny", "decoding": "diagonal"})
-    assert replica_kwargs(config, api_key_sha256=None)["decoding"] == "diagonal"
+@pytest.mark.parametrize("decoding", ["diagonal", "diagonal-checked"])
+def test_the_decoding_reaches_the_replicas(decoding) -> None:
+    config = load_config(None, {"preset": "tiny", "decoding": decoding})
+    assert replica_kwargs(config, api_key_sha256=None)["decoding"] == decoding
     assert load_config(None, {"preset": "tiny"}).decoding == "sequential"
 
 

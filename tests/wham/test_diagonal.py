@@ -16,14 +16,15 @@ from workers.wham.diagonal import diagonals, plan_passes
 from workers.wham.engine import RolloutEngine
 from workers.wham.errors import InputError
 from workers.wham.model import WHAMModel, random_model
-from workers.wham.naive import naive_rollout
-from workers.wham.rollout import prepare_rollout
+from workers.wham.naive import _mask, naive_rollout
+from workers.wham.rollout import History, prepare_rollout
 from workers.wham.sampling import Sampler, SamplingParams, step_token_ranges
 from workers.wham.tokenizers import ViTConfig
 
 GREEDY = SamplingParams(greedy=True)
 WARM = SamplingParams(temperature=1.0)
 PATHS = ("eager", "static", "flash")
+DIAGONAL = ("diagonal", "diagonal-checked")
 
 
 @pytest.fixture(autouse=True)
@@ -115,10 +116,11 @@ def test_sampling_many_positions_draws_what_each_draws_alone() -> None:
 
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5), (2, 2)])
 @pytest.mark.parametrize("mode", ["world_model", "full"])
-def test_engine_equals_naive_rollout_and_never_reads_ungenerated_keys(grid, mode):
+@pytest.mark.parametrize("decoding", DIAGONAL)
+def test_engine_equals_naive_rollout_and_never_reads_ungenerated_keys(grid, mode, decoding):
     model = random_model("tiny", seed=1) if grid == (4, 4) else _vit_model(grid, seed=1)
     kw = _inputs(model, batch=2, context=8, steps=3, mode=mode)  # fills, then slides
-    r = prepare_rollout(model, **kw, sampling=WARM, decoding="diagonal")
+    r = prepare_rollout(model, **kw, sampling=WARM, decoding=decoding)
     want = naive_rollout(model, r)
     for path in PATHS:
         engine = RolloutEngine(model, max_batch=2, decode=path)
@@ -140,13 +142,14 @@ def test_engine_equals_naive_rollout_and_never_reads_ungenerated_keys(grid, mode
 
 @pytest.mark.parametrize("grid", [(1, 6), (6, 1)])
 @pytest.mark.parametrize("mode", ["world_model", "full"])
-def test_one_row_or_one_column_gives_exactly_the_sequential_tokens(grid, mode) -> None:
+@pytest.mark.parametrize("decoding", DIAGONAL)
+def test_one_row_or_one_column_gives_exactly_the_sequential_tokens(grid, mode, decoding):
     model = _vit_model(grid)
     kw = _inputs(model, batch=2, context=3, steps=3, mode=mode)
     engine = RolloutEngine(model, max_batch=2)
     for sampling in (GREEDY, WARM):
         sequential = list(engine.rollout(**kw, sampling=sampling))
-        diagonal = list(engine.rollout(**kw, sampling=sampling, decoding="diagonal"))
+        diagonal = list(engine.rollout(**kw, sampling=sampling, decoding=decoding))
         for a, b in zip(sequential, diagonal, strict=True):
             assert torch.equal(a.image_tokens, b.image_tokens)
             assert torch.equal(a.actions, b.actions)
@@ -154,24 +157,26 @@ def test_one_row_or_one_column_gives_exactly_the_sequential_tokens(grid, mode) -
     assert len(engine.passes) == max(grid) - 1
 
 
-def test_a_rollouts_tokens_do_not_depend_on_its_batch(model) -> None:
+@pytest.mark.parametrize("decoding", DIAGONAL)
+def test_a_rollouts_tokens_do_not_depend_on_its_batch(model, decoding) -> None:
     kw = _inputs(model, batch=3, context=3, steps=2, mode="full", seed=5)
     engine = RolloutEngine(model, max_batch=4)
-    together = list(engine.rollout(**kw, sampling=WARM, decoding="diagonal"))
+    together = list(engine.rollout(**kw, sampling=WARM, decoding=decoding))
     for b in range(3):
         single = {**kw, "context_images": kw["context_images"][b:b + 1],
                   "context_actions": kw["context_actions"][b:b + 1], "seeds": [kw["seeds"][b]]}
-        alone = list(engine.rollout(**single, sampling=WARM, decoding="diagonal"))
+        alone = list(engine.rollout(**single, sampling=WARM, decoding=decoding))
         for x, y in zip(together, alone, strict=True):
             assert torch.equal(x.image_tokens[b], y.image_tokens[0])
             assert torch.equal(x.actions[b], y.actions[0])
             torch.testing.assert_close(x.image_logprob[b], y.image_logprob[0])
 
 
-def test_eager_static_and_flash_paths_agree_under_diagonal_decoding(model) -> None:
+@pytest.mark.parametrize("decoding", DIAGONAL)
+def test_eager_static_and_flash_paths_agree_under_diagonal_decoding(model, decoding) -> None:
     kw = _inputs(model, batch=2, context=8, steps=3, mode="full", seed=2)
     runs = {path: list(RolloutEngine(model, max_batch=2, decode=path).rollout(
-        **kw, sampling=WARM, decoding="diagonal")) for path in PATHS}
+        **kw, sampling=WARM, decoding=decoding)) for path in PATHS}
     for path in PATHS[1:]:
         for a, b in zip(runs["eager"], runs[path], strict=True):
             assert torch.equal(a.image_tokens, b.image_tokens), path
@@ -194,3 +199,55 @@ def test_policy_mode_refuses_diagonal_decoding(model) -> None:
     kw = _inputs(model, batch=1, context=1, steps=1, mode="policy")
     with pytest.raises(InputError, match="policy mode generates none"):
         prepare_rollout(model, **kw, decoding="diagonal")
+
+
+# ---- checked diagonal decoding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, WARM], ids=["greedy", "warm"])
+def test_checked_rows_start_with_the_draw_of_their_true_predecessor(model, sampling) -> None:
+    """Each row's first token is the one the row above's last token gives once the frame is
+    complete (a plain forward over the finished frame under the diagonal mask). Plain diagonal
+    decoding's differ on this model when greedy; a frame costs more passes exactly when a
+    token changed, and never more than sequential decoding's."""
+    rows, cols = model.token_grid
+    kw = _inputs(model, batch=3, context=2, steps=1, mode="world_model", seed=6)
+    checked, plain = RolloutEngine(model, max_batch=3), RolloutEngine(model, max_batch=3)
+    r = prepare_rollout(model, **kw, sampling=sampling, decoding="diagonal-checked")
+    [out] = checked.generate(r)
+    [ref] = plain.rollout(**kw, sampling=sampling, decoding="diagonal")
+    seq = History(r.history).window(model.seq_len)[1]
+    x = torch.cat([seq, out.image_tokens], dim=1)
+    diag = diagonals(model.token_grid)
+    with torch.no_grad():
+        logits = model.gpt(x, mask=_mask(x.shape[1], [(seq.shape[1], diag)], diag))
+    sampler = Sampler(sampling, ranges=checked.ranges, tokens_per_image=rows * cols,
+                      seeds=r.seeds, vocab_size=model.gpt.config.vocab_size)
+    for row in range(1, rows):
+        t = row * cols
+        want = sampler.sample(logits[:, seq.shape[1] + t - 1], step=0, position=t)
+        assert torch.equal(out.image_tokens[:, t], want), row
+    assert torch.equal(out.image_tokens[:, :cols], ref.image_tokens[:, :cols])  # row 0 alike
+    changed = not torch.equal(out.image_tokens, ref.image_tokens)
+    assert changed or sampling is not GREEDY  # greedy: this model's guesses mislead it
+    assert plain.diagonal_passes == rows + cols - 2
+    assert (checked.diagonal_passes > plain.diagonal_passes) == changed
+    assert checked.diagonal_passes <= rows * cols - 1  # never more than sequential
+
+
+def test_the_plan_checks_each_rows_first_token_once_its_predecessor_is_fed() -> None:
+    for grid in [(4, 4), (3, 5), (18, 30)]:
+        rows, cols = grid
+        diag = diagonals(grid)
+        passes = plan_passes(grid, device="cpu")
+        checks = [(k, p) for k, p in enumerate(passes, start=1) if p.check >= 0]
+        assert [p.check_target for _, p in checks] == [r * cols for r in range(1, rows)]
+        for k, p in checks:
+            before = p.check_target - 1  # the row above's last token, fed with its diagonal
+            assert int(p.queries[p.check]) == before and not bool(p.guessed[p.check])
+            assert bool(p.visible[p.check, :before + 1].all())  # its whole raster prefix
+            # sampled by pass number diag = passes[diag - 1]; decoding goes back to the next
+            assert int(diag[p.check_target]) == p.rewind < k
+            assert int(passes[p.rewind - 1].targets[-1]) == p.check_target
+    assert all(p.check < 0 for p in plan_passes((1, 6), device="cpu"))
+    assert all(p.check < 0 for p in plan_passes((6, 1), device="cpu"))

@@ -50,10 +50,11 @@ def held_out_clips(count: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rollout_clips(model, images: np.ndarray, actions: np.ndarray, *, context: int, steps: int,
-                  decoding: str = "sequential") -> list:
+                  decoding: str = "sequential", engine=None) -> list:
     """Greedy world-model StepOutputs of `model` from the first `context` steps of clips
-    (images (B, T, 3, H, W), actions (B, T, 16)) with their true actions."""
-    engine = wham.RolloutEngine(model, max_batch=len(images))
+    (images (B, T, 3, H, W), actions (B, T, 16)) with their true actions, on `engine` (default:
+    a new one for the batch)."""
+    engine = engine or wham.RolloutEngine(model, max_batch=len(images))
     return list(engine.rollout(
         context_images=images[:, :context], context_actions=actions[:, :context],
         steps=steps, mode="world_model", actions=actions[:, context:context + steps],

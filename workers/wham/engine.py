@@ -9,7 +9,9 @@ per-token loop reads tensor values on the host or rebuilds what a rollout could 
 
 With `decoding="diagonal"` a frame's image tokens are sampled one anti-diagonal of the token
 grid per forward pass (`decode_diagonals`, see `workers.wham.diagonal`); the prefill, the
-window and the action tokens stay as they are.
+window and the action tokens stay as they are. `"diagonal-checked"` also draws each row's
+first token again from its true predecessor and runs the passes after it again where that
+changes a token (`diagonal_passes` counts the passes run).
 
 `Decoder` (the cache rows of one batch and the per-token step) and `decode_n_tokens` are the
 public step API that the rollout loop and the benchmarks share.
@@ -146,19 +148,45 @@ def decode_diagonals(
     previous: torch.Tensor,
     sampler: Sampler,
     step: int,
-) -> torch.Tensor:
+    checked: bool = False,
+) -> tuple[torch.Tensor, int]:
     """Sample a frame's image tokens one diagonal per pass. logits [B, V] are those of the
     token before the frame, which starts at cache position start_pos; previous [B, n] is the
-    frame before it (the guesses for predecessors not generated yet) -> tokens [B, n]."""
+    frame before it (the guesses for predecessors not generated yet). checked: draw each row's
+    first token again from its true predecessor and go back where a draw changes (see
+    `workers.wham.diagonal`) -> (tokens [B, n], the passes run after the first token)."""
     image = torch.zeros_like(previous)  # [B, n]
     image[:, 0] = sampler.sample(logits, step=step, position=0)
-    for p in passes:
+    stats = [torch.zeros(previous.shape, device=previous.device) for _ in range(2)] \
+        if sampler.stats else None  # each token's (logprob, entropy) [B, n], once it stands
+    k, run = 0, 0
+    while k < len(passes):
+        p = passes[k]
         feed = torch.where(p.guessed, previous[:, p.queries], image[:, p.queries])  # [B, P]
         mask = p.cache_mask(start=start_pos, length=decoder.mask_length(start_pos + p.span))
         out = decoder.forward_at(feed, positions=p.queries + start_pos, mask=mask)  # [B, P, V]
-        image[:, p.targets] = sampler.sample_many(out[:, p.source], step=step,
-                                                  positions=p.targets, first=p.first)
-    return image
+        _put(image, stats, *sampler.draw_many(out[:, p.source], step=step, positions=p.targets,
+                                              first=p.first), at=p.targets)
+        k, run = k + 1, run + 1
+        if not checked or p.check < 0:
+            continue
+        at = p.targets.new_tensor([p.check_target])
+        before = image[:, p.check_target].clone()
+        _put(image, stats, *sampler.draw_many(out[:, p.check, None], step=step, positions=at,
+                                              first=p.check_target), at=at)
+        if bool((image[:, p.check_target] != before).any()):  # one host sync per checked pass
+            k = p.rewind  # run again every pass after the one that sampled it
+    if stats is not None:
+        sampler.add_stats(stats[0][:, 1:], stats[1][:, 1:], kind=0)
+    return image, run
+
+
+def _put(image: torch.Tensor, stats: list[torch.Tensor] | None, tokens: torch.Tensor,
+         drawn: tuple[torch.Tensor, torch.Tensor] | None, *, at: torch.Tensor) -> None:
+    """Write draws: tokens [B, P] and their statistics at frame positions `at` [P]."""
+    image[:, at] = tokens
+    if stats is not None and drawn is not None:
+        stats[0][:, at], stats[1][:, at] = drawn
 
 
 def _decode_path(requested: str, *, device: torch.device, dtype: torch.dtype,
@@ -213,6 +241,7 @@ class RolloutEngine:
         if compile and self.device.type == "cuda" and self.decode_path == "static":
             self.static_decode = torch.compile(self.static_decode, mode="reduce-overhead")
         self.passes = plan_passes(model.token_grid, device=self.device)
+        self.diagonal_passes = 0  # passes diagonal decoding has run, each frame's first aside
         self.window = CacheWindow()
 
     kv_cache_bytes = staticmethod(kv_cache_bytes)
@@ -277,8 +306,10 @@ class RolloutEngine:
         if r.decoding == "sequential" or r.mode == "policy":  # policy samples no image
             return decode_n_tokens(decoder, logits, positions=positions, start_pos=start_pos,
                                    sample=sample)
-        image = decode_diagonals(decoder, logits, passes=self.passes, start_pos=start_pos,
-                                 previous=previous, sampler=sampler, step=index)
+        image, run = decode_diagonals(decoder, logits, passes=self.passes, start_pos=start_pos,
+                                      previous=previous, sampler=sampler, step=index,
+                                      checked=r.decoding == "diagonal-checked")
+        self.diagonal_passes += run
         if r.mode == "world_model":
             return image
         logits = decoder.decode_one_token(image[:, -1], pos=start_pos + n - 1)

@@ -50,21 +50,46 @@ def _mask(length: int, frames: list[tuple[int, torch.Tensor]],
 
 
 def _diagonal_image(forward: Forward, seq: torch.Tensor, *, previous: torch.Tensor,
-                    diag: torch.Tensor, sampler: Sampler, step: int) -> torch.Tensor:
+                    grid: tuple[int, int], checked: bool, sampler: Sampler,
+                    step: int) -> torch.Tensor:
     """A frame's image tokens [B, n], diagonal by diagonal, each token from its predecessor's
-    logits; seq [B, S] is what precedes the frame, previous [B, n] the frame before it."""
-    start = seq.shape[1]
+    logits; seq [B, S] is what precedes the frame, previous [B, n] the frame before it.
+    checked: once row r - 1 is complete (in the pass sampling diagonal r + cols - 1), draw
+    row r's first token again from the logits of row r - 1's last token; where it differs for
+    any rollout, decode again from diagonal r + 1 on. Draws are made without statistics; each
+    token's statistics are taken once, at the end, from the logits it was last drawn from."""
+    start, (rows, cols) = seq.shape[1], grid
+    diag = diagonals(grid).to(previous.device)
     image = torch.zeros_like(previous)
-    image[:, 0] = sampler.sample(forward(seq, None)[:, -1], step=step, position=0)
-    for k in range(1, int(diag.max()) + 1):
+    source: dict[int, torch.Tensor] = {0: forward(seq, None)[:, -1]}  # position -> logits [B, V]
+    image[:, 0] = _draw(sampler, source[0], step=step, position=0)
+    k = 1
+    while k <= int(diag.max()):
         targets = (diag == k).nonzero().flatten().tolist()
         guessed = [t - 1 for t in targets if diag[t - 1] >= k]  # predecessors not generated
         frame, bound = image.clone(), diag.clone()
         frame[:, guessed], bound[guessed] = previous[:, guessed], k - 1
         logits = forward(torch.cat([seq, frame], dim=1), bound)  # [B, S + n, V]
         for t in targets:
-            image[:, t] = sampler.sample(logits[:, start + t - 1], step=step, position=t)
+            source[t] = logits[:, start + t - 1]
+            image[:, t] = _draw(sampler, source[t], step=step, position=t)
+        row, k = k - cols + 1, k + 1
+        if checked and cols > 1 and 1 <= row < rows:  # row - 1 is complete: its last token fed
+            t = row * cols
+            source[t] = logits[:, start + t - 1]
+            redrawn = _draw(sampler, source[t], step=step, position=t)
+            if not torch.equal(redrawn, image[:, t]):
+                image[:, t] = redrawn
+                k = row + 1
+    for t in range(previous.shape[1]):  # each token's statistics, once
+        assert torch.equal(sampler.sample(source[t], step=step, position=t), image[:, t])
     return image
+
+
+def _draw(sampler: Sampler, logits: torch.Tensor, *, step: int, position: int) -> torch.Tensor:
+    """A draw without statistics: logits [B, V] -> tokens [B]."""
+    at = torch.tensor([position], device=logits.device)
+    return sampler.draw_many(logits[:, None], step=step, positions=at, first=position)[0][:, 0]
 
 
 def naive_rollout(model: WHAMModel, rollout: Rollout | None = None, /,
@@ -75,7 +100,7 @@ def naive_rollout(model: WHAMModel, rollout: Rollout | None = None, /,
     ranges = step_token_ranges(image_vocab_size=model.image_vocab_size, tokens_per_image=n)
     sampler = Sampler(r.sampling, ranges=[tuple(x) for x in ranges.tolist()],
                       tokens_per_image=n, seeds=r.seeds, vocab_size=model.gpt.config.vocab_size)
-    diagonal = r.decoding == "diagonal" and r.mode != "policy"
+    diagonal = r.decoding != "sequential" and r.mode != "policy"
     diag = diagonals(model.token_grid).to(r.seeds.device)
     history, outputs = History(r.history), []
     marked, window_first = [False] * r.history.shape[1], None  # frames generated diagonally
@@ -98,7 +123,8 @@ def naive_rollout(model: WHAMModel, rollout: Rollout | None = None, /,
             new: list[torch.Tensor] = []
             if diagonal:
                 image = _diagonal_image(forward, seq, previous=history.tokens[:, -1, :n],
-                                        diag=diag, sampler=sampler, step=index)
+                                        grid=model.token_grid, sampler=sampler, step=index,
+                                        checked=r.decoding == "diagonal-checked")
                 new, positions = list(image.unbind(dim=1)), positions[n:]
             for j in positions:
                 x = torch.cat([seq, *[t[:, None] for t in new]], dim=1)

@@ -54,7 +54,7 @@ class Rollout:
     observations: torch.Tensor | None = None  # [B, steps, n] image tokens (policy)
     observation_images: np.ndarray | None = None  # [B, steps, 3, H, W] uint8 (policy)
     decode_images: bool = True
-    decoding: str = "sequential"  # or "diagonal": image tokens one grid diagonal per pass
+    decoding: str = "sequential"  # or "diagonal" / "diagonal-checked" (workers.wham.modes)
 
     @property
     def batch(self) -> int:

@@ -182,6 +182,16 @@ def sample_tokens(
                 hashed=hashed)
 
 
+def _token_stats(logits: torch.Tensor, tokens: torch.Tensor, *, lo: int,
+                 hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, P, V], tokens [B, P] drawn within [lo, hi] -> each token's log-probability
+    and the entropy of its distribution [B, P], at temperature 1 over the valid range."""
+    s = logits[..., lo:hi + 1].float()
+    lse = torch.logsumexp(s, dim=-1)
+    logprob = s.gather(-1, (tokens - lo)[..., None])[..., 0] - lse
+    return logprob, lse - (s.softmax(dim=-1) * s).sum(dim=-1)
+
+
 class Sampler:
     """Draws the tokens of one rollout and keeps per-step quality statistics.
 
@@ -213,8 +223,8 @@ class Sampler:
         tokens = draw(logits, params=self.params, lo=lo, hi=hi, seeds=self.seeds,
                       counter=counter, hashed=self.hashed)
         if self.stats:
-            self._accumulate(logits[:, None, lo:hi + 1].float(), tokens[:, None] - lo,
-                             kind=int(position >= self.tokens_per_image))
+            self.add_stats(*_token_stats(logits[:, None], tokens[:, None], lo=lo, hi=hi),
+                           kind=int(position >= self.tokens_per_image))
         return tokens
 
     def sample_many(self, logits: torch.Tensor, *, step: int, positions: torch.Tensor,
@@ -222,22 +232,29 @@ class Sampler:
         """logits [B, P, V], each row that of the token before `positions` [P] -> tokens
         [B, P], each drawn as `sample` would draw it alone. The positions share one valid
         range, that of `first` (one of them, known on the host)."""
+        tokens, stats = self.draw_many(logits, step=step, positions=positions, first=first)
+        if stats is not None:
+            self.add_stats(*stats, kind=int(first >= self.tokens_per_image))
+        return tokens
+
+    def draw_many(self, logits: torch.Tensor, *, step: int, positions: torch.Tensor,
+                  first: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """`sample_many` without keeping the statistics: tokens [B, P] and, when statistics
+        are on, each token's (log-probability, entropy) [B, P], for `add_stats` once the
+        caller knows which draws stand (a draw made again replaces the first)."""
         lo, hi = self.ranges[first]
         counters = step * len(self.ranges) + positions  # [P]
         tokens = draw(logits, params=self.params, lo=lo, hi=hi, seeds=self.seeds,
                       counter=counters, hashed=self.hashed)
-        if self.stats:
-            self._accumulate(logits[..., lo:hi + 1].float(), tokens - lo,
-                             kind=int(first >= self.tokens_per_image))
-        return tokens
+        if not self.stats:
+            return tokens, None
+        return tokens, _token_stats(logits, tokens, lo=lo, hi=hi)
 
-    def _accumulate(self, s: torch.Tensor, local: torch.Tensor, *, kind: int) -> None:
-        """s [B, P, W] temperature-1 logits over the valid range, local [B, P] the drawn
-        indices: each token's statistics, summed per row."""
-        lse = torch.logsumexp(s, dim=-1)  # [B, P]
-        self._logprob[:, kind] += (s.gather(-1, local[..., None])[..., 0] - lse).sum(dim=1)
-        self._entropy[:, kind] += (lse - (s.softmax(dim=-1) * s).sum(dim=-1)).sum(dim=1)
-        self._counts[kind] += s.shape[1]
+    def add_stats(self, logprob: torch.Tensor, entropy: torch.Tensor, *, kind: int) -> None:
+        """Keep the statistics [B, P] of P drawn tokens (kind 0: image, 1: action)."""
+        self._logprob[:, kind] += logprob.sum(dim=1)
+        self._entropy[:, kind] += entropy.sum(dim=1)
+        self._counts[kind] += logprob.shape[1]
 
     def take_stats(self) -> dict[str, torch.Tensor]:
         """Per-row means since the last call, [B] float32 on the CPU (NaN where nothing of that

@@ -256,7 +256,8 @@ class RolloutsSection(_Section):
                                  description="Where given actions come from (world_model).")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Token sampling.")
     decoding: Literal[DECODINGS] = Field(default="sequential", description="Image tokens one "
-                                         "per pass (exact) or one grid diagonal per pass.")
+                                         "per pass (exact), one grid diagonal per pass, or "
+                                         "diagonal with each row's first token checked.")
 
     @model_validator(mode="after")
     def _decoding_has_image_tokens(self) -> RolloutsSection:
