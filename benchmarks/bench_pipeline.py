@@ -11,9 +11,10 @@
     `--checkpoint` measures a trained model (the shipped demo world: `models/demo`, with the
     toy game's seed frames) instead of a random preset. Goal: pipeline >= 0.9x.
 (b) driver overhead: `run_job` over 10,000 seeds (one rollout per unit) with 32 actors whose
-    engine is a stub that writes the unit's parts (one step per rollout, no frames) and
-    commit marker with the real writer; reports driver CPU and wall ms per unit (the check
-    of every unit against storage before `_SUCCESS` included) and the driver's peak RSS.
+    engine is a stub that writes the unit's parts (one step per rollout, its image tokens and
+    no frames) and commit marker with the real writer; reports driver CPU and wall ms per
+    unit (the check of every unit against storage before `_SUCCESS` included) and the
+    driver's peak RSS.
     Goals: < 5 ms/unit, < 1 GiB.
 
 Results print as Markdown rows for docs/benchmarks.md ("## Pipeline").
@@ -56,6 +57,9 @@ DEMO_SEED = REPO / "configs" / "seeds" / "demo"
 TOYGAME_SEED = REPO / "configs" / "seeds" / "toygame"
 
 
+STUB_TOKENS = np.zeros(16, dtype=np.int64)  # a 4 x 4 grid's image tokens
+
+
 class StubActor:
     """The actor's interface with the model taken out: commit each unit, report a receipt."""
 
@@ -69,11 +73,12 @@ class StubActor:
     def run_unit(self, unit: WorkUnit) -> UnitReceipt:
         writer = OutputWriter(self.storage, WriterSettings(
             run_date=self.spec.run.run_date, run_id=self.spec.run.run_id, frame_mode="none",
-            image_tokens=False, model_id="stub", threads=1))
+            image_tokens=True, model_id="stub", threads=1))
         with writer:
-            for item in unit.items:
+            for item in unit.items:  # no frames: a step keeps its image tokens, as an actor's
                 writer.add_step(unit.unit_id, item.rollout_id, step=0, image=None,
-                                action=NEUTRAL_ACTION, generated=False, action_source="seed")
+                                action=NEUTRAL_ACTION, generated=False, action_source="seed",
+                                image_tokens=STUB_TOKENS)
                 writer.finish_rollout(unit.unit_id, _row(item))
             writer.finish_unit(unit.unit_id, plan_fingerprint=unit.plan_fingerprint)
         return UnitReceipt(unit_id=unit.unit_id, ok=unit.num_rollouts, failed=0,
