@@ -83,3 +83,13 @@ def test_a_new_part_goes_to_the_end_of_its_section(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.index("intro") < text.index("### Row a") < text.index("### Row b") \
         < text.index("## Later")
+
+
+def test_the_heading_a_script_writes_is_part_of_its_block(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    replace_section(doc, "### models/demo, wait 100 ms\n\nfast 2.0x\n",
+                    script="benchmarks/bench_x.py")
+    text = doc.read_text() + "\n### by hand, 100 ms\n\nmore\n"
+    blocks, outside = split_generated(text)
+    assert blocks == [("benchmarks/bench_x.py", "\nfast 2.0x\n")]
+    assert "wait 100 ms" not in outside and "### by hand, 100 ms" in outside
